@@ -1,1 +1,31 @@
+//! # cim-host
+//!
+//! A cim node: it owns client connections and carries out what the handlers decide.
+//!
+//! # Layout
+//! - [`config`]: node identity and every limit (frame size, connections, queues, timeouts).
+//! - [`transport`]: the TCP listener ([`transport::tcp`]) and the WebSocket endpoint
+//!   ([`transport::ws`]); both start a [`session`].
+//! - [`session`]: one connection — login handshake, reader loop with heartbeat/idle
+//!   timeout, writer task draining a bounded queue.
+//! - [`router`]: binds users to connections, keeps routes and presence in the [`store`],
+//!   delivers messages; every business decision is asked of [`handlers`].
+//! - [`handlers`]: the seam to business logic (login, private, group, online, callback).
+//! - [`store`]: presence and key-value data ([`store::memory`] on one node).
+//! - [`api`]: the HTTP route API, `/ws`, `/healthz`, `/metrics`.
+//! - [`message_id`], [`metrics`]: server-assigned ids and counters.
+//! - [`node`]: wiring: bind, run, drain on shutdown.
 
+pub mod api;
+pub mod config;
+pub mod handlers;
+pub mod message_id;
+pub mod metrics;
+pub mod node;
+pub mod router;
+pub mod session;
+pub mod store;
+pub mod transport;
+
+pub use config::Config;
+pub use node::Node;

@@ -231,8 +231,7 @@ mod tests {
 
     fn arb_body() -> impl Strategy<Value = Body> {
         prop_oneof![
-            (any::<u64>(), ".{0,32}")
-                .prop_map(|(user_id, user_name)| Body::Login { user_id, user_name }),
+            (any::<u64>(), ".{0,32}").prop_map(|(user_id, user_name)| Body::Login { user_id, user_name }),
             (".{0,16}", any::<u32>())
                 .prop_map(|(node_id, heartbeat_secs)| Body::LoginAck { node_id, heartbeat_secs }),
             Just(Body::Ping),
@@ -240,8 +239,7 @@ mod tests {
             (any::<u64>(), ".{0,64}").prop_map(|(to, text)| Body::PrivateSend { to, text }),
             ".{0,64}".prop_map(|text| Body::GroupSend { text }),
             Just(Body::OnlineRequest),
-            proptest::collection::vec(arb_user(), 0..8)
-                .prop_map(|users| Body::OnlineResponse { users }),
+            proptest::collection::vec(arb_user(), 0..8).prop_map(|users| Body::OnlineResponse { users }),
             (any::<u64>(), arb_user(), any::<bool>(), ".{0,64}", any::<u64>()).prop_map(
                 |(message_id, sender, private, text, timestamp_ms)| {
                     Body::Delivery(Delivery {
@@ -287,12 +285,7 @@ mod tests {
             let mut codec = FrameCodec::new(128);
             let mut buf = BytesMut::from(&bytes[..]);
             // Either a fatal error, or a sequence of items until more bytes are needed.
-            loop {
-                match codec.decode(&mut buf) {
-                    Ok(Some(_)) => continue,
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            while let Ok(Some(_)) = codec.decode(&mut buf) {}
         }
     }
 }

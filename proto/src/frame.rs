@@ -135,10 +135,7 @@ impl Frame {
     }
 
     pub fn error(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Self {
-        Frame {
-            request_id,
-            body: Body::Error { code, message: message.into() },
-        }
+        Frame { request_id, body: Body::Error { code, message: message.into() } }
     }
 }
 
@@ -154,6 +151,8 @@ pub enum FrameError {
     KindMismatch { kind: i32, payload: &'static str },
     #[error("frame field {field} is missing")]
     MissingField { field: &'static str },
+    #[error("text WebSocket messages are not accepted: send each envelope as a binary message")]
+    TextMessage,
 }
 
 fn code_from_pb(code: i32) -> ErrorCode {
@@ -226,10 +225,7 @@ impl TryFrom<pb::Envelope> for Frame {
         }
         let body = match payload {
             Payload::Login(p) => Body::Login { user_id: p.user_id, user_name: p.user_name },
-            Payload::LoginAck(p) => Body::LoginAck {
-                node_id: p.node_id,
-                heartbeat_secs: p.heartbeat_secs,
-            },
+            Payload::LoginAck(p) => Body::LoginAck { node_id: p.node_id, heartbeat_secs: p.heartbeat_secs },
             Payload::Ping(_) => Body::Ping,
             Payload::Pong(_) => Body::Pong,
             Payload::PrivateSend(p) => Body::PrivateSend { to: p.to_user_id, text: p.text },
@@ -269,9 +265,7 @@ impl From<Frame> for pb::Envelope {
             }
             Body::Ping => Payload::Ping(pb::Ping {}),
             Body::Pong => Payload::Pong(pb::Pong {}),
-            Body::PrivateSend { to, text } => {
-                Payload::PrivateSend(pb::PrivateSend { to_user_id: to, text })
-            }
+            Body::PrivateSend { to, text } => Payload::PrivateSend(pb::PrivateSend { to_user_id: to, text }),
             Body::GroupSend { text } => Payload::GroupSend(pb::GroupSend { text }),
             Body::OnlineRequest => Payload::OnlineRequest(pb::OnlineRequest {}),
             Body::OnlineResponse { users } => Payload::OnlineResponse(pb::OnlineResponse {
@@ -291,15 +285,9 @@ impl From<Frame> for pb::Envelope {
             Body::Error { code, message } => {
                 Payload::Error(pb::Error { code: code_to_pb(code) as i32, message })
             }
-            Body::Kick { code, reason } => {
-                Payload::Kick(pb::Kick { reason, code: code_to_pb(code) as i32 })
-            }
+            Body::Kick { code, reason } => Payload::Kick(pb::Kick { reason, code: code_to_pb(code) as i32 }),
         };
         let (kind, _) = payload_kind(&payload);
-        pb::Envelope {
-            request_id: frame.request_id,
-            kind: kind as i32,
-            payload: Some(payload),
-        }
+        pb::Envelope { request_id: frame.request_id, kind: kind as i32, payload: Some(payload) }
     }
 }

@@ -1,0 +1,52 @@
+//! Node configuration: identity and every limit the host enforces.
+
+use std::time::Duration;
+
+/// Everything a node needs to know besides its listeners.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's id in routes and the node registry; unique within a cluster.
+    pub node_id: String,
+    /// Clients should PING this often when idle; a connection silent for
+    /// [`Config::idle_timeout`] (three intervals) is closed.
+    pub heartbeat: Duration,
+    /// A new connection must send LOGIN within this time.
+    pub login_timeout: Duration,
+    /// Hard limit on one encoded frame, TCP or WebSocket.
+    pub max_frame: usize,
+    /// Maximum simultaneous client connections (TCP + WebSocket).
+    pub max_connections: usize,
+    /// Frames queued for one client before it counts as a slow consumer and is disconnected.
+    pub outbound_queue: usize,
+    /// Longest message text accepted, in bytes.
+    pub max_text: usize,
+    /// Longest user name accepted, in bytes.
+    pub max_name: usize,
+    /// Largest JSON body the route API reads.
+    pub max_http_body: usize,
+    /// How long shutdown waits for sessions to close.
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    pub fn idle_timeout(&self) -> Duration {
+        self.heartbeat * 3
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: format!("node-{}", std::process::id()),
+            heartbeat: Duration::from_secs(60),
+            login_timeout: Duration::from_secs(10),
+            max_frame: cim_proto::DEFAULT_MAX_FRAME,
+            max_connections: 15_000,
+            outbound_queue: 1024,
+            max_text: 16 * 1024,
+            max_name: 64,
+            max_http_body: 64 * 1024,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The built-in decisions: CIM's default behaviour, identical to the default components.
+
+use cim_proto::User;
+
+use super::{
+    Context, Delivered, GroupDecision, LoginDecision, LoginRequest, Message, PrivateRequest, Recipients,
+    SendDecision,
+};
+use crate::store::StoreError;
+
+/// Key-value store the history lives in, and how many entries each user keeps.
+pub const HISTORY_STORE: &str = "default";
+pub const HISTORY_LEN: usize = 100;
+
+/// The history key of one user.
+pub fn history_key(user_id: u64) -> String {
+    format!("history:{user_id}")
+}
+
+pub fn login(_req: &LoginRequest) -> LoginDecision {
+    LoginDecision::Accept
+}
+
+pub fn private(_req: &PrivateRequest) -> SendDecision {
+    SendDecision::Deliver
+}
+
+pub fn group(_msg: &Message) -> GroupDecision {
+    GroupDecision { decision: SendDecision::Deliver, recipients: Recipients::AllOnlineExceptSender }
+}
+
+pub fn online(_caller: &User, online: Vec<User>) -> Vec<User> {
+    online
+}
+
+/// One history entry as stored: JSON, newest first in the list.
+pub fn history_entry(msg: &Message) -> Vec<u8> {
+    serde_json::json!({
+        "id": msg.id,
+        "timestamp_ms": msg.timestamp_ms,
+        "kind": msg.kind.as_str(),
+        "sender_id": msg.sender.id,
+        "sender_name": msg.sender.name,
+        "text": msg.text,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Appends each delivered message to the history of its sender and of every recipient.
+pub async fn callback(ctx: &Context, batch: &[Delivered]) -> Result<(), StoreError> {
+    for d in batch {
+        let entry = history_entry(&d.message);
+        for user in std::iter::once(d.message.sender.id).chain(d.recipients.iter().copied()) {
+            ctx.store().kv_append(HISTORY_STORE, &history_key(user), entry.clone(), HISTORY_LEN).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,397 @@
+//! The router: carries out what the handlers decide. It binds users to local connections,
+//! keeps routes and the online set in the store, and delivers messages to recipients.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cim_proto::{Body, Delivery, ErrorCode, Frame, MessageKind, User};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::Config;
+use crate::handlers::{
+    Context, Delivered, HandlerError, Handlers, LoginDecision, LoginRequest, Message, PrivateRequest,
+    Recipients, SendDecision,
+};
+use crate::message_id::{MessageIds, now_ms};
+use crate::metrics::Metrics;
+use crate::store::{Claim, OnlineEntry, Store, StoreError};
+
+/// Why a request was refused; each maps to one protocol [`ErrorCode`] and HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("user {0} is already online")]
+    DuplicateLogin(u64),
+    #[error("{0}")]
+    Rejected(String),
+    #[error("user {0} is not online")]
+    UserOffline(u64),
+    #[error(transparent)]
+    Handler(#[from] HandlerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl RouteError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RouteError::Invalid(_) => ErrorCode::Invalid,
+            RouteError::DuplicateLogin(_) => ErrorCode::DuplicateLogin,
+            RouteError::Rejected(_) => ErrorCode::Rejected,
+            RouteError::UserOffline(_) => ErrorCode::UserOffline,
+            RouteError::Handler(_) => ErrorCode::HandlerFailed,
+            RouteError::Store(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// The addresses clients are told to connect to.
+#[derive(Debug, Clone)]
+pub struct Advertised {
+    pub tcp_addr: String,
+    pub ws_url: String,
+}
+
+/// The answer to a route login.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteAnswer {
+    pub node_id: String,
+    pub tcp_addr: String,
+    pub ws_url: String,
+}
+
+/// A logged-in connection on this node, as the router sees it.
+#[derive(Debug, Clone)]
+pub struct LocalConn {
+    pub conn_id: u64,
+    pub user: User,
+    /// The connection's bounded outbound queue.
+    pub tx: mpsc::Sender<Frame>,
+    /// Cancelled to close the connection (kick, slow consumer, shutdown).
+    pub closer: CancellationToken,
+}
+
+impl LocalConn {
+    /// Queues a frame without waiting. A full queue means the client cannot keep up: it is
+    /// disconnected rather than allowed to hold up the sender.
+    fn offer(&self, frame: Frame, metrics: &Metrics) -> bool {
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(
+                    user = self.user.id,
+                    conn = self.conn_id,
+                    "slow consumer: outbound queue full, disconnecting"
+                );
+                Metrics::inc(&metrics.slow_consumers_total);
+                self.closer.cancel();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Tells the client why, then closes the connection.
+    pub fn kick(&self, code: ErrorCode, reason: &str) {
+        let _ = self.tx.try_send(Frame::push(Body::Kick { code, reason: reason.to_owned() }));
+        self.closer.cancel();
+    }
+}
+
+/// Checks a user name: non-empty, bounded, printable.
+pub fn validate_user(config: &Config, id: u64, name: &str) -> Result<(), RouteError> {
+    if id == 0 {
+        return Err(RouteError::Invalid("user id must be a positive integer".into()));
+    }
+    if name.trim().is_empty() {
+        return Err(RouteError::Invalid("user name must not be empty".into()));
+    }
+    if name.len() > config.max_name {
+        return Err(RouteError::Invalid(format!(
+            "user name is {} bytes; the limit is {}",
+            name.len(),
+            config.max_name
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(RouteError::Invalid("user name must not contain control characters".into()));
+    }
+    Ok(())
+}
+
+fn validate_text(config: &Config, text: &str) -> Result<(), RouteError> {
+    if text.is_empty() {
+        return Err(RouteError::Invalid("message text must not be empty".into()));
+    }
+    if text.len() > config.max_text {
+        return Err(RouteError::Invalid(format!(
+            "message text is {} bytes; the limit is {}",
+            text.len(),
+            config.max_text
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+pub struct Router {
+    config: Arc<Config>,
+    ctx: Context,
+    handlers: Arc<Handlers>,
+    callbacks: mpsc::Sender<Delivered>,
+    local: Mutex<HashMap<u64, LocalConn>>,
+    ids: MessageIds,
+    next_conn: AtomicU64,
+    advertised: OnceLock<Advertised>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Router {
+    /// Creates the router and its callback worker (must be called inside a tokio runtime).
+    pub fn new(config: Arc<Config>, store: Store, handlers: Handlers) -> Arc<Self> {
+        let ctx = Context::new(store);
+        let handlers = Arc::new(handlers);
+        let metrics = Arc::new(Metrics::default());
+        let (callbacks, rx) = mpsc::channel(CALLBACK_QUEUE);
+        tokio::spawn(callback_worker(ctx.clone(), handlers.clone(), rx, metrics.clone()));
+        Arc::new(Router {
+            ids: MessageIds::new(&config.node_id),
+            config,
+            ctx,
+            handlers,
+            callbacks,
+            local: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            advertised: OnceLock::new(),
+            metrics,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Store {
+        self.ctx.store()
+    }
+
+    /// Set once the listeners are bound.
+    pub fn set_advertised(&self, advertised: Advertised) {
+        let _ = self.advertised.set(advertised);
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn local(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LocalConn>> {
+        // Updates are single inserts/removes, so a poisoned map is still consistent.
+        self.local.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn local_connections(&self) -> usize {
+        self.local().len()
+    }
+
+    /// Route login: refuses a user who is online and says where to connect.
+    pub async fn route_login(&self, user: &User) -> Result<RouteAnswer, RouteError> {
+        validate_user(&self.config, user.id, &user.name)?;
+        if self.store().lookup(user.id).await?.is_some() {
+            return Err(RouteError::DuplicateLogin(user.id));
+        }
+        let adv = self
+            .advertised
+            .get()
+            .cloned()
+            .unwrap_or(Advertised { tcp_addr: String::new(), ws_url: String::new() });
+        Ok(RouteAnswer { node_id: self.config.node_id.clone(), tcp_addr: adv.tcp_addr, ws_url: adv.ws_url })
+    }
+
+    /// Binds `conn.user` to this connection: asks the login handler, then claims the user
+    /// in the online set (refusing duplicates) and registers the connection.
+    pub async fn login(&self, conn: LocalConn) -> Result<(), RouteError> {
+        let user = conn.user.clone();
+        validate_user(&self.config, user.id, &user.name)?;
+        let req = LoginRequest { user: user.clone(), node_id: self.config.node_id.clone() };
+        if let LoginDecision::Reject(reason) = self.handlers.login(&self.ctx, req).await? {
+            return Err(RouteError::Rejected(reason));
+        }
+        let entry =
+            OnlineEntry { user: user.clone(), node_id: self.config.node_id.clone(), conn_id: conn.conn_id };
+        match self.store().claim(entry).await? {
+            Claim::Claimed => {}
+            Claim::AlreadyOnline(_) => return Err(RouteError::DuplicateLogin(user.id)),
+        }
+        self.local().insert(user.id, conn);
+        Metrics::inc(&self.metrics.logins_total);
+        Ok(())
+    }
+
+    /// Forgets a closed connection: local binding, route and online entry.
+    pub async fn logout(&self, user_id: u64, conn_id: u64) {
+        {
+            let mut local = self.local();
+            if local.get(&user_id).is_some_and(|c| c.conn_id == conn_id) {
+                local.remove(&user_id);
+            }
+        }
+        if let Err(e) = self.store().release(user_id, &self.config.node_id, conn_id).await {
+            warn!(user = user_id, error = %e, "could not remove the online entry");
+        }
+    }
+
+    /// Takes a user offline on request (`POST /offline`): kicks a local connection, or
+    /// removes a stale entry that names this node.
+    pub async fn offline(&self, user_id: u64) -> Result<bool, RouteError> {
+        let conn = self.local().get(&user_id).cloned();
+        if let Some(conn) = conn {
+            conn.kick(ErrorCode::Unexpected, "taken offline by the server");
+            self.logout(user_id, conn.conn_id).await;
+            return Ok(true);
+        }
+        match self.store().lookup(user_id).await? {
+            Some(e) if e.node_id == self.config.node_id => {
+                Ok(self.store().release(user_id, &e.node_id, e.conn_id).await?)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Kicks every local connection (shutdown).
+    pub fn kick_all(&self, reason: &str) {
+        for conn in self.local().values() {
+            conn.kick(ErrorCode::Unavailable, reason);
+        }
+    }
+
+    fn new_message(&self, sender: &User, kind: MessageKind, text: String) -> Message {
+        Metrics::inc(&self.metrics.messages_total);
+        Message { id: self.ids.next(), sender: sender.clone(), kind, text, timestamp_ms: now_ms() }
+    }
+
+    fn delivery_frame(message: &Message) -> Frame {
+        Frame::push(Body::Delivery(Delivery {
+            message_id: message.id,
+            sender: message.sender.clone(),
+            kind: message.kind,
+            text: message.text.clone(),
+            timestamp_ms: message.timestamp_ms,
+        }))
+    }
+
+    /// Sends `text` from `sender` to user `to`; returns the message id.
+    pub async fn send_private(&self, sender: &User, to: u64, text: String) -> Result<u64, RouteError> {
+        validate_text(&self.config, &text)?;
+        let mut message = self.new_message(sender, MessageKind::Private, text);
+        let req = PrivateRequest { message: message.clone(), to };
+        let decision = self.handlers.private(&self.ctx, vec![req]).await?.pop();
+        match decision {
+            Some(SendDecision::Deliver) => {}
+            Some(SendDecision::Rewrite(text)) => message.text = text,
+            Some(SendDecision::Reject(reason)) => return Err(RouteError::Rejected(reason)),
+            None => return Err(self.missing_decision(crate::handlers::Event::Private)),
+        }
+        let conn = self.local().get(&to).cloned();
+        let delivered = match conn {
+            Some(conn) => conn.offer(Self::delivery_frame(&message), &self.metrics),
+            None => false,
+        };
+        if !delivered {
+            return Err(RouteError::UserOffline(to));
+        }
+        Metrics::inc(&self.metrics.deliveries_total);
+        let id = message.id;
+        self.after_delivery(Delivered { message, recipients: vec![to] });
+        Ok(id)
+    }
+
+    /// Sends `text` from `sender` to the group; returns the message id and how many
+    /// recipients it was queued to.
+    pub async fn send_group(&self, sender: &User, text: String) -> Result<(u64, usize), RouteError> {
+        validate_text(&self.config, &text)?;
+        let mut message = self.new_message(sender, MessageKind::Group, text);
+        let decision = self.handlers.group(&self.ctx, vec![message.clone()]).await?.pop();
+        let Some(decision) = decision else {
+            return Err(self.missing_decision(crate::handlers::Event::Group));
+        };
+        match decision.decision {
+            SendDecision::Deliver => {}
+            SendDecision::Rewrite(text) => message.text = text,
+            SendDecision::Reject(reason) => return Err(RouteError::Rejected(reason)),
+        }
+        let frame = Self::delivery_frame(&message);
+        let targets: Vec<LocalConn> = {
+            let local = self.local();
+            match &decision.recipients {
+                Recipients::AllOnlineExceptSender => {
+                    local.values().filter(|c| c.user.id != sender.id).cloned().collect()
+                }
+                Recipients::Only(ids) => ids.iter().filter_map(|id| local.get(id).cloned()).collect(),
+            }
+        };
+        let mut recipients = Vec::with_capacity(targets.len());
+        for conn in targets {
+            if conn.offer(frame.clone(), &self.metrics) {
+                recipients.push(conn.user.id);
+            }
+        }
+        self.metrics.deliveries_total.fetch_add(recipients.len() as u64, Ordering::Relaxed);
+        let id = message.id;
+        let count = recipients.len();
+        debug!(message = id, recipients = count, "group message delivered");
+        self.after_delivery(Delivered { message, recipients });
+        Ok((id, count))
+    }
+
+    /// The online users `caller` may see.
+    pub async fn online_for(&self, caller: &User) -> Result<Vec<User>, RouteError> {
+        let online: Vec<User> = self.store().online().await?.into_iter().map(|e| e.user).collect();
+        Ok(self.handlers.online(&self.ctx, caller.clone(), online).await?)
+    }
+
+    fn missing_decision(&self, event: crate::handlers::Event) -> RouteError {
+        Metrics::inc(&self.metrics.handler_failures_total);
+        RouteError::Handler(HandlerError {
+            event,
+            component: "?".into(),
+            reason: "returned no decision".into(),
+        })
+    }
+
+    /// Hands a delivered message to the callback worker, off the sender's path.
+    fn after_delivery(&self, delivered: Delivered) {
+        if let Err(e) = self.callbacks.try_send(delivered) {
+            Metrics::inc(&self.metrics.callbacks_dropped_total);
+            let id = match &e {
+                mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d) => d.message.id,
+            };
+            warn!(message = id, "message callback queue is full; callback skipped for this message");
+        }
+    }
+}
+
+/// Runs the message callback over whatever has queued up since the last call: an idle
+/// node calls it per message, a busy one amortises each call over a batch.
+async fn callback_worker(
+    ctx: Context,
+    handlers: Arc<Handlers>,
+    mut rx: mpsc::Receiver<Delivered>,
+    metrics: Arc<Metrics>,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, CALLBACK_BATCH).await > 0 {
+        if let Err(e) = handlers.callback(&ctx, std::mem::take(&mut batch)).await {
+            Metrics::inc(&metrics.handler_failures_total);
+            warn!(error = %e, "message callback failed");
+        }
+    }
+}
+
+/// Most messages handed to one callback call.
+const CALLBACK_BATCH: usize = 256;
+/// Delivered messages waiting for the callback before new ones are skipped (and counted).
+const CALLBACK_QUEUE: usize = 65_536;

@@ -1,0 +1,303 @@
+//! One client connection, whatever the transport: the login handshake, then a reader loop
+//! (requests, heartbeats, idle timeout) and a writer task draining a bounded queue.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cim_proto::{Body, CodecError, ErrorCode, Frame, FrameError, User};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::metrics::Metrics;
+use crate::router::{LocalConn, RouteError, Router};
+
+/// What a transport yields: a frame, a frame that could not be decoded (the connection can
+/// go on), or a fatal stream error.
+pub type Inbound = Result<Result<Frame, FrameError>, CodecError>;
+
+/// How long a closing connection may take to flush its last frames.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+
+/// Why a session ended, for the log.
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    IdleTimeout,
+    Closed,
+    Fatal(String),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::ClientClosed => f.write_str("client closed the connection"),
+            End::IdleTimeout => f.write_str("heartbeat missed"),
+            End::Closed => f.write_str("closed by the server"),
+            End::Fatal(e) => write!(f, "connection error: {e}"),
+        }
+    }
+}
+
+/// Runs one connection to completion. Never panics on client input; every way out
+/// removes the user's route and online state.
+pub async fn run<St, Si>(
+    router: Arc<Router>,
+    stream: St,
+    sink: Si,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) where
+    St: Stream<Item = Inbound> + Unpin + Send,
+    Si: Sink<Frame, Error = CodecError> + Unpin + Send + 'static,
+{
+    let conn_id = router.next_conn_id();
+    let span = info_span!("session", conn = conn_id, %peer, user = tracing::field::Empty);
+    run_inner(router, stream, sink, conn_id, shutdown).instrument(span).await;
+}
+
+async fn run_inner<St, Si>(
+    router: Arc<Router>,
+    mut stream: St,
+    mut sink: Si,
+    conn_id: u64,
+    shutdown: CancellationToken,
+) where
+    St: Stream<Item = Inbound> + Unpin + Send,
+    Si: Sink<Frame, Error = CodecError> + Unpin + Send + 'static,
+{
+    let config = router.config().clone();
+    // --- Login handshake: the first frame must be LOGIN.
+    let first = tokio::select! {
+        first = tokio::time::timeout(config.login_timeout, stream.next()) => first,
+        _ = shutdown.cancelled() => return,
+    };
+    let (request_id, user) = match first {
+        Ok(Some(Ok(Ok(Frame { request_id, body: Body::Login { user_id, user_name } })))) => {
+            (request_id, User { id: user_id, name: user_name })
+        }
+        Ok(Some(Ok(Ok(frame)))) => {
+            let msg = format!("the first frame must be login, got {}", frame.body.kind_name());
+            return refuse(&mut sink, frame.request_id, ErrorCode::NotLoggedIn, msg).await;
+        }
+        Ok(Some(Ok(Err(e)))) => {
+            Metrics::inc(&router.metrics.bad_frames_total);
+            return refuse(&mut sink, 0, ErrorCode::BadFrame, e.to_string()).await;
+        }
+        Ok(Some(Err(e))) => return refuse_fatal(&mut sink, &router, e).await,
+        Ok(None) => return,
+        Err(_) => {
+            let msg = format!("no login within {} s", config.login_timeout.as_secs_f32());
+            return refuse(&mut sink, 0, ErrorCode::NotLoggedIn, msg).await;
+        }
+    };
+    tracing::Span::current().record("user", user.id);
+
+    let (tx, rx) = mpsc::channel(config.outbound_queue);
+    let closer = shutdown.child_token();
+    let conn = LocalConn { conn_id, user: user.clone(), tx: tx.clone(), closer: closer.clone() };
+    if let Err(e) = router.login(conn).await {
+        Metrics::inc(&router.metrics.login_failures_total);
+        info!(error = %e, "login refused");
+        return refuse(&mut sink, request_id, e.code(), e.to_string()).await;
+    }
+    info!(name = %user.name, "logged in");
+
+    let writer = tokio::spawn(write_loop(sink, rx, closer.clone()).in_current_span());
+    let ack = Body::LoginAck {
+        node_id: config.node_id.clone(),
+        heartbeat_secs: config.heartbeat.as_secs().try_into().unwrap_or(u32::MAX),
+    };
+    let mut session = Session { router: router.clone(), user, tx, closer: closer.clone() };
+    let end = if session.reply(Frame::new(request_id, ack)).await {
+        session.read_loop(&mut stream, config.idle_timeout()).await
+    } else {
+        End::Closed
+    };
+    router.logout(session.user.id, conn_id).await;
+    info!(reason = %end, "logged out");
+
+    // Let the writer flush what is queued (an error, a kick), then stop it.
+    drop(session);
+    closer.cancel();
+    let mut writer = writer;
+    if tokio::time::timeout(CLOSE_FLUSH, &mut writer).await.is_err() {
+        writer.abort();
+    }
+}
+
+/// Answers a connection that failed before login, then closes it.
+async fn refuse<Si>(sink: &mut Si, request_id: u64, code: ErrorCode, message: String)
+where
+    Si: Sink<Frame, Error = CodecError> + Unpin,
+{
+    debug!(%code, %message, "refusing connection");
+    let frame = Frame::error(request_id, code, message);
+    let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+        sink.send(frame).await?;
+        sink.close().await
+    })
+    .await;
+}
+
+async fn refuse_fatal<Si>(sink: &mut Si, router: &Router, e: CodecError)
+where
+    Si: Sink<Frame, Error = CodecError> + Unpin,
+{
+    match e {
+        CodecError::Io(e) => debug!(error = %e, "connection failed"),
+        e => {
+            Metrics::inc(&router.metrics.bad_frames_total);
+            let code = fatal_code(&e);
+            warn!(error = %e, "closing connection");
+            refuse(sink, 0, code, e.to_string()).await;
+        }
+    }
+}
+
+fn fatal_code(e: &CodecError) -> ErrorCode {
+    match e {
+        CodecError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+        _ => ErrorCode::BadFrame,
+    }
+}
+
+/// Sends queued frames until the queue closes or the connection is closed; on close,
+/// flushes what is already queued (a last error or kick) first.
+async fn write_loop<Si>(mut sink: Si, mut rx: mpsc::Receiver<Frame>, closer: CancellationToken)
+where
+    Si: Sink<Frame, Error = CodecError> + Unpin,
+{
+    let result: Result<(), CodecError> = async {
+        loop {
+            tokio::select! {
+                biased;
+                frame = rx.recv() => {
+                    let Some(frame) = frame else { break };
+                    sink.feed(frame).await?;
+                    // Batch whatever else is ready into one flush.
+                    while let Ok(frame) = rx.try_recv() {
+                        sink.feed(frame).await?;
+                    }
+                    sink.flush().await?;
+                }
+                _ = closer.cancelled() => {
+                    while let Ok(frame) = rx.try_recv() {
+                        sink.feed(frame).await?;
+                    }
+                    break;
+                }
+            }
+        }
+        sink.close().await
+    }
+    .await;
+    if let Err(e) = result {
+        debug!(error = %e, "writer stopped");
+    }
+    // A writer that stops on its own (peer gone) closes the whole connection.
+    closer.cancel();
+}
+
+/// A logged-in connection's request handling.
+struct Session {
+    router: Arc<Router>,
+    user: User,
+    tx: mpsc::Sender<Frame>,
+    closer: CancellationToken,
+}
+
+impl Session {
+    /// Queues an answer to this client's own request. Waits for room (the client is
+    /// reading its answers slower than it sends requests: backpressure on its own reader)
+    /// unless the connection closes meanwhile.
+    async fn reply(&self, frame: Frame) -> bool {
+        tokio::select! {
+            r = self.tx.send(frame) => r.is_ok(),
+            _ = self.closer.cancelled() => false,
+        }
+    }
+
+    async fn read_loop<St>(&mut self, stream: &mut St, idle: Duration) -> End
+    where
+        St: Stream<Item = Inbound> + Unpin + Send,
+    {
+        loop {
+            let next = tokio::select! {
+                next = tokio::time::timeout(idle, stream.next()) => next,
+                _ = self.closer.cancelled() => return End::Closed,
+            };
+            let frame = match next {
+                Err(_) => {
+                    Metrics::inc(&self.router.metrics.idle_timeouts_total);
+                    let reason = format!("no frame for {} s (heartbeat missed)", idle.as_secs_f32());
+                    info!("{reason}");
+                    let _ = self.tx.try_send(Frame::push(Body::Kick { code: ErrorCode::Unexpected, reason }));
+                    return End::IdleTimeout;
+                }
+                Ok(None) => return End::ClientClosed,
+                Ok(Some(Err(CodecError::Io(e)))) => return End::Fatal(e.to_string()),
+                Ok(Some(Err(e))) => {
+                    Metrics::inc(&self.router.metrics.bad_frames_total);
+                    warn!(error = %e, "closing connection");
+                    let _ = self.tx.try_send(Frame::error(0, fatal_code(&e), e.to_string()));
+                    return End::Fatal(e.to_string());
+                }
+                Ok(Some(Ok(Err(e)))) => {
+                    Metrics::inc(&self.router.metrics.bad_frames_total);
+                    debug!(error = %e, "bad frame");
+                    if !self.reply(Frame::error(0, ErrorCode::BadFrame, e.to_string())).await {
+                        return End::Closed;
+                    }
+                    continue;
+                }
+                Ok(Some(Ok(Ok(frame)))) => frame,
+            };
+            Metrics::inc(&self.router.metrics.frames_in_total);
+            let Some(answer) = self.handle(frame).await else { continue };
+            if !self.reply(answer).await {
+                return End::Closed;
+            }
+        }
+    }
+
+    /// Handles one request; returns the answer, if it gets one.
+    async fn handle(&self, frame: Frame) -> Option<Frame> {
+        let id = frame.request_id;
+        let result: Result<Body, RouteError> = match frame.body {
+            Body::Ping => Ok(Body::Pong),
+            Body::PrivateSend { to, text } => self
+                .router
+                .send_private(&self.user, to, text)
+                .await
+                .map(|message_id| Body::Ack { message_id }),
+            Body::GroupSend { text } => {
+                self.router.send_group(&self.user, text).await.map(|(message_id, _)| Body::Ack { message_id })
+            }
+            Body::OnlineRequest => {
+                self.router.online_for(&self.user).await.map(|users| Body::OnlineResponse { users })
+            }
+            // A client acknowledging a delivery: nothing to answer.
+            Body::Ack { .. } | Body::Pong => return None,
+            Body::Login { .. } => {
+                return Some(Frame::error(id, ErrorCode::Unexpected, "already logged in on this connection"));
+            }
+            other => {
+                let msg = format!("{} frames are sent by the server, not by clients", other.kind_name());
+                return Some(Frame::error(id, ErrorCode::Unexpected, msg));
+            }
+        };
+        Some(match result {
+            Ok(body) => Frame::new(id, body),
+            Err(e) => {
+                if let RouteError::Handler(h) = &e {
+                    Metrics::inc(&self.router.metrics.handler_failures_total);
+                    warn!(error = %h, "handler failed");
+                }
+                Frame::error(id, e.code(), e.to_string())
+            }
+        })
+    }
+}

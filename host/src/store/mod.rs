@@ -1,0 +1,132 @@
+//! Shared state that outlives one connection: who is online where (routes and the online
+//! set) and the key-value stores that handlers use. One node uses [`memory`]; a cluster
+//! shares Redis (a later backend behind the same [`Store`] surface).
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use cim_proto::User;
+
+pub use memory::MemoryStore;
+
+/// Where one online user is connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnlineEntry {
+    pub user: User,
+    pub node_id: String,
+    /// The connection on that node; lets a closing connection release only its own entry.
+    pub conn_id: u64,
+}
+
+/// Outcome of trying to mark a user online.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    Claimed,
+    /// The user is already online; here is where.
+    AlreadyOnline(OnlineEntry),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("value at {key} is not a list")]
+    WrongType { key: String },
+}
+
+/// The store backend in use. Cheap to clone.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Memory(Arc<MemoryStore>),
+}
+
+impl Store {
+    pub fn memory() -> Self {
+        Store::Memory(Arc::new(MemoryStore::default()))
+    }
+
+    /// Marks `entry.user` online unless they already are (atomically).
+    pub async fn claim(&self, entry: OnlineEntry) -> Result<Claim, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.claim(entry)),
+        }
+    }
+
+    /// Removes the user's online entry if it still belongs to this node and connection.
+    pub async fn release(&self, user_id: u64, node_id: &str, conn_id: u64) -> Result<bool, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.release(user_id, node_id, conn_id)),
+        }
+    }
+
+    pub async fn lookup(&self, user_id: u64) -> Result<Option<OnlineEntry>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.lookup(user_id)),
+        }
+    }
+
+    /// Every online user, sorted by id.
+    pub async fn online(&self) -> Result<Vec<OnlineEntry>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.online()),
+        }
+    }
+
+    pub async fn kv_get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            Store::Memory(m) => m.kv_get(store, key),
+        }
+    }
+
+    pub async fn kv_set(&self, store: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.kv_set(store, key, value);
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn kv_delete(&self, store: &str, key: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.kv_delete(store, key);
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn kv_list_keys(&self, store: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.kv_list_keys(store, prefix)),
+        }
+    }
+
+    /// Pushes `value` at the head of the list at `key`, keeping at most `max_len` items.
+    pub async fn kv_append(
+        &self,
+        store: &str,
+        key: &str,
+        value: Vec<u8>,
+        max_len: usize,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => m.kv_append(store, key, value, max_len),
+        }
+    }
+
+    /// Items `start..=stop` of the list at `key`, newest first; negative indexes count from
+    /// the end (like Redis LRANGE).
+    pub async fn kv_range(
+        &self,
+        store: &str,
+        key: &str,
+        start: i64,
+        stop: i64,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        match self {
+            Store::Memory(m) => m.kv_range(store, key, start, stop),
+        }
+    }
+}
