@@ -1,0 +1,153 @@
+//! Default message callback: appends every delivered message to the history of its sender and
+//! of each recipient, in key-value store `default` under `history:<user-id>`, newest first,
+//! capped at [`HISTORY_LEN`] entries.
+//!
+//! Each entry is one UTF-8 JSON object (the format is part of the contract, documented in
+//! `wit/callback-handler.wit`):
+//! `{"id":7,"timestamp_ms":1767225600000,"kind":"private","sender":{"id":1,"name":"alice"},"to":[2],"text":"hi"}`
+//! where `to` is present for private messages only.
+
+wit_bindgen::generate!({ path: "../../wit", world: "message-callback" });
+
+use std::fmt::Write as _;
+
+use cim::im::key_value::{self, Error};
+use cim::im::log::{Level, log};
+use cim::im::types::{Delivered, Message, MessageKind};
+use exports::cim::im::callback_handler::Guest;
+
+/// The store the histories live in; the component must be granted it in spin.toml.
+const STORE: &str = "default";
+/// How many entries each user's history keeps.
+const HISTORY_LEN: u32 = 100;
+
+struct MessageCallback;
+
+impl Guest for MessageCallback {
+    fn on_delivered(batch: Vec<Delivered>) {
+        for delivered in &batch {
+            let entry = history_entry(&delivered.message, &delivered.recipients);
+            for user in history_owners(delivered) {
+                let key = format!("history:{user}");
+                match key_value::append(STORE, &key, entry.as_bytes(), HISTORY_LEN) {
+                    Ok(()) => {}
+                    // Same value for every owner: skip this message, keep the rest of the batch.
+                    Err(Error::TooLarge(e)) => {
+                        log(
+                            Level::Warn,
+                            &format!("message {} not kept in history: {e}", delivered.message.id),
+                        );
+                        break;
+                    }
+                    // Every other call would fail the same way: give up on the batch.
+                    Err(Error::AccessDenied(e) | Error::StoreFailure(e)) => {
+                        log(
+                            Level::Error,
+                            &format!("history not written for {} message(s): {e}", batch.len()),
+                        );
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+export!(MessageCallback);
+
+/// The users whose history gets this message: the sender, then each recipient, once each.
+fn history_owners(delivered: &Delivered) -> Vec<u64> {
+    let mut owners = Vec::with_capacity(delivered.recipients.len() + 1);
+    owners.push(delivered.message.sender.id);
+    for &user in &delivered.recipients {
+        if !owners.contains(&user) {
+            owners.push(user);
+        }
+    }
+    owners
+}
+
+/// The JSON history entry for a message (see the module docs).
+fn history_entry(message: &Message, recipients: &[u64]) -> String {
+    let kind = match message.kind {
+        MessageKind::Private => "private",
+        MessageKind::Group => "group",
+    };
+    let mut json = format!(
+        r#"{{"id":{},"timestamp_ms":{},"kind":"{kind}","sender":{{"id":{},"name":"#,
+        message.id, message.timestamp_ms, message.sender.id
+    );
+    push_json_string(&mut json, &message.sender.name);
+    json.push('}');
+    if matches!(message.kind, MessageKind::Private) {
+        json.push_str(r#","to":["#);
+        for (i, user) in recipients.iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            let _ = write!(json, "{user}");
+        }
+        json.push(']');
+    }
+    json.push_str(r#","text":"#);
+    push_json_string(&mut json, &message.text);
+    json.push('}');
+    json
+}
+
+/// Appends `s` as a JSON string literal (RFC 8259 escaping; non-ASCII stays UTF-8).
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cim::im::types::User;
+
+    fn message(kind: MessageKind, text: &str) -> Message {
+        Message {
+            id: 7,
+            sender: User { id: 1, name: "al\"ice".into() },
+            kind,
+            text: text.into(),
+            timestamp_ms: 1_767_225_600_000,
+        }
+    }
+
+    #[test]
+    fn private_entry_names_the_receiver() {
+        assert_eq!(
+            history_entry(&message(MessageKind::Private, "hi"), &[2]),
+            r#"{"id":7,"timestamp_ms":1767225600000,"kind":"private","sender":{"id":1,"name":"al\"ice"},"to":[2],"text":"hi"}"#
+        );
+    }
+
+    #[test]
+    fn group_entry_has_no_recipients() {
+        assert_eq!(
+            history_entry(&message(MessageKind::Group, "a\\b\n\u{1}é"), &[2, 3]),
+            r#"{"id":7,"timestamp_ms":1767225600000,"kind":"group","sender":{"id":1,"name":"al\"ice"},"text":"a\\b\n\u0001é"}"#
+        );
+    }
+
+    #[test]
+    fn owners_are_sender_then_recipients_once() {
+        let delivered = Delivered { message: message(MessageKind::Group, "x"), recipients: vec![3, 1, 2, 3] };
+        assert_eq!(history_owners(&delivered), [1, 3, 2]);
+    }
+}
