@@ -214,8 +214,19 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>, s: &Sessions) ->
             }
         })?
         .to_bytes();
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("invalid JSON body: {e}")))
+    // serde_path_to_error names the offending field for type errors too ("user_id: invalid
+    // type: string"), which serde_json alone only does for missing/unknown fields.
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = if path == "." {
+            format!("invalid JSON body: {inner}")
+        } else {
+            format!("invalid JSON body: field `{path}`: {inner}")
+        };
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    })
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,0 +1,226 @@
+//! The wasmtime engine, configured once: pooling allocator, epoch interruption driven by a
+//! ticker thread, the shared [`Linker`] (WASI preview 2 + the `host-api` imports), and the
+//! dedicated tokio runtime guests run on so that a busy guest never delays socket I/O.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle as ThreadHandle;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline};
+
+use super::bindings::host_api::HostApi;
+use super::component::Loaded;
+use super::host_api::HostState;
+use crate::handlers::Context;
+
+/// How often the epoch advances; the granularity of deadlines and of guest yields.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Pool pages kept resident (instead of being returned to the kernel) when a slot is reused:
+/// the difference between ~20 µs and ~11 µs per request (notes/WASMTIME.md).
+const LINEAR_MEMORY_KEEP_RESIDENT: usize = 2 << 20;
+const TABLE_KEEP_RESIDENT: usize = 64 << 10;
+
+/// Core instances and tables in one Rust `wasm32-wasip2` component (main module, shim,
+/// fixup), used to size the pools from the number of component instances.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 4;
+const TABLES_PER_COMPONENT: u32 = 4;
+
+/// Settings of the component runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Wall-clock budget of one call (instantiation included). A guest past it traps.
+    pub deadline: Duration,
+    /// The largest a guest's linear memory may grow, in bytes.
+    pub memory_cap: usize,
+    /// Where compiled components are cached (keyed by the wasm's sha256 and the engine
+    /// configuration); `None` compiles every time.
+    pub cache_dir: Option<PathBuf>,
+    /// How many instances may be alive at once (pool size). A request beyond it fails fast.
+    pub max_instances: u32,
+    /// Threads of the runtime that guests run on (named `cim-wasm`).
+    pub worker_threads: usize,
+    /// How many replaced versions of each component are kept for rollback.
+    pub history: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            deadline: Duration::from_millis(100),
+            memory_cap: 16 << 20,
+            cache_dir: None,
+            max_instances: 1000,
+            worker_threads: 2,
+            history: 5,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// The default configuration with the compile cache in `<data_dir>/cache`.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        RuntimeConfig { cache_dir: Some(data_dir.into().join("cache")), ..RuntimeConfig::default() }
+    }
+}
+
+/// Everything shared by all components: engine, linker, executor, epoch ticker.
+pub(crate) struct WasmEngine {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<HostState>,
+    pub(crate) config: RuntimeConfig,
+    executor: Executor,
+    ticker: Ticker,
+}
+
+impl std::fmt::Debug for WasmEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmEngine").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl WasmEngine {
+    pub(crate) fn new(config: RuntimeConfig) -> anyhow::Result<WasmEngine> {
+        anyhow::ensure!(config.deadline >= EPOCH_TICK, "the deadline must be at least {EPOCH_TICK:?}");
+        anyhow::ensure!(config.memory_cap >= 1 << 16, "the memory cap must be at least one 64 KiB page");
+        anyhow::ensure!(config.max_instances > 0, "max_instances must be at least 1");
+
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(config.max_instances)
+            .total_core_instances(config.max_instances.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+            .total_memories(config.max_instances)
+            .total_tables(config.max_instances.saturating_mul(TABLES_PER_COMPONENT))
+            .total_stacks(config.max_instances)
+            .max_memory_size(config.memory_cap)
+            .linear_memory_keep_resident(LINEAR_MEMORY_KEEP_RESIDENT.min(config.memory_cap))
+            .table_keep_resident(TABLE_KEEP_RESIDENT);
+
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            .epoch_interruption(true)
+            .concurrency_support(false)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&wasm).map_err(to_anyhow).map_err(|e| e.context("configuring wasmtime"))?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(to_anyhow)?;
+        HostApi::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state).map_err(to_anyhow)?;
+
+        let executor = Executor::new(config.worker_threads.max(1))?;
+        let ticker = Ticker::start(engine.weak())?;
+        Ok(WasmEngine { engine, linker, config, executor, ticker })
+    }
+
+    /// Runs `job` on the guests' runtime; the returned handle can be awaited from any runtime.
+    pub(crate) fn spawn<F>(&self, job: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.executor.handle().spawn(job)
+    }
+
+    /// A fresh store for one request to `loaded`: its own WASI context, memory cap and
+    /// deadline. The epoch callback yields to the executor on every tick (so one long guest
+    /// shares the worker threads) and traps once the deadline has passed.
+    pub(crate) fn new_store(&self, loaded: &Loaded, ctx: Context) -> Store<HostState> {
+        let state = HostState::new(loaded, ctx, self.config.memory_cap);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        let deadline = self.config.deadline;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |mut ctx| {
+            let state = ctx.data_mut();
+            if state.started.elapsed() >= deadline {
+                state.timed_out = true;
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
+        });
+        store
+    }
+}
+
+/// Converts wasmtime's own error type, keeping the whole chain in the message.
+pub(crate) fn to_anyhow(e: wasmtime::Error) -> anyhow::Error {
+    anyhow::anyhow!("{e:#}")
+}
+
+/// The tokio runtime guests run on. Dropped without blocking, so a [`super::Runtime`] may be
+/// dropped from inside another runtime.
+struct Executor {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Executor {
+    fn new(threads: usize) -> anyhow::Result<Executor> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("cim-wasm")
+            .enable_time()
+            .build()
+            .map_err(|e| anyhow::anyhow!("starting the cim-wasm runtime: {e}"))?;
+        let handle = runtime.handle().clone();
+        Ok(Executor { runtime: Some(runtime), handle })
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The thread that advances the engine's epoch every [`EPOCH_TICK`]; stops when dropped.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    thread: Option<ThreadHandle<()>>,
+}
+
+impl Ticker {
+    fn start(engine: EngineWeak) -> anyhow::Result<Ticker> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("cim-epoch".into())
+            .spawn(move || {
+                // Sleep to absolute instants so the tick rate does not drift with scheduling.
+                let mut next = Instant::now();
+                while !flag.load(Ordering::Relaxed) {
+                    next += EPOCH_TICK;
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    } else {
+                        next = now;
+                    }
+                    match engine.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("starting the epoch ticker: {e}"))?;
+        Ok(Ticker { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
