@@ -19,10 +19,12 @@
 pub mod api;
 pub mod config;
 pub mod handlers;
+pub mod manifest;
 pub mod message_id;
 pub mod metrics;
 pub mod node;
 pub mod router;
+pub mod runtime;
 pub mod session;
 pub mod store;
 pub mod transport;

@@ -53,13 +53,17 @@ pub enum ManifestError {
         "unsupported manifest version {found}: only `spin_manifest_version = {MANIFEST_VERSION}` is supported"
     )]
     Version { found: String },
-    #[error("[[trigger.cim]] #{index}: unknown event `{event}` (expected one of login, private, group, online, callback)")]
+    #[error(
+        "[[trigger.cim]] #{index}: unknown event `{event}` (expected one of login, private, group, online, callback)"
+    )]
     UnknownEvent { index: usize, event: String },
     #[error("event `{event}` is mapped twice, to components `{first}` and `{second}`")]
     DuplicateEvent { event: Event, first: String, second: String },
     #[error("no [[trigger.cim]] for event `{event}`: every event needs a component")]
     MissingEvent { event: Event },
-    #[error("[[trigger.cim]] for event `{event}` names component `{component}`, which has no [component.{component}] table")]
+    #[error(
+        "[[trigger.cim]] for event `{event}` names component `{component}`, which has no [component.{component}] table"
+    )]
     UnknownComponent { event: Event, component: String },
     #[error("component id `{id}` is not kebab-case (lower-case letters and digits, words joined by `-`)")]
     BadComponentId { id: String },
@@ -191,8 +195,10 @@ impl Manifest {
         dir: &Path,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Manifest, ManifestError> {
-        let raw: RawManifest = toml::from_str(text)
-            .map_err(|e| ManifestError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
         raw.validate(dir, &env)
     }
 
@@ -275,8 +281,10 @@ impl RawManifest {
 
         let mut triggers: HashMap<Event, String> = HashMap::new();
         for (index, trigger) in self.trigger.cim.into_iter().enumerate() {
-            let event = parse_event(&trigger.event)
-                .ok_or_else(|| ManifestError::UnknownEvent { index: index + 1, event: trigger.event.clone() })?;
+            let event = parse_event(&trigger.event).ok_or_else(|| ManifestError::UnknownEvent {
+                index: index + 1,
+                event: trigger.event.clone(),
+            })?;
             if !components.contains_key(&trigger.component) {
                 return Err(ManifestError::UnknownComponent { event, component: trigger.component });
             }
@@ -395,7 +403,9 @@ fn expand_template(
         let close = after.find("}}").ok_or_else(|| bad(format!("unterminated `{{{{` in {template:?}")))?;
         let name = after[..close].trim();
         if !is_snake_case(name) {
-            return Err(bad(format!("`{{{{ {name} }}}}` is not a variable reference (lower snake case name)")));
+            return Err(bad(format!(
+                "`{{{{ {name} }}}}` is not a variable reference (lower snake case name)"
+            )));
         }
         match values.get(name) {
             None => {
@@ -434,14 +444,18 @@ fn check_variable_name(name: &str, context: impl FnOnce() -> String) -> Result<(
 /// dashes, starting with a letter.
 fn is_kebab_case(id: &str) -> bool {
     id.starts_with(|c: char| c.is_ascii_lowercase())
-        && id.split('-').all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()))
+        && id
+            .split('-')
+            .all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()))
 }
 
 /// `blocked_words`: lower-case ASCII letters, digits and single underscores, starting with a
 /// letter (Spin's rule for variable names).
 fn is_snake_case(name: &str) -> bool {
     name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name.split('_').all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()))
+        && name
+            .split('_')
+            .all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()))
 }
 
 #[cfg(test)]
@@ -531,7 +545,10 @@ key_value_stores = ["default"]
         assert_eq!(build.watch, ["group-send/src/**/*.rs"]);
         let login = m.component_for(Event::Login).expect("login");
         assert_eq!(login.variables["token"], "k=s3cret;");
-        assert_eq!(m.component_for(Event::Callback).expect("cb").source, Path::new("/abs/message_callback.wasm"));
+        assert_eq!(
+            m.component_for(Event::Callback).expect("cb").source,
+            Path::new("/abs/message_callback.wasm")
+        );
         // Secrets stay out of Debug output.
         assert!(!format!("{login:?}").contains("s3cret"));
     }
@@ -555,13 +572,19 @@ key_value_stores = ["default"]
     #[test]
     fn required_variable_without_value_is_named() {
         let err = parse_env(GOOD, |_| None).expect_err("secret_x missing");
-        assert!(matches!(&err, ManifestError::MissingVariable { variable, .. } if variable == "secret_x"), "{err}");
+        assert!(
+            matches!(&err, ManifestError::MissingVariable { variable, .. } if variable == "secret_x"),
+            "{err}"
+        );
         assert!(err.to_string().contains("SPIN_VARIABLE_SECRET_X"), "{err}");
     }
 
     #[test]
     fn unknown_key_is_refused_with_its_position() {
-        let text = GOOD.replace("key_value_stores = [\"default\"]\n[component.group-send.variables]", "key_value_store = [\"default\"]\n[component.group-send.variables]");
+        let text = GOOD.replace(
+            "key_value_stores = [\"default\"]\n[component.group-send.variables]",
+            "key_value_store = [\"default\"]\n[component.group-send.variables]",
+        );
         let err = parse(&text).expect_err("typo");
         let msg = err.to_string();
         assert!(matches!(err, ManifestError::Parse { .. }), "{msg}");
@@ -623,16 +646,23 @@ key_value_stores = ["default"]
 
     #[test]
     fn ids_and_names_are_checked() {
-        let text = GOOD.replace("[component.online-list]", "[component.Online_List]").replace(
-            "component = \"online-list\"",
-            "component = \"Online_List\"",
-        );
+        let text = GOOD
+            .replace("[component.online-list]", "[component.Online_List]")
+            .replace("component = \"online-list\"", "component = \"Online_List\"");
         assert!(matches!(parse(&text), Err(ManifestError::BadComponentId { id }) if id == "Online_List"));
         let text = GOOD.replace("allowed_ids = { default", "AllowedIds = { default");
-        assert!(matches!(parse(&text), Err(ManifestError::BadVariableName { name, .. }) if name == "AllowedIds"));
-        let text = GOOD.replace("secret_x = { required = true", "secret_x = { default = \"a\", required = true");
+        assert!(
+            matches!(parse(&text), Err(ManifestError::BadVariableName { name, .. }) if name == "AllowedIds")
+        );
+        let text =
+            GOOD.replace("secret_x = { required = true", "secret_x = { default = \"a\", required = true");
         assert!(matches!(parse(&text), Err(ManifestError::DefaultAndRequired { .. })));
-        assert!(is_kebab_case("group-send") && is_kebab_case("a1-b2") && !is_kebab_case("-a") && !is_kebab_case("a--b"));
+        assert!(
+            is_kebab_case("group-send")
+                && is_kebab_case("a1-b2")
+                && !is_kebab_case("-a")
+                && !is_kebab_case("a--b")
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! delivery — is asked of [`Handlers`], which the router then carries out. The types here
 //! mirror the WIT contract in `wit/` so that a handler can be a sandboxed component.
 
+pub mod batch;
 pub mod builtin;
 
 use std::fmt;

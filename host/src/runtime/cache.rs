@@ -50,7 +50,9 @@ impl CompileCache {
         if path.exists() {
             match deserialize_cached(engine, &path) {
                 Ok(component) => return Ok((component, CompiledFrom::Cache)),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring unusable compile cache entry"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring unusable compile cache entry")
+                }
             }
         }
         let component = Component::new(engine, wasm)?;
@@ -72,12 +74,17 @@ impl CompileCache {
 }
 
 /// Loads a compiled artifact from the cache directory.
+///
+/// The file is read into memory rather than mapped (`Component::deserialize_file`): a mapped
+/// file that someone truncates in place (a cleanup job, an operator) would crash the whole
+/// host with SIGBUS the next time the guest's code is touched.
 #[allow(unsafe_code)]
 fn deserialize_cached(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
-    // SAFETY: `deserialize_file` trusts the file to be machine code produced by
+    let bytes = std::fs::read(path)?;
+    // SAFETY: `deserialize` trusts the bytes to be machine code produced by
     // `Component::serialize`. Files in the cache directory are written only by
     // `CompileCache::store` above (from a component this host compiled, renamed into place
-    // atomically), and wasmtime checks its header, version and engine compatibility before
+    // atomically), and wasmtime checks the header, version and engine compatibility before
     // use. The cache directory must therefore be writable by this host only.
-    unsafe { Component::deserialize_file(engine, path) }
+    unsafe { Component::deserialize(engine, &bytes) }
 }

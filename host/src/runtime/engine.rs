@@ -10,7 +10,9 @@ use std::thread::JoinHandle as ThreadHandle;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasSelf, Linker};
-use wasmtime::{Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline};
+use wasmtime::{
+    Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
+};
 
 use super::bindings::host_api::HostApi;
 use super::component::Loaded;
@@ -74,7 +76,8 @@ pub(crate) struct WasmEngine {
     pub(crate) linker: Linker<HostState>,
     pub(crate) config: RuntimeConfig,
     executor: Executor,
-    ticker: Ticker,
+    /// Held for its `Drop`, which stops the thread.
+    _ticker: Ticker,
 }
 
 impl std::fmt::Debug for WasmEngine {
@@ -108,11 +111,12 @@ impl WasmEngine {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(to_anyhow)?;
-        HostApi::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state).map_err(to_anyhow)?;
+        HostApi::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
+            .map_err(to_anyhow)?;
 
         let executor = Executor::new(config.worker_threads.max(1))?;
         let ticker = Ticker::start(engine.weak())?;
-        Ok(WasmEngine { engine, linker, config, executor, ticker })
+        Ok(WasmEngine { engine, linker, config, executor, _ticker: ticker })
     }
 
     /// Runs `job` on the guests' runtime; the returned handle can be awaited from any runtime.
@@ -122,6 +126,15 @@ impl WasmEngine {
         F::Output: Send + 'static,
     {
         self.executor.handle().spawn(job)
+    }
+
+    /// Runs blocking work (compiling) on the guests' runtime's blocking pool.
+    pub(crate) fn spawn_blocking<F, R>(&self, work: F) -> tokio::task::JoinHandle<R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        self.executor.handle().spawn_blocking(work)
     }
 
     /// A fresh store for one request to `loaded`: its own WASI context, memory cap and

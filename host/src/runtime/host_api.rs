@@ -174,14 +174,23 @@ fn presence_trap(e: crate::store::StoreError) -> wasmtime::Error {
 }
 
 impl key_value::Host for HostState {
-    async fn get(&mut self, store: String, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, KvError>> {
+    async fn get(
+        &mut self,
+        store: String,
+        key: String,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, KvError>> {
         if let Err(e) = self.check_store(&store).and_then(|()| Self::check_key(&store, &key)) {
             return Ok(Err(e));
         }
         Ok(self.ctx.store().kv_get(&store, &key).await.map_err(store_failure))
     }
 
-    async fn set(&mut self, store: String, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), KvError>> {
+    async fn set(
+        &mut self,
+        store: String,
+        key: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), KvError>> {
         if let Err(e) = self.check_store(&store).and_then(|()| Self::check_value(&store, &key, &value)) {
             return Ok(Err(e));
         }
@@ -195,7 +204,11 @@ impl key_value::Host for HostState {
         Ok(self.ctx.store().kv_delete(&store, &key).await.map_err(store_failure))
     }
 
-    async fn list_keys(&mut self, store: String, prefix: String) -> wasmtime::Result<Result<Vec<String>, KvError>> {
+    async fn list_keys(
+        &mut self,
+        store: String,
+        prefix: String,
+    ) -> wasmtime::Result<Result<Vec<String>, KvError>> {
         if let Err(e) = self.check_store(&store) {
             return Ok(Err(e));
         }
@@ -301,7 +314,12 @@ impl MemoryLimiter {
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.cap {
             self.denied = Some(desired);
             return Ok(false);
@@ -309,7 +327,12 @@ impl ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }

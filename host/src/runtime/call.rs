@@ -1,0 +1,167 @@
+//! One request: a fresh [`wasmtime::Store`], instantiate from the pre-instantiated component,
+//! call the export, drop everything. A failure becomes a readable reason: the deadline, the
+//! memory cap, a trap (with the guest's panic message when it printed one) or a host error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::{Store, Trap};
+
+use super::bindings::host_api::cim::im::types as wit;
+use super::component::{Loaded, WorldPre};
+use super::engine::WasmEngine;
+use super::host_api::HostState;
+use crate::handlers::Context;
+
+/// The arguments of one call, already in WIT types.
+pub(crate) enum Input {
+    Login(wit::LoginRequest),
+    Private(Vec<wit::PrivateRequest>),
+    Group(Vec<wit::Message>),
+    Online(wit::User, Vec<wit::User>),
+    Callback(Vec<wit::Delivered>),
+}
+
+/// What the guest returned, in WIT types.
+pub(crate) enum Output {
+    Login(wit::LoginDecision),
+    Private(Vec<wit::SendDecision>),
+    Group(Vec<wit::GroupDecision>),
+    Online(Vec<wit::User>),
+    Callback,
+}
+
+/// Runs one request on `loaded` (which the caller took from its slot, so a concurrent swap
+/// does not affect it). `Err` is the reason the handler failed.
+pub(crate) async fn run(
+    engine: Arc<WasmEngine>,
+    loaded: Arc<Loaded>,
+    ctx: Context,
+    input: Input,
+) -> Result<Output, String> {
+    let mut store = engine.new_store(&loaded, ctx);
+    let deadline = engine.config.deadline;
+    // The epoch callback stops a guest that computes past its deadline; this stops one stuck
+    // in a host call (a slow store), by dropping the call, which unwinds the guest.
+    let result = tokio::time::timeout(deadline, call(&mut store, &loaded.pre, input)).await;
+    match result {
+        Ok(Ok(output)) => Ok(output),
+        Ok(Err(e)) => Err(explain(store.data(), &e, &engine)),
+        Err(_elapsed) => Err(format!("timed out after {}", duration(deadline))),
+    }
+}
+
+async fn call(store: &mut Store<HostState>, pre: &WorldPre, input: Input) -> wasmtime::Result<Output> {
+    match (pre, input) {
+        (WorldPre::Login(pre), Input::Login(req)) => {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            let decision = instance.cim_im_login_handler().call_login(&mut *store, &req).await?;
+            Ok(Output::Login(decision))
+        }
+        (WorldPre::Private(pre), Input::Private(batch)) => {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            let decisions = instance.cim_im_private_handler().call_handle(&mut *store, &batch).await?;
+            Ok(Output::Private(decisions))
+        }
+        (WorldPre::Group(pre), Input::Group(batch)) => {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            let decisions = instance.cim_im_group_handler().call_handle(&mut *store, &batch).await?;
+            Ok(Output::Group(decisions))
+        }
+        (WorldPre::Online(pre), Input::Online(caller, online)) => {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            let visible =
+                instance.cim_im_online_handler().call_visible(&mut *store, &caller, &online).await?;
+            Ok(Output::Online(visible))
+        }
+        (WorldPre::Callback(pre), Input::Callback(batch)) => {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            instance.cim_im_callback_handler().call_on_delivered(&mut *store, &batch).await?;
+            Ok(Output::Callback)
+        }
+        _ => Err(wasmtime::format_err!("host bug: the call does not match the component's world")),
+    }
+}
+
+/// Why a call failed, in words an operator can act on.
+fn explain(state: &HostState, e: &wasmtime::Error, engine: &WasmEngine) -> String {
+    if state.timed_out {
+        return format!("timed out after {}", duration(engine.config.deadline));
+    }
+    if let Some(asked) = state.limiter.denied {
+        return format!(
+            "exceeded the memory limit of {} (tried to grow a memory to {})",
+            bytes(engine.config.memory_cap),
+            bytes(asked)
+        );
+    }
+    let mut reason = match e.downcast_ref::<Trap>() {
+        Some(trap) => {
+            let trap = trap.to_string();
+            format!("trapped: {}", trap.strip_prefix("wasm trap: ").unwrap_or(&trap))
+        }
+        None => format!("failed: {}", e.root_cause()),
+    };
+    if let Some(stderr) = state.stderr() {
+        reason.push_str(&format!(" (guest stderr: {})", tidy_stderr(&stderr)));
+    }
+    reason
+}
+
+/// A guest's stderr on one line, without the std panic hook's boilerplate: `thread
+/// '<unnamed>' (1) panicked at src/lib.rs:13:9:\nboom\nnote: run with RUST_BACKTRACE…` becomes
+/// `panicked at src/lib.rs:13:9: boom`.
+fn tidy_stderr(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter(|line| !line.starts_with("note: run with `RUST_BACKTRACE"))
+        .map(|line| match (line.starts_with("thread '"), line.find(" panicked at ")) {
+            (true, Some(at)) => &line[at + 1..],
+            _ => line,
+        })
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub(crate) fn duration(d: Duration) -> String {
+    if d.subsec_nanos().is_multiple_of(1_000_000) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{d:?}")
+    }
+}
+
+pub(crate) fn bytes(n: usize) -> String {
+    const MIB: usize = 1 << 20;
+    const KIB: usize = 1 << 10;
+    if n.is_multiple_of(MIB) {
+        format!("{} MiB", n / MIB)
+    } else if n.is_multiple_of(KIB) {
+        format!("{} KiB", n / KIB)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_boilerplate_is_dropped() {
+        let stderr = "thread '<unnamed>' (1) panicked at src/lib.rs:13:9:\nboom\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
+        assert_eq!(tidy_stderr(stderr), "panicked at src/lib.rs:13:9: boom");
+        assert_eq!(tidy_stderr("plain\n\nline"), "plain line");
+    }
+
+    #[test]
+    fn sizes_and_durations_read_well() {
+        assert_eq!(bytes(16 << 20), "16 MiB");
+        assert_eq!(bytes(16512 << 10), "16512 KiB");
+        assert_eq!(bytes(100), "100 bytes");
+        assert_eq!(duration(Duration::from_millis(100)), "100 ms");
+        assert_eq!(duration(Duration::from_micros(1500)), "1.5ms");
+    }
+}

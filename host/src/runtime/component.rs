@@ -1,0 +1,307 @@
+//! A loaded component ([`Loaded`]: compiled, checked against its event's world and
+//! pre-instantiated) and the per-event [`Slot`] that hot-swaps it: requests `load_full()` the
+//! current version and finish on it, whatever is installed meanwhile.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwapOption;
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Instance, InstancePre};
+
+use super::bindings::{group_send, login, message_callback, online_list, private_send};
+use super::cache::{CompileCache, CompiledFrom};
+use super::engine::WasmEngine;
+use super::host_api::{Capabilities, HostState};
+use crate::handlers::{Context, Event};
+
+/// The WIT package every handler world belongs to.
+pub const WIT_PACKAGE: &str = "cim:im@0.1.0";
+
+/// Why a `.wasm` was refused. Nothing is installed when loading fails.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    /// Random bytes, a core module, or a truncated file.
+    #[error("not a WebAssembly component: {0}")]
+    NotAComponent(String),
+    /// A component, but not of the world this event needs.
+    #[error("component does not implement the `{expected}` world: {detail}")]
+    WrongWorld { expected: String, detail: String },
+    /// The component did not validate or compile.
+    #[error("component failed to compile: {0}")]
+    Compile(String),
+    /// The component compiled but cannot be instantiated within this host's limits.
+    #[error("component cannot be instantiated: {0}")]
+    Instantiate(String),
+}
+
+/// The world and the export an event's component must have.
+pub fn world_of(event: Event) -> (&'static str, &'static str) {
+    match event {
+        Event::Login => ("cim:im/login@0.1.0", "cim:im/login-handler@0.1.0"),
+        Event::Private => ("cim:im/private-send@0.1.0", "cim:im/private-handler@0.1.0"),
+        Event::Group => ("cim:im/group-send@0.1.0", "cim:im/group-handler@0.1.0"),
+        Event::Online => ("cim:im/online-list@0.1.0", "cim:im/online-handler@0.1.0"),
+        Event::Callback => ("cim:im/message-callback@0.1.0", "cim:im/callback-handler@0.1.0"),
+    }
+}
+
+/// A component pre-instantiated for one world.
+#[derive(Clone)]
+pub(crate) enum WorldPre {
+    Login(login::LoginPre<HostState>),
+    Private(private_send::PrivateSendPre<HostState>),
+    Group(group_send::GroupSendPre<HostState>),
+    Online(online_list::OnlineListPre<HostState>),
+    Callback(message_callback::MessageCallbackPre<HostState>),
+}
+
+impl WorldPre {
+    fn new(event: Event, pre: InstancePre<HostState>) -> wasmtime::Result<WorldPre> {
+        Ok(match event {
+            Event::Login => WorldPre::Login(login::LoginPre::new(pre)?),
+            Event::Private => WorldPre::Private(private_send::PrivateSendPre::new(pre)?),
+            Event::Group => WorldPre::Group(group_send::GroupSendPre::new(pre)?),
+            Event::Online => WorldPre::Online(online_list::OnlineListPre::new(pre)?),
+            Event::Callback => WorldPre::Callback(message_callback::MessageCallbackPre::new(pre)?),
+        })
+    }
+
+    fn instance_pre(&self) -> &InstancePre<HostState> {
+        match self {
+            WorldPre::Login(pre) => pre.instance_pre(),
+            WorldPre::Private(pre) => pre.instance_pre(),
+            WorldPre::Group(pre) => pre.instance_pre(),
+            WorldPre::Online(pre) => pre.instance_pre(),
+            WorldPre::Callback(pre) => pre.instance_pre(),
+        }
+    }
+
+    /// Type-checks the world's exports on an instance (done lazily, at instantiation).
+    fn check_exports(
+        &self,
+        store: &mut wasmtime::Store<HostState>,
+        instance: &Instance,
+    ) -> wasmtime::Result<()> {
+        match self {
+            WorldPre::Login(_) => login::Login::new(store, instance).map(drop),
+            WorldPre::Private(_) => private_send::PrivateSend::new(store, instance).map(drop),
+            WorldPre::Group(_) => group_send::GroupSend::new(store, instance).map(drop),
+            WorldPre::Online(_) => online_list::OnlineList::new(store, instance).map(drop),
+            WorldPre::Callback(_) => message_callback::MessageCallback::new(store, instance).map(drop),
+        }
+    }
+}
+
+/// A component ready to serve one event: compiled, checked and pre-instantiated.
+pub struct Loaded {
+    /// The component id (spin.toml) or upload name.
+    pub name: Arc<str>,
+    pub event: Event,
+    /// Per event, increasing with every load attempt (failed loads leave gaps).
+    pub version: u64,
+    /// Hex sha256 of the `.wasm`.
+    pub sha256: String,
+    /// Size of the `.wasm` in bytes.
+    pub size: usize,
+    pub loaded_at: SystemTime,
+    /// Where it came from (a path, or "upload").
+    pub source: String,
+    pub compiled_from: CompiledFrom,
+    pub(crate) caps: Arc<Capabilities>,
+    pub(crate) pre: WorldPre,
+}
+
+impl fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Loaded")
+            .field("name", &self.name)
+            .field("event", &self.event)
+            .field("version", &self.version)
+            .field("sha256", &self.sha256)
+            .field("size", &self.size)
+            .field("source", &self.source)
+            .field("compiled_from", &self.compiled_from)
+            .field("caps", &self.caps)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Loaded::compile`] needs besides the bytes.
+pub(crate) struct LoadRequest {
+    pub event: Event,
+    pub name: String,
+    pub caps: Capabilities,
+    pub source: String,
+    pub version: u64,
+}
+
+impl Loaded {
+    /// Compiles (or fetches from the cache) and links `wasm` for `req.event`. Blocking: call
+    /// it from `spawn_blocking`.
+    pub(crate) fn compile(
+        engine: &WasmEngine,
+        cache: Option<&CompileCache>,
+        wasm: &[u8],
+        req: LoadRequest,
+    ) -> Result<Loaded, LoadError> {
+        check_header(wasm)?;
+        let sha256 = hex::encode(Sha256::digest(wasm));
+        let (component, compiled_from) = match cache {
+            Some(cache) => cache.get_or_compile(&engine.engine, wasm, &sha256),
+            None => Component::new(&engine.engine, wasm).map(|c| (c, CompiledFrom::Compiler)),
+        }
+        .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+
+        let (world, export) = world_of(req.event);
+        let wrong_world = |detail: String| LoadError::WrongWorld { expected: world.to_owned(), detail };
+        let pre = engine.linker.instantiate_pre(&component).map_err(|e| wrong_world(format!("{e:#}")))?;
+        let pre = WorldPre::new(req.event, pre).map_err(|_| {
+            let exports = exported_names(&engine.engine, &component);
+            let found = if exports.is_empty() { "nothing".to_owned() } else { exports.join(", ") };
+            wrong_world(format!("component exports {found} but the {} event needs {export}", req.event))
+        })?;
+
+        Ok(Loaded {
+            name: req.name.into(),
+            event: req.event,
+            version: req.version,
+            sha256,
+            size: wasm.len(),
+            loaded_at: SystemTime::now(),
+            source: req.source,
+            compiled_from,
+            caps: Arc::new(req.caps),
+            pre,
+        })
+    }
+
+    /// Instantiates once in a scratch store (with an empty throwaway store behind the
+    /// imports), which checks the component's initial memory against the limits and
+    /// type-checks its exports, before it may replace a working one.
+    pub(crate) async fn check_instantiates(&self, engine: &WasmEngine) -> Result<(), LoadError> {
+        let mut store = engine.new_store(self, Context::new(crate::store::Store::memory()));
+        let instance = self
+            .pre
+            .instance_pre()
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
+        self.pre.check_exports(&mut store, &instance).map_err(|e| {
+            let (world, export) = world_of(self.event);
+            LoadError::WrongWorld {
+                expected: world.to_owned(),
+                detail: format!("its {export} does not match the WIT contract: {e:#}"),
+            }
+        })
+    }
+}
+
+/// The names a component exports, for error messages.
+fn exported_names(engine: &wasmtime::Engine, component: &Component) -> Vec<String> {
+    component.component_type().exports(engine).map(|(name, _)| name.to_owned()).collect()
+}
+
+/// Refuses what is not a component before spending a compile on it.
+fn check_header(wasm: &[u8]) -> Result<(), LoadError> {
+    const MAGIC: &[u8; 4] = b"\0asm";
+    const CORE_VERSION: [u8; 4] = [1, 0, 0, 0];
+    if wasm.len() < 8 || &wasm[..4] != MAGIC {
+        return Err(LoadError::NotAComponent(format!(
+            "{} bytes without the `\\0asm` header of a WebAssembly binary",
+            wasm.len()
+        )));
+    }
+    if wasm[4..8] == CORE_VERSION {
+        return Err(LoadError::NotAComponent(
+            "this is a core WebAssembly module; build the handler for `wasm32-wasip2` (or wrap it \
+             with `wasm-tools component new`) to get a component"
+                .to_owned(),
+        ));
+    }
+    // A component is `\0asm` + version 0x0d + layer 1; anything else is some other encoding.
+    if wasm[6..8] != [1, 0] {
+        return Err(LoadError::NotAComponent(format!(
+            "unknown WebAssembly encoding (version/layer bytes {:02x?})",
+            &wasm[4..8]
+        )));
+    }
+    Ok(())
+}
+
+/// The component serving one event, and the versions it replaced.
+pub(crate) struct Slot {
+    current: ArcSwapOption<Loaded>,
+    /// Replaced versions, newest first; guarded so installs and rollbacks do not interleave.
+    history: Mutex<VecDeque<Arc<Loaded>>>,
+    history_len: usize,
+    next_version: AtomicU64,
+}
+
+impl Slot {
+    pub(crate) fn new(history_len: usize) -> Slot {
+        Slot {
+            current: ArcSwapOption::empty(),
+            history: Mutex::new(VecDeque::new()),
+            history_len,
+            next_version: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn next_version(&self) -> u64 {
+        self.next_version.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The version new requests get. A request keeps the `Arc` until it finishes.
+    pub(crate) fn current(&self) -> Option<Arc<Loaded>> {
+        self.current.load_full()
+    }
+
+    /// Makes `new` current; the replaced version goes to the history and is returned.
+    pub(crate) fn swap(&self, new: Arc<Loaded>) -> Option<Arc<Loaded>> {
+        let mut history = lock(&self.history);
+        let old = self.current.swap(Some(new));
+        if let Some(old) = &old {
+            history.push_front(old.clone());
+            history.truncate(self.history_len);
+        }
+        old
+    }
+
+    /// Reinstates the most recently replaced version; returns it and the version it replaced.
+    pub(crate) fn rollback(&self) -> Option<(Arc<Loaded>, Option<Arc<Loaded>>)> {
+        let mut history = lock(&self.history);
+        let previous = history.pop_front()?;
+        let replaced = self.current.swap(Some(previous.clone()));
+        Some((previous, replaced))
+    }
+
+    /// Versions available to [`Slot::rollback`], newest first.
+    pub(crate) fn history(&self) -> Vec<Arc<Loaded>> {
+        lock(&self.history).iter().cloned().collect()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is a few pointer moves; a poisoned lock holds consistent data.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_classified() {
+        assert!(
+            matches!(check_header(b"hello world"), Err(LoadError::NotAComponent(m)) if m.contains("11 bytes"))
+        );
+        assert!(
+            matches!(check_header(b"\0asm\x01\0\0\0"), Err(LoadError::NotAComponent(m)) if m.contains("core"))
+        );
+        assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
+    }
+}
