@@ -57,7 +57,7 @@ impl From<RouteError> for ApiError {
     }
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -184,6 +184,7 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, s: &Sessions) -> Result
             "method_not_allowed",
             format!("{} is not allowed on {}", req.method(), req.uri().path()),
         )),
+        (_, path) if path.starts_with("/admin/") => crate::admin::route(req, s.admin.as_deref()).await,
         (_, path) => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route {path}"))),
     }
 }

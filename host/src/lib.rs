@@ -14,15 +14,24 @@
 //! - [`store`]: presence and key-value data ([`store::memory`] on one node).
 //! - [`api`]: the HTTP route API, `/ws`, `/healthz`, `/metrics`.
 //! - [`message_id`], [`metrics`]: server-assigned ids and counters.
+//! - [`runtime`]: the wasmtime component runtime behind the handlers (per-request sandboxed
+//!   instances, deadlines, memory caps, hot swap); [`manifest`]: spin.toml.
+//! - [`deploy`]: pushed component versions, persisted in the data directory;
+//!   [`admin`]: the admin HTTP API over it; [`push`]: its command-line client.
+//! - [`build`]: `cim-host build`, running the manifest's component build commands.
 //! - [`node`]: wiring: bind, run, drain on shutdown.
 
+pub mod admin;
 pub mod api;
+pub mod build;
 pub mod config;
+pub mod deploy;
 pub mod handlers;
 pub mod manifest;
 pub mod message_id;
 pub mod metrics;
 pub mod node;
+pub mod push;
 pub mod router;
 pub mod runtime;
 pub mod session;

@@ -1,17 +1,24 @@
 //! The `cim-host` binary: command-line parsing and signal handling around [`cim_host::Node`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cim_host::handlers::Handlers;
+use cim_host::admin::Admin;
+use cim_host::deploy::Deployments;
+use cim_host::handlers::Backend;
+use cim_host::manifest::Manifest;
+use cim_host::runtime::{Runtime, RuntimeConfig};
 use cim_host::store::Store;
 use cim_host::{Config, Node};
 use clap::{Args, Parser, Subcommand};
+use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-/// cim-host: a node of the cim instant-messaging system.
+/// cim-host: a node of the cim instant-messaging system, whose business logic runs in
+/// hot-swappable WebAssembly components.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
@@ -21,19 +28,52 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve clients: TCP frames, WebSocket at /ws and the HTTP route API.
+    /// Serve clients: TCP frames, WebSocket at /ws, the HTTP route API and the admin API.
     Up(UpArgs),
+    /// Build every component of the manifest (runs each `[component.NAME.build] command`).
+    Build {
+        /// The application manifest.
+        #[arg(long, default_value = "spin.toml")]
+        manifest: PathBuf,
+    },
+    /// Upload a new version of a component to a running host; prints the new version.
+    Push {
+        /// The component's id in the manifest (e.g. group-send).
+        name: String,
+        /// The component's .wasm file.
+        file: PathBuf,
+        /// The host's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        to: String,
+        /// The host's admin token.
+        #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// Roll a component on a running host back to its previous version.
+    Rollback {
+        /// The component's id in the manifest.
+        name: String,
+        /// The host's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        to: String,
+        /// The host's admin token.
+        #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+    },
 }
 
 #[derive(Debug, Args)]
 struct UpArgs {
-    /// The application manifest (which component handles which event).
+    /// The application manifest: which component handles which event.
     #[arg(long, default_value = "spin.toml")]
     manifest: PathBuf,
+    /// Build the manifest's components before serving (like `cim-host build`).
+    #[arg(long)]
+    build: bool,
     /// Address of the TCP listener for clients (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:9000")]
     tcp: SocketAddr,
-    /// Address of the HTTP listener: route API, /ws, /healthz, /metrics (port 0 picks a free port).
+    /// Address of the HTTP listener: route API, /ws, /healthz, /metrics, /admin (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
     /// This node's id in routes and the cluster registry [default: node-<pid>].
@@ -48,6 +88,21 @@ struct UpArgs {
     /// Most simultaneous client connections.
     #[arg(long, default_value_t = 15_000)]
     max_connections: usize,
+    /// Where pushed component versions and the compile cache are kept.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Enables the admin API (/admin/...) with this bearer token; without it the admin API answers 404.
+    #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// CPU/wall-clock budget of one handler call, in milliseconds.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    handler_deadline_ms: u64,
+    /// Memory cap of one handler instance, in MiB.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    handler_memory_mib: u64,
+    /// Use the built-in native handlers instead of the manifest's components (for comparisons).
+    #[arg(long)]
+    builtin_handlers: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,7 +115,20 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Up(args) => runtime.block_on(up(args)),
+        Command::Build { manifest } => cim_host::build::build_all(&load_manifest(&manifest)?),
+        Command::Push { name, file, to, token } => {
+            println!("{}", runtime.block_on(cim_host::push::push(&to, &token, &name, &file))?);
+            Ok(())
+        }
+        Command::Rollback { name, to, token } => {
+            println!("{}", runtime.block_on(cim_host::push::rollback(&to, &token, &name))?);
+            Ok(())
+        }
     }
+}
+
+fn load_manifest(path: &Path) -> anyhow::Result<Manifest> {
+    Manifest::load(path).with_context(|| format!("loading the manifest {}", path.display()))
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -73,11 +141,34 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     if let Some(id) = args.node_id {
         config.node_id = id;
     }
-    let _ = args.manifest;
+    let store = Store::memory();
+    let (backend, admin) = if args.builtin_handlers {
+        info!("using the built-in handlers; the manifest is not loaded");
+        (Backend::Builtin, None)
+    } else {
+        let manifest = load_manifest(&args.manifest)?;
+        if args.build {
+            cim_host::build::build_all(&manifest)?;
+        }
+        let runtime = Arc::new(Runtime::new(RuntimeConfig {
+            deadline: Duration::from_millis(args.handler_deadline_ms),
+            memory_cap: usize::try_from(args.handler_memory_mib << 20).unwrap_or(usize::MAX),
+            ..RuntimeConfig::with_data_dir(&args.data_dir)
+        })?);
+        runtime.install_manifest(&manifest).await.with_context(|| {
+            format!(
+                "installing the components of {} (not built yet? run `cim-host build` or start with `cim-host up --build`)",
+                args.manifest.display()
+            )
+        })?;
+        let deployments = Deployments::new(&args.data_dir, Arc::new(manifest), runtime.clone());
+        deployments.restore().await?;
+        let admin = args.admin_token.filter(|t| !t.is_empty()).map(|t| Admin::new(t, deployments));
+        (Backend::Components(runtime), admin)
+    };
     let node_id = config.node_id.clone();
-    let node = Node::bind(config, args.tcp, args.http, Store::memory(), Handlers::builtin())
-        .await
-        .context("starting the node")?;
+    let node =
+        Node::bind(config, args.tcp, args.http, store, backend, admin).await.context("starting the node")?;
     // Exactly one line on stdout: scripts and tests wait for it.
     println!("cim-host ready node={node_id} tcp={} http={}", node.tcp_addr, node.http_addr);
     shutdown_signal().await?;

@@ -10,8 +10,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::Admin;
 use crate::config::Config;
-use crate::handlers::Handlers;
+use crate::handlers::Backend;
 use crate::router::{Advertised, Router};
 use crate::store::Store;
 use crate::transport::{self, Sessions};
@@ -33,13 +34,14 @@ impl Node {
         tcp: SocketAddr,
         http: SocketAddr,
         store: Store,
-        handlers: Handlers,
+        backend: Backend,
+        admin: Option<Arc<Admin>>,
     ) -> anyhow::Result<Node> {
         let tcp =
             TcpListener::bind(tcp).await.with_context(|| format!("binding the TCP listener to {tcp}"))?;
         let http =
             TcpListener::bind(http).await.with_context(|| format!("binding the HTTP listener to {http}"))?;
-        Node::start(config, tcp, http, store, handlers)
+        Node::start(config, tcp, http, store, backend, admin)
     }
 
     /// Starts serving on already-bound listeners.
@@ -48,18 +50,19 @@ impl Node {
         tcp: TcpListener,
         http: TcpListener,
         store: Store,
-        handlers: Handlers,
+        backend: Backend,
+        admin: Option<Arc<Admin>>,
     ) -> anyhow::Result<Node> {
         let tcp_addr = tcp.local_addr()?;
         let http_addr = http.local_addr()?;
-        let router = Router::new(Arc::new(config), store, handlers);
+        let router = Router::new(Arc::new(config), store, backend);
         router.set_advertised(Advertised {
             tcp_addr: tcp_addr.to_string(),
             ws_url: format!("ws://{http_addr}/ws"),
         });
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let sessions = Sessions::new(router.clone(), shutdown.clone(), tracker.clone());
+        let sessions = Sessions::new(router.clone(), admin, shutdown.clone(), tracker.clone());
         tracker.spawn(transport::tcp::serve(tcp, sessions.clone()));
         tracker.spawn(crate::api::serve(http, sessions));
         Ok(Node { tcp_addr, http_addr, router, shutdown, tracker })

@@ -12,8 +12,8 @@ use tracing::{debug, warn};
 
 use crate::config::Config;
 use crate::handlers::{
-    Context, Delivered, HandlerError, Handlers, LoginDecision, LoginRequest, Message, PrivateRequest,
-    Recipients, SendDecision,
+    Backend, Context, Delivered, Event, HandlerError, Handlers, LoginDecision, LoginRequest, Message,
+    PrivateRequest, Recipients, SendDecision,
 };
 use crate::message_id::{MessageIds, now_ms};
 use crate::metrics::Metrics;
@@ -152,12 +152,12 @@ pub struct Router {
 
 impl Router {
     /// Creates the router and its callback worker (must be called inside a tokio runtime).
-    pub fn new(config: Arc<Config>, store: Store, handlers: Handlers) -> Arc<Self> {
+    pub fn new(config: Arc<Config>, store: Store, backend: Backend) -> Arc<Self> {
         let ctx = Context::new(store);
-        let handlers = Arc::new(handlers);
+        let handlers = Arc::new(Handlers::new(backend, ctx.clone()));
         let metrics = Arc::new(Metrics::default());
         let (callbacks, rx) = mpsc::channel(CALLBACK_QUEUE);
-        tokio::spawn(callback_worker(ctx.clone(), handlers.clone(), rx, metrics.clone()));
+        tokio::spawn(callback_worker(handlers.clone(), rx, metrics.clone()));
         Arc::new(Router {
             ids: MessageIds::new(&config.node_id),
             config,
@@ -217,7 +217,7 @@ impl Router {
         let user = conn.user.clone();
         validate_user(&self.config, user.id, &user.name)?;
         let req = LoginRequest { user: user.clone(), node_id: self.config.node_id.clone() };
-        if let LoginDecision::Reject(reason) = self.handlers.login(&self.ctx, req).await? {
+        if let LoginDecision::Reject(reason) = self.handlers.login(req).await? {
             return Err(RouteError::Rejected(reason));
         }
         let entry =
@@ -288,12 +288,10 @@ impl Router {
         validate_text(&self.config, &text)?;
         let mut message = self.new_message(sender, MessageKind::Private, text);
         let req = PrivateRequest { message: message.clone(), to };
-        let decision = self.handlers.private(&self.ctx, vec![req]).await?.pop();
-        match decision {
-            Some(SendDecision::Deliver) => {}
-            Some(SendDecision::Rewrite(text)) => message.text = text,
-            Some(SendDecision::Reject(reason)) => return Err(RouteError::Rejected(reason)),
-            None => return Err(self.missing_decision(crate::handlers::Event::Private)),
+        match self.handlers.private(req).await? {
+            SendDecision::Deliver => {}
+            SendDecision::Rewrite(text) => message.text = self.checked_rewrite(Event::Private, text)?,
+            SendDecision::Reject(reason) => return Err(RouteError::Rejected(reason)),
         }
         let conn = self.local().get(&to).cloned();
         let delivered = match conn {
@@ -314,13 +312,10 @@ impl Router {
     pub async fn send_group(&self, sender: &User, text: String) -> Result<(u64, usize), RouteError> {
         validate_text(&self.config, &text)?;
         let mut message = self.new_message(sender, MessageKind::Group, text);
-        let decision = self.handlers.group(&self.ctx, vec![message.clone()]).await?.pop();
-        let Some(decision) = decision else {
-            return Err(self.missing_decision(crate::handlers::Event::Group));
-        };
+        let decision = self.handlers.group(message.clone()).await?;
         match decision.decision {
             SendDecision::Deliver => {}
-            SendDecision::Rewrite(text) => message.text = text,
+            SendDecision::Rewrite(text) => message.text = self.checked_rewrite(Event::Group, text)?,
             SendDecision::Reject(reason) => return Err(RouteError::Rejected(reason)),
         }
         let frame = Self::delivery_frame(&message);
@@ -350,16 +345,31 @@ impl Router {
     /// The online users `caller` may see.
     pub async fn online_for(&self, caller: &User) -> Result<Vec<User>, RouteError> {
         let online: Vec<User> = self.store().online().await?.into_iter().map(|e| e.user).collect();
-        Ok(self.handlers.online(&self.ctx, caller.clone(), online).await?)
+        Ok(self.handlers.online(caller.clone(), online).await?)
     }
 
-    fn missing_decision(&self, event: crate::handlers::Event) -> RouteError {
-        Metrics::inc(&self.metrics.handler_failures_total);
-        RouteError::Handler(HandlerError {
-            event,
-            component: "?".into(),
-            reason: "returned no decision".into(),
-        })
+    /// The handlers in force (for the admin API).
+    pub fn handlers(&self) -> &Handlers {
+        &self.handlers
+    }
+
+    /// A handler's rewritten text obeys the same limits as a client's.
+    fn checked_rewrite(&self, event: Event, text: String) -> Result<String, RouteError> {
+        validate_text(&self.config, &text).map_err(|e| {
+            RouteError::Handler(HandlerError {
+                event,
+                component: self.component_name(event),
+                reason: format!("rewrote the message to an invalid text: {e}"),
+            })
+        })?;
+        Ok(text)
+    }
+
+    fn component_name(&self, event: Event) -> String {
+        self.handlers
+            .runtime()
+            .and_then(|rt| rt.current(event))
+            .map_or_else(|| "builtin".to_owned(), |l| l.name.to_string())
     }
 
     /// Hands a delivered message to the callback worker, off the sender's path.
@@ -376,15 +386,10 @@ impl Router {
 
 /// Runs the message callback over whatever has queued up since the last call: an idle
 /// node calls it per message, a busy one amortises each call over a batch.
-async fn callback_worker(
-    ctx: Context,
-    handlers: Arc<Handlers>,
-    mut rx: mpsc::Receiver<Delivered>,
-    metrics: Arc<Metrics>,
-) {
+async fn callback_worker(handlers: Arc<Handlers>, mut rx: mpsc::Receiver<Delivered>, metrics: Arc<Metrics>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, CALLBACK_BATCH).await > 0 {
-        if let Err(e) = handlers.callback(&ctx, std::mem::take(&mut batch)).await {
+        if let Err(e) = handlers.callback(std::mem::take(&mut batch)).await {
             Metrics::inc(&metrics.handler_failures_total);
             warn!(error = %e, "message callback failed");
         }

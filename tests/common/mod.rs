@@ -31,13 +31,39 @@ fn target_profile_dir() -> PathBuf {
     exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>").to_path_buf()
 }
 
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds every component, fixtures included, once per test process (a no-op when they
+/// are up to date). Returns the directory of the `.wasm` files.
+pub fn components() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let dir = root().join("components");
+    BUILT.get_or_init(|| {
+        let status = std::process::Command::new(env!("CARGO"))
+            .current_dir(&dir)
+            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
+            .status()
+            .expect("running cargo build for the components");
+        assert!(status.success(), "building the components failed (is the wasm32-wasip2 target installed?)");
+    });
+    dir.join("target/wasm32-wasip2/release")
+}
+
+/// Path to a component's built `.wasm` (`word_filter`, `loop_forever`, ...).
+pub fn component(file_stem: &str) -> PathBuf {
+    components().join(format!("{file_stem}.wasm"))
+}
+
 /// Path to a workspace binary, building the binaries once per test process (a no-op
 /// when `cargo test` has already built them).
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let dir = target_profile_dir();
     BUILT.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let root = root();
         let mut cmd = std::process::Command::new(env!("CARGO"));
         cmd.current_dir(&root).args(["build", "--quiet", "--bins", "-p", "cim-host", "-p", "cim-client"]);
         if dir.file_name().is_some_and(|p| p == "release") {
@@ -71,13 +97,33 @@ pub struct Host {
     pub node_id: String,
     pub tcp: SocketAddr,
     pub http: SocketAddr,
+    /// The host's data directory (pushed components, compile cache).
+    pub data_dir: std::sync::Arc<tempfile::TempDir>,
 }
 
+/// The admin token the tests' hosts use.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
 impl Host {
-    /// Starts a host on port 0 with extra arguments, and waits for its ready line.
+    /// Starts a host on port 0 with the repository's spin.toml, a fresh data directory and
+    /// extra arguments, and waits for its ready line.
     pub async fn start(extra: &[&str]) -> anyhow::Result<Host> {
+        Host::start_in(std::sync::Arc::new(tempfile::tempdir()?), extra).await
+    }
+
+    /// Like [`Host::start`], on an existing data directory (to test restarts).
+    pub async fn start_in(
+        data_dir: std::sync::Arc<tempfile::TempDir>,
+        extra: &[&str],
+    ) -> anyhow::Result<Host> {
+        components();
         let mut cmd = Command::new(binary("cim-host"));
         cmd.args(["up", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .arg("--manifest")
+            .arg(root().join("spin.toml"))
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .args(["--admin-token", ADMIN_TOKEN])
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
@@ -103,6 +149,7 @@ impl Host {
             tcp: field("tcp=")?.parse()?,
             http: field("http=")?.parse()?,
             child,
+            data_dir,
         };
         // Keep draining stdout so the host never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });

@@ -7,9 +7,12 @@ pub mod batch;
 pub mod builtin;
 
 use std::fmt;
+use std::sync::Arc;
 
 use cim_proto::{MessageKind, User};
 
+use self::batch::Batcher;
+use crate::runtime::Runtime;
 use crate::store::Store;
 
 /// The handler kinds, named as in spin.toml's `[[trigger.cim]] event = …`.
@@ -126,56 +129,105 @@ impl Context {
     }
 }
 
-/// The handlers in force on this node.
-#[derive(Debug, Default)]
+/// Where decisions come from.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// Native code with the default behaviour (no WASM): for comparison and for tests of
+    /// the host alone.
+    Builtin,
+    /// The components installed in this runtime (the normal case).
+    Components(Arc<Runtime>),
+}
+
+/// Most messages handed to one private/group handler call.
+const MAX_BATCH: usize = 64;
+/// Requests waiting for a handler before senders wait too.
+const QUEUE: usize = 4096;
+
+/// The handlers in force on this node. Private and group sends are batched naturally
+/// (see [`batch`]); login and online are rare and called directly.
+#[derive(Debug)]
 pub struct Handlers {
-    _private: (),
+    backend: Backend,
+    ctx: Context,
+    private: Batcher<PrivateRequest, SendDecision>,
+    group: Batcher<Message, GroupDecision>,
 }
 
 impl Handlers {
-    /// The built-in behaviour: the same decisions the default components make.
-    pub fn builtin() -> Self {
-        Handlers { _private: () }
+    /// Starts the batch workers (must be called inside a tokio runtime).
+    pub fn new(backend: Backend, ctx: Context) -> Self {
+        let workers = match &backend {
+            Backend::Builtin => 1,
+            Backend::Components(rt) => rt.config().worker_threads.max(1),
+        };
+        let (b, c) = (backend.clone(), ctx.clone());
+        let private = Batcher::spawn(Event::Private, workers, MAX_BATCH, QUEUE, move |batch| {
+            let (b, c) = (b.clone(), c.clone());
+            async move {
+                match &b {
+                    Backend::Builtin => Ok(batch.iter().map(builtin::private).collect()),
+                    Backend::Components(rt) => rt.private(&c, batch).await,
+                }
+            }
+        });
+        let (b, c) = (backend.clone(), ctx.clone());
+        let group = Batcher::spawn(Event::Group, workers, MAX_BATCH, QUEUE, move |batch| {
+            let (b, c) = (b.clone(), c.clone());
+            async move {
+                match &b {
+                    Backend::Builtin => Ok(batch.iter().map(builtin::group).collect()),
+                    Backend::Components(rt) => rt.group(&c, batch).await,
+                }
+            }
+        });
+        Handlers { backend, ctx, private, group }
     }
 
-    pub async fn login(&self, _ctx: &Context, req: LoginRequest) -> Result<LoginDecision, HandlerError> {
-        Ok(builtin::login(&req))
+    /// The component runtime, unless the built-in handlers are in use.
+    pub fn runtime(&self) -> Option<&Arc<Runtime>> {
+        match &self.backend {
+            Backend::Builtin => None,
+            Backend::Components(rt) => Some(rt),
+        }
     }
 
-    /// One decision per request, in order.
-    pub async fn private(
-        &self,
-        _ctx: &Context,
-        batch: Vec<PrivateRequest>,
-    ) -> Result<Vec<SendDecision>, HandlerError> {
-        Ok(batch.iter().map(builtin::private).collect())
+    pub fn context(&self) -> &Context {
+        &self.ctx
     }
 
-    /// One decision per message, in order.
-    pub async fn group(
-        &self,
-        _ctx: &Context,
-        batch: Vec<Message>,
-    ) -> Result<Vec<GroupDecision>, HandlerError> {
-        Ok(batch.iter().map(builtin::group).collect())
+    pub async fn login(&self, req: LoginRequest) -> Result<LoginDecision, HandlerError> {
+        match &self.backend {
+            Backend::Builtin => Ok(builtin::login(&req)),
+            Backend::Components(rt) => rt.login(&self.ctx, req).await,
+        }
+    }
+
+    pub async fn private(&self, req: PrivateRequest) -> Result<SendDecision, HandlerError> {
+        self.private.decide(req).await
+    }
+
+    pub async fn group(&self, message: Message) -> Result<GroupDecision, HandlerError> {
+        self.group.decide(message).await
     }
 
     /// The part of `online` that `caller` may see.
-    pub async fn online(
-        &self,
-        _ctx: &Context,
-        caller: User,
-        online: Vec<User>,
-    ) -> Result<Vec<User>, HandlerError> {
-        Ok(builtin::online(&caller, online))
+    pub async fn online(&self, caller: User, online: Vec<User>) -> Result<Vec<User>, HandlerError> {
+        match &self.backend {
+            Backend::Builtin => Ok(builtin::online(&caller, online)),
+            Backend::Components(rt) => rt.online(&self.ctx, caller, online).await,
+        }
     }
 
-    /// Runs after delivery, off the sender's path.
-    pub async fn callback(&self, ctx: &Context, batch: Vec<Delivered>) -> Result<(), HandlerError> {
-        builtin::callback(ctx, &batch).await.map_err(|e| HandlerError {
-            event: Event::Callback,
-            component: "builtin".into(),
-            reason: e.to_string(),
-        })
+    /// Runs after delivery, off the sender's path (the router batches these itself).
+    pub async fn callback(&self, batch: Vec<Delivered>) -> Result<(), HandlerError> {
+        match &self.backend {
+            Backend::Builtin => builtin::callback(&self.ctx, &batch).await.map_err(|e| HandlerError {
+                event: Event::Callback,
+                component: "builtin".into(),
+                reason: e.to_string(),
+            }),
+            Backend::Components(rt) => rt.callback(&self.ctx, batch).await,
+        }
     }
 }

@@ -22,6 +22,8 @@ pub struct Sessions {
     pub limit: Arc<Semaphore>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// The admin API, when an admin token is configured.
+    pub admin: Option<Arc<crate::admin::Admin>>,
 }
 
 /// Holds a connection slot; keeps the connection gauge right however the session ends.
@@ -32,9 +34,14 @@ pub struct Slot {
 }
 
 impl Sessions {
-    pub fn new(router: Arc<Router>, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+    pub fn new(
+        router: Arc<Router>,
+        admin: Option<Arc<crate::admin::Admin>>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
         let limit = Arc::new(Semaphore::new(router.config().max_connections));
-        Sessions { router, limit, shutdown, tracker }
+        Sessions { router, limit, shutdown, tracker, admin }
     }
 
     /// Takes a connection slot, or `None` when the node is at its connection limit.

@@ -1,0 +1,172 @@
+//! Uploaded component versions, persisted in the data directory so they survive a
+//! restart: `<data>/components/<name>/<sha256>.wasm` plus `state.json`, the stack of pushed
+//! versions (the last one is active; a rollback pops it; an empty stack means the
+//! manifest's own version).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::handlers::Event;
+use crate::manifest::Manifest;
+use crate::runtime::{Capabilities, LoadError, Loaded, Runtime};
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    /// sha256 of each pushed version, oldest first.
+    stack: Vec<String>,
+}
+
+/// Why an upload or rollback did not happen. Nothing changed in that case.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("no component named `{0}` in the manifest")]
+    UnknownComponent(String),
+    #[error("component `{name}` was not replaced: {source}")]
+    Invalid {
+        name: String,
+        #[source]
+        source: LoadError,
+    },
+    #[error("component `{0}` has no pushed version to roll back")]
+    NothingToRollBack(String),
+    #[error("could not persist component `{name}`: {source:#}")]
+    Persist { name: String, source: anyhow::Error },
+}
+
+/// Pushes and rollbacks of components, applied to the runtime and persisted.
+#[derive(Debug)]
+pub struct Deployments {
+    dir: PathBuf,
+    manifest: Arc<Manifest>,
+    runtime: Arc<Runtime>,
+    /// One push or rollback at a time, so the runtime and the files agree.
+    lock: Mutex<()>,
+}
+
+impl Deployments {
+    pub fn new(data_dir: &Path, manifest: Arc<Manifest>, runtime: Arc<Runtime>) -> Self {
+        Deployments { dir: data_dir.join("components"), manifest, runtime, lock: Mutex::new(()) }
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    fn event_of(&self, name: &str) -> Result<(Event, Capabilities), DeployError> {
+        let spec = self
+            .manifest
+            .components
+            .get(name)
+            .ok_or_else(|| DeployError::UnknownComponent(name.to_owned()))?;
+        let event = self
+            .manifest
+            .triggers
+            .iter()
+            .find_map(|(event, component)| (component == name).then_some(*event))
+            .ok_or_else(|| DeployError::UnknownComponent(name.to_owned()))?;
+        Ok((event, Capabilities::from_spec(spec)))
+    }
+
+    fn state_path(&self, name: &str) -> PathBuf {
+        self.dir.join(name).join("state.json")
+    }
+
+    fn read_state(&self, name: &str) -> anyhow::Result<State> {
+        match std::fs::read(self.state_path(name)) {
+            Ok(bytes) => serde_json::from_slice(&bytes).context("state.json is not valid"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn write_state(&self, name: &str, state: &State) -> anyhow::Result<()> {
+        let path = self.state_path(name);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Compiles and checks `wasm` against the component's world, then swaps it in and
+    /// records it. A bad upload changes nothing.
+    pub async fn push(&self, name: &str, wasm: Vec<u8>) -> Result<Arc<Loaded>, DeployError> {
+        let (event, caps) = self.event_of(name)?;
+        let _guard = self.lock.lock().await;
+        let bytes = wasm.clone();
+        let loaded = self
+            .runtime
+            .load(event, name, wasm, caps, "upload")
+            .await
+            .map_err(|source| DeployError::Invalid { name: name.to_owned(), source })?;
+        let persist = || -> anyhow::Result<()> {
+            let dir = self.dir.join(name);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join(format!("{}.wasm", loaded.sha256)), &bytes)?;
+            let mut state = self.read_state(name)?;
+            state.stack.push(loaded.sha256.clone());
+            // Keep no more than the runtime can roll back to.
+            let keep = self.runtime.config().history.max(1);
+            if state.stack.len() > keep {
+                let drop = state.stack.len() - keep;
+                state.stack.drain(..drop);
+            }
+            self.write_state(name, &state)
+        };
+        persist().map_err(|source| DeployError::Persist { name: name.to_owned(), source })?;
+        self.runtime.install(loaded.clone());
+        info!(component = name, %event, version = loaded.version, sha256 = %loaded.sha256, "component pushed");
+        Ok(loaded)
+    }
+
+    /// Goes back to the version before the last push.
+    pub async fn rollback(&self, name: &str) -> Result<Arc<Loaded>, DeployError> {
+        let (event, _) = self.event_of(name)?;
+        let _guard = self.lock.lock().await;
+        let mut state =
+            self.read_state(name).map_err(|source| DeployError::Persist { name: name.to_owned(), source })?;
+        if state.stack.pop().is_none() {
+            return Err(DeployError::NothingToRollBack(name.to_owned()));
+        }
+        self.runtime.rollback(event).ok_or_else(|| DeployError::NothingToRollBack(name.to_owned()))?;
+        self.write_state(name, &state)
+            .map_err(|source| DeployError::Persist { name: name.to_owned(), source })?;
+        let current =
+            self.runtime.current(event).ok_or_else(|| DeployError::NothingToRollBack(name.to_owned()))?;
+        info!(component = name, %event, version = current.version, "component rolled back");
+        Ok(current)
+    }
+
+    /// Re-installs the persisted pushes after the manifest's versions, oldest first, so a
+    /// restart keeps the active version and what it can roll back to.
+    pub async fn restore(&self) -> anyhow::Result<()> {
+        for name in self.manifest.components.keys() {
+            let Ok((event, caps)) = self.event_of(name) else { continue };
+            let state = self.read_state(name).with_context(|| format!("reading pushes of `{name}`"))?;
+            for sha in &state.stack {
+                let path = self.dir.join(name).join(format!("{sha}.wasm"));
+                let wasm = match std::fs::read(&path) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        warn!(component = %name, path = %path.display(), error = %e, "pushed version missing; skipped");
+                        continue;
+                    }
+                };
+                let loaded = self
+                    .runtime
+                    .load(event, name, wasm, caps.clone(), "upload")
+                    .await
+                    .with_context(|| format!("reloading pushed version {sha} of `{name}`"))?;
+                self.runtime.install(loaded);
+            }
+            if !state.stack.is_empty() {
+                info!(component = %name, versions = state.stack.len(), "restored pushed versions");
+            }
+        }
+        Ok(())
+    }
+}
