@@ -123,9 +123,11 @@ impl Host {
             .arg(root().join("spin.toml"))
             .arg("--data-dir")
             .arg(data_dir.path())
-            .args(["--admin-token", ADMIN_TOKEN])
-            .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .args(extra);
+        if !extra.contains(&"--admin-token") {
+            cmd.args(["--admin-token", ADMIN_TOKEN]);
+        }
+        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
