@@ -106,3 +106,28 @@ async fn bad_requests_on_every_endpoint_get_a_clear_400() {
     // Still serving.
     let _c = RawClient::login_tcp(&host, 1, "ok").await;
 }
+
+#[tokio::test]
+async fn history_is_kept_by_the_message_callback() {
+    let host = Host::start(&[]).await.unwrap();
+    let mut alice = RawClient::login_tcp(&host, 1, "alice").await;
+    let mut bob = RawClient::login_tcp(&host, 2, "bob").await;
+    alice.request(2, Body::PrivateSend { to: 2, text: "first".into() }).await;
+    bob.delivery().await;
+    alice.request(3, Body::GroupSend { text: "second".into() }).await;
+    bob.delivery().await;
+    // The callback runs after delivery: wait until both are recorded.
+    let messages = common::wait_for("bob's history", || async {
+        let (status, body) = host.http("GET", "/history/2", None).await;
+        assert_eq!(status, 200, "{body}");
+        let msgs = body["messages"].as_array().cloned().unwrap_or_default();
+        (msgs.len() == 2).then_some(msgs)
+    })
+    .await;
+    assert_eq!(messages[0]["text"], "second");
+    assert_eq!(messages[0]["kind"], "group");
+    assert_eq!(messages[1]["text"], "first");
+    assert_eq!(messages[1]["sender"]["name"], "alice");
+    let (status, _) = host.http("GET", "/history/abc", None).await;
+    assert_eq!(status, 400);
+}

@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
+use crate::handlers::builtin::{HISTORY_STORE, history_key};
 use crate::router::RouteError;
 use crate::transport::Sessions;
 use crate::transport::ws::{self, UpgradeError};
@@ -140,6 +141,26 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, s: &Sessions) -> Result
                 .map(|e| json!({ "id": e.user.id, "name": e.user.name, "node_id": e.node_id }))
                 .collect();
             ok(json!({ "users": users }))
+        }
+        (&Method::GET, path) if path.starts_with("/history/") => {
+            let id: u64 = path["/history/".len()..].parse().map_err(|_| {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "expected /history/<user id>")
+            })?;
+            let entries = router
+                .store()
+                .kv_range(HISTORY_STORE, &history_key(id), 0, -1)
+                .await
+                .map_err(RouteError::from)?;
+            // Entries are JSON written by the message callback; anything else is shown as text.
+            let messages: Vec<serde_json::Value> = entries
+                .iter()
+                .map(|e| {
+                    serde_json::from_slice(e).unwrap_or_else(|_| {
+                        serde_json::Value::String(String::from_utf8_lossy(e).into_owned())
+                    })
+                })
+                .collect();
+            ok(json!({ "user_id": id, "messages": messages }))
         }
         (&Method::POST, "/login") => {
             let body: LoginBody = read_json(req, s).await?;

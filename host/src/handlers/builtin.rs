@@ -33,24 +33,26 @@ pub fn online(_caller: &User, online: Vec<User>) -> Vec<User> {
     online
 }
 
-/// One history entry as stored: JSON, newest first in the list.
-pub fn history_entry(msg: &Message) -> Vec<u8> {
-    serde_json::json!({
+/// One history entry as stored, the same JSON the default message-callback component
+/// writes; lists are newest first. `to` is only set for private messages.
+pub fn history_entry(msg: &Message, recipients: &[u64]) -> Vec<u8> {
+    let mut entry = serde_json::json!({
         "id": msg.id,
         "timestamp_ms": msg.timestamp_ms,
         "kind": msg.kind.as_str(),
-        "sender_id": msg.sender.id,
-        "sender_name": msg.sender.name,
+        "sender": { "id": msg.sender.id, "name": msg.sender.name },
         "text": msg.text,
-    })
-    .to_string()
-    .into_bytes()
+    });
+    if msg.kind == cim_proto::MessageKind::Private {
+        entry["to"] = serde_json::json!(recipients);
+    }
+    entry.to_string().into_bytes()
 }
 
 /// Appends each delivered message to the history of its sender and of every recipient.
 pub async fn callback(ctx: &Context, batch: &[Delivered]) -> Result<(), StoreError> {
     for d in batch {
-        let entry = history_entry(&d.message);
+        let entry = history_entry(&d.message, &d.recipients);
         for user in std::iter::once(d.message.sender.id).chain(d.recipients.iter().copied()) {
             ctx.store().kv_append(HISTORY_STORE, &history_key(user), entry.clone(), HISTORY_LEN).await?;
         }
