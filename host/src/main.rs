@@ -88,6 +88,12 @@ struct UpArgs {
     /// Most simultaneous client connections.
     #[arg(long, default_value_t = 15_000)]
     max_connections: usize,
+    /// Frames queued for one client before it is disconnected as a slow consumer.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    outbound_queue: u64,
+    /// Seconds a new connection has to send LOGIN.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    login_timeout: u64,
     /// Where pushed component versions and the compile cache are kept.
     #[arg(long, default_value = "data")]
     data_dir: PathBuf,
@@ -136,6 +142,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(args.heartbeat),
         max_frame: args.max_frame,
         max_connections: args.max_connections,
+        outbound_queue: usize::try_from(args.outbound_queue).unwrap_or(1024),
+        login_timeout: Duration::from_secs(args.login_timeout),
         ..Config::default()
     };
     if let Some(id) = args.node_id {

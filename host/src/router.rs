@@ -64,6 +64,53 @@ pub struct RouteAnswer {
     pub ws_url: String,
 }
 
+/// Closes one connection and remembers why, so the writer can tell the client last.
+#[derive(Debug, Clone)]
+pub struct Closer {
+    token: CancellationToken,
+    reason: Arc<OnceLock<Closing>>,
+}
+
+/// The last frame a closing connection gets.
+#[derive(Debug, Clone)]
+pub struct Closing {
+    pub frame: Frame,
+    /// Deliver what is already queued first (not for a slow consumer, whose queue is the
+    /// problem).
+    pub drain: bool,
+}
+
+impl Closer {
+    /// A closer that also fires when `parent` (server shutdown) does.
+    pub fn child_of(parent: &CancellationToken) -> Self {
+        Closer { token: parent.child_token(), reason: Arc::new(OnceLock::new()) }
+    }
+
+    /// Closes the connection; the first reason given wins.
+    pub fn close(&self, code: ErrorCode, reason: impl Into<String>, drain: bool) {
+        let frame = Frame::push(Body::Kick { code, reason: reason.into() });
+        let _ = self.reason.set(Closing { frame, drain });
+        self.token.cancel();
+    }
+
+    /// Closes without a reason (the peer is gone or the session ended normally).
+    pub fn cancel(&self) {
+        self.token.cancel();
+    }
+
+    pub fn reason(&self) -> Option<&Closing> {
+        self.reason.get()
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+}
+
 /// A logged-in connection on this node, as the router sees it.
 #[derive(Debug, Clone)]
 pub struct LocalConn {
@@ -71,8 +118,8 @@ pub struct LocalConn {
     pub user: User,
     /// The connection's bounded outbound queue.
     pub tx: mpsc::Sender<Frame>,
-    /// Cancelled to close the connection (kick, slow consumer, shutdown).
-    pub closer: CancellationToken,
+    /// Closes the connection (kick, slow consumer, shutdown).
+    pub closer: Closer,
 }
 
 impl LocalConn {
@@ -88,7 +135,11 @@ impl LocalConn {
                     "slow consumer: outbound queue full, disconnecting"
                 );
                 Metrics::inc(&metrics.slow_consumers_total);
-                self.closer.cancel();
+                let reason = format!(
+                    "slow consumer: {} frames were waiting to be read; disconnected",
+                    self.tx.max_capacity()
+                );
+                self.closer.close(ErrorCode::SlowConsumer, reason, false);
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -97,8 +148,7 @@ impl LocalConn {
 
     /// Tells the client why, then closes the connection.
     pub fn kick(&self, code: ErrorCode, reason: &str) {
-        let _ = self.tx.try_send(Frame::push(Body::Kick { code, reason: reason.to_owned() }));
-        self.closer.cancel();
+        self.closer.close(code, reason, true);
     }
 }
 

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
-use crate::router::{LocalConn, RouteError, Router};
+use crate::router::{Closer, LocalConn, RouteError, Router};
 
 /// What a transport yields: a frame, a frame that could not be decoded (the connection can
 /// go on), or a fatal stream error.
@@ -96,7 +96,7 @@ async fn run_inner<St, Si>(
     tracing::Span::current().record("user", user.id);
 
     let (tx, rx) = mpsc::channel(config.outbound_queue);
-    let closer = shutdown.child_token();
+    let closer = Closer::child_of(&shutdown);
     let conn = LocalConn { conn_id, user: user.clone(), tx: tx.clone(), closer: closer.clone() };
     if let Err(e) = router.login(conn).await {
         Metrics::inc(&router.metrics.login_failures_total);
@@ -166,28 +166,36 @@ fn fatal_code(e: &CodecError) -> ErrorCode {
 
 /// Sends queued frames until the queue closes or the connection is closed; on close,
 /// flushes what is already queued (a last error or kick) first.
-async fn write_loop<Si>(mut sink: Si, mut rx: mpsc::Receiver<Frame>, closer: CancellationToken)
+async fn write_loop<Si>(mut sink: Si, mut rx: mpsc::Receiver<Frame>, closer: Closer)
 where
     Si: Sink<Frame, Error = CodecError> + Unpin,
 {
     let result: Result<(), CodecError> = async {
         loop {
             tokio::select! {
+                // Closing wins over queued frames: a slow consumer's queue is not drained.
                 biased;
+                _ = closer.cancelled() => {
+                    let reason = closer.reason();
+                    if reason.is_none_or(|r| r.drain) {
+                        while let Ok(frame) = rx.try_recv() {
+                            sink.feed(frame).await?;
+                        }
+                    }
+                    if let Some(r) = reason {
+                        sink.feed(r.frame.clone()).await?;
+                    }
+                    break;
+                }
                 frame = rx.recv() => {
                     let Some(frame) = frame else { break };
                     sink.feed(frame).await?;
                     // Batch whatever else is ready into one flush.
-                    while let Ok(frame) = rx.try_recv() {
+                    while !closer.is_cancelled() {
+                        let Ok(frame) = rx.try_recv() else { break };
                         sink.feed(frame).await?;
                     }
                     sink.flush().await?;
-                }
-                _ = closer.cancelled() => {
-                    while let Ok(frame) = rx.try_recv() {
-                        sink.feed(frame).await?;
-                    }
-                    break;
                 }
             }
         }
@@ -206,7 +214,7 @@ struct Session {
     router: Arc<Router>,
     user: User,
     tx: mpsc::Sender<Frame>,
-    closer: CancellationToken,
+    closer: Closer,
 }
 
 impl Session {
@@ -234,7 +242,7 @@ impl Session {
                     Metrics::inc(&self.router.metrics.idle_timeouts_total);
                     let reason = format!("no frame for {} s (heartbeat missed)", idle.as_secs_f32());
                     info!("{reason}");
-                    let _ = self.tx.try_send(Frame::push(Body::Kick { code: ErrorCode::Unexpected, reason }));
+                    self.closer.close(ErrorCode::Unexpected, reason, true);
                     return End::IdleTimeout;
                 }
                 Ok(None) => return End::ClientClosed,

@@ -52,6 +52,7 @@ pub enum ErrorCode {
     HandlerFailed,
     Unavailable,
     Unexpected,
+    SlowConsumer,
 }
 
 impl ErrorCode {
@@ -69,6 +70,7 @@ impl ErrorCode {
             ErrorCode::HandlerFailed => "handler_failed",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unexpected => "unexpected",
+            ErrorCode::SlowConsumer => "slow_consumer",
         }
     }
 }
@@ -168,6 +170,7 @@ fn code_from_pb(code: i32) -> ErrorCode {
         pb::ErrorCode::HandlerFailed => ErrorCode::HandlerFailed,
         pb::ErrorCode::Unavailable => ErrorCode::Unavailable,
         pb::ErrorCode::Unexpected => ErrorCode::Unexpected,
+        pb::ErrorCode::SlowConsumer => ErrorCode::SlowConsumer,
     }
 }
 
@@ -184,6 +187,7 @@ fn code_to_pb(code: ErrorCode) -> pb::ErrorCode {
         ErrorCode::HandlerFailed => pb::ErrorCode::HandlerFailed,
         ErrorCode::Unavailable => pb::ErrorCode::Unavailable,
         ErrorCode::Unexpected => pb::ErrorCode::Unexpected,
+        ErrorCode::SlowConsumer => pb::ErrorCode::SlowConsumer,
     }
 }
 
