@@ -190,3 +190,21 @@ fn prost_varint(mut v: u64, out: &mut Vec<u8>) {
     }
     out.push(v as u8);
 }
+
+#[tokio::test]
+async fn sigterm_tells_clients_and_exits_zero() {
+    let mut host = Host::start(&[]).await.unwrap();
+    let mut alice = RawClient::login_tcp(&host, 1, "alice").await;
+    let pid = host.child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let frames = alice.closed().await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(&f.body, Body::Kick { reason, .. } if reason.contains("shutting down"))),
+        "{frames:?}"
+    );
+    let exit = tokio::time::timeout(common::DEADLINE, host.child.wait()).await.unwrap().unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
