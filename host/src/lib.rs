@@ -11,7 +11,9 @@
 //! - [`router`]: binds users to connections, keeps routes and presence in the [`store`],
 //!   delivers messages; every business decision is asked of [`handlers`].
 //! - [`handlers`]: the seam to business logic (login, private, group, online, callback).
-//! - [`store`]: presence and key-value data ([`store::memory`] on one node).
+//! - [`store`]: presence and key-value data ([`store::memory`] on one node,
+//!   [`store::redis`] shared by a cluster).
+//! - [`cluster`]: scale-out over Redis: the node registry and the cross-node message bus.
 //! - [`api`]: the HTTP route API, `/ws`, `/healthz`, `/metrics`.
 //! - [`message_id`], [`metrics`]: server-assigned ids and counters.
 //! - [`runtime`]: the wasmtime component runtime behind the handlers (per-request sandboxed
@@ -24,6 +26,7 @@
 pub mod admin;
 pub mod api;
 pub mod build;
+pub mod cluster;
 pub mod config;
 pub mod deploy;
 pub mod handlers;

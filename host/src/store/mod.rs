@@ -1,13 +1,15 @@
 //! Shared state that outlives one connection: who is online where (routes and the online
 //! set) and the key-value stores that handlers use. One node uses [`memory`]; a cluster
-//! shares Redis (a later backend behind the same [`Store`] surface).
+//! shares Redis ([`redis`](self::redis)) behind the same [`Store`] surface.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 
 use cim_proto::User;
 
+pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
 
 /// Where one online user is connected.
@@ -39,6 +41,7 @@ pub enum StoreError {
 #[derive(Debug, Clone)]
 pub enum Store {
     Memory(Arc<MemoryStore>),
+    Redis(Arc<RedisStore>),
 }
 
 impl Store {
@@ -46,10 +49,16 @@ impl Store {
         Store::Memory(Arc::new(MemoryStore::default()))
     }
 
+    /// Connects to Redis at `url`; every key starts with `prefix` (see [`RedisKeys`](self::redis::RedisKeys)).
+    pub async fn redis(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        Ok(Store::Redis(Arc::new(RedisStore::connect(url, prefix).await?)))
+    }
+
     /// Marks `entry.user` online unless they already are (atomically).
     pub async fn claim(&self, entry: OnlineEntry) -> Result<Claim, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.claim(entry)),
+            Store::Redis(r) => r.claim(entry).await,
         }
     }
 
@@ -57,12 +66,14 @@ impl Store {
     pub async fn release(&self, user_id: u64, node_id: &str, conn_id: u64) -> Result<bool, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.release(user_id, node_id, conn_id)),
+            Store::Redis(r) => r.release(user_id, node_id, conn_id).await,
         }
     }
 
     pub async fn lookup(&self, user_id: u64) -> Result<Option<OnlineEntry>, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.lookup(user_id)),
+            Store::Redis(r) => r.lookup(user_id).await,
         }
     }
 
@@ -70,12 +81,14 @@ impl Store {
     pub async fn online(&self) -> Result<Vec<OnlineEntry>, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.online()),
+            Store::Redis(r) => r.online().await,
         }
     }
 
     pub async fn kv_get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Store::Memory(m) => m.kv_get(store, key),
+            Store::Redis(r) => r.kv_get(store, key).await,
         }
     }
 
@@ -85,6 +98,7 @@ impl Store {
                 m.kv_set(store, key, value);
                 Ok(())
             }
+            Store::Redis(r) => r.kv_set(store, key, value).await,
         }
     }
 
@@ -94,12 +108,14 @@ impl Store {
                 m.kv_delete(store, key);
                 Ok(())
             }
+            Store::Redis(r) => r.kv_delete(store, key).await,
         }
     }
 
     pub async fn kv_list_keys(&self, store: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.kv_list_keys(store, prefix)),
+            Store::Redis(r) => r.kv_list_keys(store, prefix).await,
         }
     }
 
@@ -113,6 +129,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match self {
             Store::Memory(m) => m.kv_append(store, key, value, max_len),
+            Store::Redis(r) => r.kv_append(store, key, value, max_len).await,
         }
     }
 
@@ -127,6 +144,7 @@ impl Store {
     ) -> Result<Vec<Vec<u8>>, StoreError> {
         match self {
             Store::Memory(m) => m.kv_range(store, key, start, stop),
+            Store::Redis(r) => r.kv_range(store, key, start, stop).await,
         }
     }
 }

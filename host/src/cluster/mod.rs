@@ -1,0 +1,9 @@
+//! Scale-out over Redis: the node registry ([`registry`]) — which nodes are alive, and
+//! cleanup of the users of nodes that died — and the cross-node message bus ([`bus`]).
+//! Both share the key schema of [`crate::store::redis::RedisKeys`].
+
+pub mod bus;
+pub mod registry;
+
+pub use bus::{Bus, BusDelivery, ClusterMessage, Subscription};
+pub use registry::{NodeInfo, Registry};

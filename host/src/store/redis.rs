@@ -1,0 +1,617 @@
+//! The Redis store backend: presence and key-value data shared by every node of a cluster,
+//! through one shared auto-reconnecting connection.
+//!
+//! # Key schema
+//! [`RedisKeys`] is the one place key and channel names are made. With the default prefix
+//! `cim:`:
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `{cim:presence}:online` | hash | user id → JSON `{name, node_id, conn_id}` |
+//! | `{cim:presence}:node-users:<node>` | set | user ids claimed by that node |
+//! | `{cim:presence}:nodes-with-users` | set | node ids that have a `node-users` set |
+//! | `{cim:presence}:node:<node>` | string, TTL | the node's registry entry (JSON `NodeInfo`) |
+//! | `{cim:presence}:nodes` | set | node ids that have registered |
+//! | `cim:kv:<store>:<key>` | string or list | handler key-value data |
+//!
+//! Every presence and registry key carries the same hash tag, so in Redis Cluster they live
+//! in one slot and a Lua script may change several of them atomically (claim, release, reap
+//! a dead node). Key-value keys carry no tag and spread over the cluster.
+
+use std::collections::BTreeSet;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use cim_proto::User;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, RedisError, Script};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use super::{Claim, OnlineEntry, StoreError};
+
+/// The key prefix used when none is configured (`--redis-prefix`).
+pub const DEFAULT_PREFIX: &str = "cim:";
+
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one command may wait for its reply. The library default (500 ms) is short for
+/// a reap script or a large `HGETALL` on a busy server.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Keys asked of the server per `SCAN` step.
+const SCAN_COUNT: usize = 1000;
+
+/// Every key and channel name the cluster uses, derived from one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisKeys {
+    prefix: String,
+    /// `{<prefix>presence}`: the hash tag shared by every presence and registry key.
+    tag: String,
+}
+
+impl RedisKeys {
+    /// Fails if the prefix contains `{` or `}`, which would change the hash tag.
+    pub fn new(prefix: &str) -> Result<Self, StoreError> {
+        if prefix.contains(['{', '}']) {
+            return Err(StoreError::Unavailable(format!(
+                "invalid redis prefix {prefix:?}: it must not contain '{{' or '}}' (they would change the cluster hash tag)"
+            )));
+        }
+        Ok(RedisKeys { prefix: prefix.to_owned(), tag: format!("{{{prefix}presence}}") })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Hash: user id → [`PresenceValue`] JSON.
+    pub fn online(&self) -> String {
+        format!("{}:online", self.tag)
+    }
+
+    /// Set: ids of the users claimed by `node_id`.
+    pub fn node_users(&self, node_id: &str) -> String {
+        format!("{}:node-users:{node_id}", self.tag)
+    }
+
+    /// Set: ids of the nodes that have a [`Self::node_users`] set.
+    pub fn nodes_with_users(&self) -> String {
+        format!("{}:nodes-with-users", self.tag)
+    }
+
+    /// String with a TTL: the registry entry of `node_id`.
+    pub fn node(&self, node_id: &str) -> String {
+        format!("{}:node:{node_id}", self.tag)
+    }
+
+    /// Set: ids of the nodes that have registered (some may have expired since).
+    pub fn nodes(&self) -> String {
+        format!("{}:nodes", self.tag)
+    }
+
+    /// The key-value key `key` of the handler store `store`.
+    pub fn kv(&self, store: &str, key: &str) -> String {
+        format!("{}{key}", self.kv_store(store))
+    }
+
+    /// The prefix of every key of the handler store `store`. `:` and `%` in the store name
+    /// are percent-encoded so that store `a:b` never sees the keys of store `a`.
+    pub fn kv_store(&self, store: &str) -> String {
+        let store = store.replace('%', "%25").replace(':', "%3A");
+        format!("{}kv:{store}:", self.prefix)
+    }
+
+    /// Pub/sub channel on which `node_id` receives messages for its users.
+    pub fn inbox(&self, node_id: &str) -> String {
+        format!("{}node:{node_id}:inbox", self.prefix)
+    }
+
+    /// Pub/sub channel every node listens to.
+    pub fn cluster_channel(&self) -> String {
+        format!("{}cluster", self.prefix)
+    }
+}
+
+/// An online entry as stored in the `online` hash. `conn_id` is a string so that the Lua
+/// scripts (whose JSON numbers are doubles) compare it exactly.
+#[derive(Debug, Serialize, Deserialize)]
+struct PresenceValue {
+    name: String,
+    node_id: String,
+    conn_id: String,
+}
+
+impl PresenceValue {
+    fn encode(entry: &OnlineEntry) -> String {
+        let value = PresenceValue {
+            name: entry.user.name.clone(),
+            node_id: entry.node_id.clone(),
+            conn_id: entry.conn_id.to_string(),
+        };
+        // A struct of three strings always serializes.
+        serde_json::to_string(&value).unwrap_or_default()
+    }
+
+    fn decode(user_id: u64, json: &str) -> Result<OnlineEntry, StoreError> {
+        let corrupt = |why: String| {
+            StoreError::Unavailable(format!("corrupt presence entry for user {user_id}: {why}: {json:?}"))
+        };
+        let v: PresenceValue = serde_json::from_str(json).map_err(|e| corrupt(e.to_string()))?;
+        let conn_id = v.conn_id.parse().map_err(|_| corrupt(format!("bad conn_id {:?}", v.conn_id)))?;
+        Ok(OnlineEntry { user: User { id: user_id, name: v.name }, node_id: v.node_id, conn_id })
+    }
+}
+
+/// KEYS: online, node-users, nodes-with-users. ARGV: user id, value, node id.
+/// Returns nil when claimed, else the existing value.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('SADD', KEYS[2], ARGV[1])
+  redis.call('SADD', KEYS[3], ARGV[3])
+  return false
+end
+return redis.call('HGET', KEYS[1], ARGV[1])
+",
+    )
+});
+
+/// KEYS: online, node-users, nodes-with-users. ARGV: user id, node id, conn id.
+/// Returns 1 if the entry belonged to that connection and was removed.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local ok, e = pcall(cjson.decode, v)
+if not ok or e.node_id ~= ARGV[2] or e.conn_id ~= ARGV[3] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+if redis.call('SCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], ARGV[2]) end
+return 1
+",
+    )
+});
+
+/// Maps a Redis error on `key` (the caller's key, not the Redis one) to a [`StoreError`].
+pub(crate) fn store_error(op: &str, key: &str, e: RedisError) -> StoreError {
+    if is_wrong_type(&e) {
+        StoreError::WrongType { key: key.to_owned() }
+    } else {
+        StoreError::Unavailable(format!("redis {op} {key}: {e}"))
+    }
+}
+
+/// A `WRONGTYPE` reply, alone or inside a transaction's results.
+fn is_wrong_type(e: &RedisError) -> bool {
+    e.code() == Some("WRONGTYPE")
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errs| errs.iter().any(|(_, s)| s.code() == "WRONGTYPE"))
+}
+
+/// Redis glob syntax escaped, so that a literal prefix can be followed by `*`.
+pub(crate) fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Every key matching `pattern`, via `SCAN` (never `KEYS`, which blocks the server).
+pub(crate) async fn scan_keys(conn: &ConnectionManager, pattern: &str) -> Result<Vec<String>, RedisError> {
+    let mut conn = conn.clone();
+    let mut cursor: u64 = 0;
+    let mut keys = BTreeSet::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(&mut conn)
+            .await?;
+        // SCAN may return a key more than once; the set removes duplicates.
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys.into_iter().collect());
+        }
+        cursor = next;
+    }
+}
+
+/// Presence and key-value data in Redis. Cheap to clone: every clone shares one
+/// [`ConnectionManager`], which multiplexes commands and reconnects on its own.
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    client: redis::Client,
+    conn: ConnectionManager,
+    keys: RedisKeys,
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://host:port/db`) and checks the server answers.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let keys = RedisKeys::new(prefix)?;
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid redis url {:?}: {e}", redacted(url))))?;
+        let addr = client.get_connection_info().addr().to_string();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("connecting to redis at {addr}: {e}")))?;
+        Ok(RedisStore { client, conn, keys })
+    }
+
+    pub fn keys(&self) -> &RedisKeys {
+        &self.keys
+    }
+
+    /// The shared connection (a cheap handle).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The client, for callers that need a dedicated connection (pub/sub).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    pub async fn claim(&self, entry: OnlineEntry) -> Result<Claim, StoreError> {
+        let user_id = entry.user.id;
+        let existing: Option<String> = CLAIM
+            .key(self.keys.online())
+            .key(self.keys.node_users(&entry.node_id))
+            .key(self.keys.nodes_with_users())
+            .arg(user_id)
+            .arg(PresenceValue::encode(&entry))
+            .arg(&entry.node_id)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| presence_error("claim", user_id, e))?;
+        match existing {
+            None => Ok(Claim::Claimed),
+            Some(json) => Ok(Claim::AlreadyOnline(PresenceValue::decode(user_id, &json)?)),
+        }
+    }
+
+    pub async fn release(&self, user_id: u64, node_id: &str, conn_id: u64) -> Result<bool, StoreError> {
+        let released: i64 = RELEASE
+            .key(self.keys.online())
+            .key(self.keys.node_users(node_id))
+            .key(self.keys.nodes_with_users())
+            .arg(user_id)
+            .arg(node_id)
+            .arg(conn_id.to_string())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| presence_error("release", user_id, e))?;
+        Ok(released == 1)
+    }
+
+    pub async fn lookup(&self, user_id: u64) -> Result<Option<OnlineEntry>, StoreError> {
+        let json: Option<String> = self
+            .conn
+            .clone()
+            .hget(self.keys.online(), user_id)
+            .await
+            .map_err(|e| presence_error("lookup", user_id, e))?;
+        json.map(|j| PresenceValue::decode(user_id, &j)).transpose()
+    }
+
+    /// Every online user, sorted by id. An entry that cannot be read is logged and skipped,
+    /// so one bad entry does not hide everyone else.
+    pub async fn online(&self) -> Result<Vec<OnlineEntry>, StoreError> {
+        let all: Vec<(String, String)> = self
+            .conn
+            .clone()
+            .hgetall(self.keys.online())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("redis HGETALL {}: {e}", self.keys.online())))?;
+        let mut entries: Vec<OnlineEntry> = all
+            .into_iter()
+            .filter_map(|(id, json)| {
+                let parsed = id
+                    .parse()
+                    .map_err(|_| StoreError::Unavailable(format!("corrupt presence user id {id:?}")))
+                    .and_then(|id| PresenceValue::decode(id, &json));
+                parsed.map_err(|e| warn!(error = %e, "skipping an online entry")).ok()
+            })
+            .collect();
+        entries.sort_by_key(|e| e.user.id);
+        Ok(entries)
+    }
+
+    pub async fn kv_get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.conn.clone().get(self.keys.kv(store, key)).await.map_err(|e| store_error("GET", key, e))
+    }
+
+    pub async fn kv_set(&self, store: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.conn
+            .clone()
+            .set::<_, _, ()>(self.keys.kv(store, key), value)
+            .await
+            .map_err(|e| store_error("SET", key, e))
+    }
+
+    pub async fn kv_delete(&self, store: &str, key: &str) -> Result<(), StoreError> {
+        self.conn.clone().del::<_, ()>(self.keys.kv(store, key)).await.map_err(|e| store_error("DEL", key, e))
+    }
+
+    /// Keys of `store` that start with `prefix`, without the Redis prefix, sorted.
+    pub async fn kv_list_keys(&self, store: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let base = self.keys.kv_store(store);
+        let pattern = format!("{}*", glob_escape(&format!("{base}{prefix}")));
+        let keys = scan_keys(&self.conn, &pattern).await.map_err(|e| store_error("SCAN", prefix, e))?;
+        Ok(keys.into_iter().filter_map(|k| k.strip_prefix(&base).map(str::to_owned)).collect())
+    }
+
+    /// `LPUSH` then `LTRIM` to `max_len` (at least 1) in one transaction.
+    pub async fn kv_append(
+        &self,
+        store: &str,
+        key: &str,
+        value: Vec<u8>,
+        max_len: usize,
+    ) -> Result<(), StoreError> {
+        let redis_key = self.keys.kv(store, key);
+        let last = isize::try_from(max_len.max(1) - 1).unwrap_or(isize::MAX);
+        redis::pipe()
+            .atomic()
+            .lpush(&redis_key, value)
+            .ignore()
+            .ltrim(&redis_key, 0, last)
+            .ignore()
+            .exec_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| store_error("LPUSH", key, e))
+    }
+
+    pub async fn kv_range(
+        &self,
+        store: &str,
+        key: &str,
+        start: i64,
+        stop: i64,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        redis::cmd("LRANGE")
+            .arg(self.keys.kv(store, key))
+            .arg(start)
+            .arg(stop)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| store_error("LRANGE", key, e))
+    }
+}
+
+/// `url` without its password, for messages and logs.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &url[..scheme], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+fn presence_error(op: &str, user_id: u64, e: RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis presence {op} of user {user_id}: {e}"))
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! A real Redis for tests: `CIM_TEST_REDIS` or 127.0.0.1:6379, one unique prefix per
+    //! test, every key under it deleted by [`TestRedis::cleanup`].
+
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use super::*;
+
+    pub(crate) fn redis_url() -> String {
+        std::env::var("CIM_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
+    }
+
+    pub(crate) fn unique_prefix() -> String {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        format!("cimtest:{}:{nanos:x}{}:", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    #[derive(Debug)]
+    pub(crate) struct TestRedis {
+        pub(crate) url: String,
+        pub(crate) prefix: String,
+    }
+
+    impl TestRedis {
+        pub(crate) fn new() -> Self {
+            TestRedis { url: redis_url(), prefix: unique_prefix() }
+        }
+
+        /// A store on this test's prefix; panics with a clear message if Redis is down.
+        pub(crate) async fn store(&self) -> RedisStore {
+            match RedisStore::connect(&self.url, &self.prefix).await {
+                Ok(s) => s,
+                Err(e) => panic!(
+                    "these tests need a running Redis at {} (set CIM_TEST_REDIS to another URL): {e}",
+                    self.url
+                ),
+            }
+        }
+
+        /// Deletes every key under this test's prefix (plain and hash-tagged).
+        pub(crate) async fn cleanup(&self) {
+            let store = self.store().await;
+            let mut conn = store.connection();
+            for pattern in [
+                format!("{}*", glob_escape(&self.prefix)),
+                format!("{}*", glob_escape(&format!("{{{}", self.prefix))),
+            ] {
+                let keys = scan_keys(&conn, &pattern).await.expect("scan test keys");
+                if !keys.is_empty() {
+                    conn.del::<_, ()>(keys).await.expect("delete test keys");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::TestRedis;
+    use super::*;
+
+    fn entry(id: u64, node: &str, conn: u64) -> OnlineEntry {
+        OnlineEntry { user: User { id, name: format!("u{id}") }, node_id: node.into(), conn_id: conn }
+    }
+
+    #[test]
+    fn key_schema() {
+        let k = RedisKeys::new("cim:").unwrap();
+        assert_eq!(k.online(), "{cim:presence}:online");
+        assert_eq!(k.node_users("n1"), "{cim:presence}:node-users:n1");
+        assert_eq!(k.node("n1"), "{cim:presence}:node:n1");
+        assert_eq!(k.kv("default", "history:1"), "cim:kv:default:history:1");
+        assert_eq!(k.kv("a:b", "c"), "cim:kv:a%3Ab:c");
+        assert_eq!(k.inbox("n1"), "cim:node:n1:inbox");
+        assert_eq!(k.cluster_channel(), "cim:cluster");
+        assert!(RedisKeys::new("cim{x}:").is_err());
+        assert_eq!(glob_escape(r"a*b?[c]\"), r"a\*b\?\[c\]\\");
+        assert_eq!(redacted("redis://:secret@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(redacted("redis://h:6379/"), "redis://h:6379/");
+    }
+
+    #[tokio::test]
+    async fn claim_is_exclusive_across_instances_and_release_checks_the_owner() {
+        let t = TestRedis::new();
+        let (a, b) = (t.store().await, t.store().await);
+        // A conn id past 2^53 must still compare exactly in the Lua release script.
+        let big = (1u64 << 60) + 1;
+        assert_eq!(a.claim(entry(1, "node-a", big)).await.unwrap(), Claim::Claimed);
+        match b.claim(entry(1, "node-b", 7)).await.unwrap() {
+            Claim::AlreadyOnline(e) => assert_eq!(e, entry(1, "node-a", big)),
+            other => panic!("second claim must fail, got {other:?}"),
+        }
+        assert!(!b.release(1, "node-b", 7).await.unwrap(), "another node must not release it");
+        assert!(!b.release(1, "node-a", big - 1).await.unwrap(), "another connection must not release it");
+        assert_eq!(b.lookup(1).await.unwrap(), Some(entry(1, "node-a", big)));
+        assert!(a.release(1, "node-a", big).await.unwrap());
+        assert_eq!(b.lookup(1).await.unwrap(), None);
+        assert!(!a.release(1, "node-a", big).await.unwrap(), "releasing twice is a no-op");
+        assert_eq!(b.claim(entry(1, "node-b", 7)).await.unwrap(), Claim::Claimed);
+        t.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_claims_have_one_winner() {
+        let t = TestRedis::new();
+        let (a, b) = (t.store().await, t.store().await);
+        let tasks: Vec<_> = (0..20u64)
+            .map(|i| {
+                let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tokio::spawn(async move { s.claim(entry(42, "n", i)).await.unwrap() })
+            })
+            .collect();
+        let mut winners = 0;
+        for task in tasks {
+            if task.await.unwrap() == Claim::Claimed {
+                winners += 1;
+            }
+        }
+        assert_eq!(winners, 1);
+        t.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn online_is_sorted_by_id() {
+        let t = TestRedis::new();
+        let s = t.store().await;
+        for id in [30, 4, 1000, 7] {
+            s.claim(entry(id, "n", id)).await.unwrap();
+        }
+        let ids: Vec<u64> = s.online().await.unwrap().iter().map(|e| e.user.id).collect();
+        assert_eq!(ids, vec![4, 7, 30, 1000]);
+        t.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn kv_values_lists_and_wrong_types() {
+        let t = TestRedis::new();
+        let s = t.store().await;
+        assert_eq!(s.kv_get("default", "k").await.unwrap(), None);
+        s.kv_set("default", "k", b"v\0\xff".to_vec()).await.unwrap();
+        assert_eq!(s.kv_get("default", "k").await.unwrap(), Some(b"v\0\xff".to_vec()));
+        assert_eq!(s.kv_get("other", "k").await.unwrap(), None, "stores are separate");
+        s.kv_delete("default", "k").await.unwrap();
+        assert_eq!(s.kv_get("default", "k").await.unwrap(), None);
+
+        for i in 0..5u8 {
+            s.kv_append("default", "h", vec![i], 3).await.unwrap();
+        }
+        assert_eq!(s.kv_range("default", "h", 0, -1).await.unwrap(), vec![vec![4], vec![3], vec![2]]);
+        assert_eq!(s.kv_range("default", "h", 1, 1).await.unwrap(), vec![vec![3]]);
+        assert_eq!(s.kv_range("default", "h", 5, 9).await.unwrap(), Vec::<Vec<u8>>::new());
+        assert_eq!(s.kv_range("default", "missing", 0, -1).await.unwrap(), Vec::<Vec<u8>>::new());
+        s.kv_append("default", "one", vec![1], 0).await.unwrap();
+        s.kv_append("default", "one", vec![2], 0).await.unwrap();
+        assert_eq!(s.kv_range("default", "one", 0, -1).await.unwrap(), vec![vec![2]], "max_len 0 keeps one");
+
+        assert!(matches!(s.kv_get("default", "h").await, Err(StoreError::WrongType { key }) if key == "h"));
+        s.kv_set("default", "plain", b"x".to_vec()).await.unwrap();
+        assert!(matches!(
+            s.kv_append("default", "plain", vec![1], 3).await,
+            Err(StoreError::WrongType { key }) if key == "plain"
+        ));
+        assert!(matches!(s.kv_range("default", "plain", 0, -1).await, Err(StoreError::WrongType { .. })));
+        assert_eq!(
+            s.kv_get("default", "plain").await.unwrap(),
+            Some(b"x".to_vec()),
+            "failed append changed nothing"
+        );
+        t.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn list_keys_by_prefix_is_isolated_between_prefixes_and_stores() {
+        let (t1, t2) = (TestRedis::new(), TestRedis::new());
+        let (s1, s2) = (t1.store().await, t2.store().await);
+        s1.kv_set("a", "history:1", vec![]).await.unwrap();
+        s1.kv_set("a", "history:2", vec![]).await.unwrap();
+        s1.kv_append("a", "history:0", vec![1], 5).await.unwrap();
+        s1.kv_set("a", "other", vec![]).await.unwrap();
+        s1.kv_set("b", "history:3", vec![]).await.unwrap();
+        s1.kv_set("a:x", "y", vec![]).await.unwrap();
+        s1.kv_set("a", "glob*[?]", vec![]).await.unwrap();
+        s2.kv_set("a", "history:9", vec![]).await.unwrap();
+        assert_eq!(
+            s1.kv_list_keys("a", "history:").await.unwrap(),
+            vec!["history:0", "history:1", "history:2"]
+        );
+        assert_eq!(s2.kv_list_keys("a", "history:").await.unwrap(), vec!["history:9"]);
+        assert_eq!(s1.kv_list_keys("a", "glob*").await.unwrap(), vec!["glob*[?]"], "glob chars are literal");
+        assert_eq!(
+            s1.kv_list_keys("a", "").await.unwrap(),
+            vec!["glob*[?]", "history:0", "history:1", "history:2", "other"]
+        );
+        assert_eq!(s1.kv_list_keys("a:x", "").await.unwrap(), vec!["y"]);
+        t1.cleanup().await;
+        t2.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn unreachable_redis_is_a_clear_error() {
+        // Port 1 on localhost: nothing listens there.
+        let err = RedisStore::connect("redis://127.0.0.1:1/", "cim:").await.unwrap_err();
+        assert!(matches!(&err, StoreError::Unavailable(m) if m.contains("127.0.0.1:1")), "{err}");
+        let err = RedisStore::connect("not a url", "cim:").await.unwrap_err();
+        assert!(err.to_string().contains("invalid redis url"), "{err}");
+    }
+}
