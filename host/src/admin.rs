@@ -20,11 +20,11 @@ pub const MAX_UPLOAD: usize = 32 * 1024 * 1024;
 #[derive(Debug)]
 pub struct Admin {
     token: String,
-    pub deployments: Deployments,
+    pub deployments: Arc<Deployments>,
 }
 
 impl Admin {
-    pub fn new(token: String, deployments: Deployments) -> Arc<Self> {
+    pub fn new(token: String, deployments: Arc<Deployments>) -> Arc<Self> {
         Arc::new(Admin { token, deployments })
     }
 

@@ -2,6 +2,10 @@
 //! restart: `<data>/components/<name>/<sha256>.wasm` plus `state.json`, the stack of pushed
 //! versions (the last one is active; a rollback pops it; an empty stack means the
 //! manifest's own version).
+//!
+//! In a cluster the stack and the `.wasm` bytes also live in Redis (key-value store
+//! [`SHARED_STORE`]) and every push or rollback is announced on the cluster channel, so
+//! every node follows it ([`Deployments::sync`]); Redis is then the source of truth.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,9 +15,21 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
+use crate::cluster::{Bus, ClusterMessage};
 use crate::handlers::Event;
 use crate::manifest::Manifest;
 use crate::runtime::{Capabilities, LoadError, Loaded, Runtime};
+use crate::store::Store;
+
+/// The key-value store holding cluster-wide component versions (not granted to handlers).
+pub const SHARED_STORE: &str = "cim-components";
+
+/// Where a cluster keeps its component versions.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub store: Store,
+    pub bus: Bus,
+}
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
@@ -44,13 +60,19 @@ pub struct Deployments {
     dir: PathBuf,
     manifest: Arc<Manifest>,
     runtime: Arc<Runtime>,
-    /// One push or rollback at a time, so the runtime and the files agree.
+    shared: Option<Shared>,
+    /// One push, rollback or sync at a time, so the runtime and the files agree.
     lock: Mutex<()>,
 }
 
 impl Deployments {
-    pub fn new(data_dir: &Path, manifest: Arc<Manifest>, runtime: Arc<Runtime>) -> Self {
-        Deployments { dir: data_dir.join("components"), manifest, runtime, lock: Mutex::new(()) }
+    pub fn new(
+        data_dir: &Path,
+        manifest: Arc<Manifest>,
+        runtime: Arc<Runtime>,
+        shared: Option<Shared>,
+    ) -> Self {
+        Deployments { dir: data_dir.join("components"), manifest, runtime, shared, lock: Mutex::new(()) }
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -118,7 +140,17 @@ impl Deployments {
             self.write_state(name, &state)
         };
         persist().map_err(|source| DeployError::Persist { name: name.to_owned(), source })?;
+        if let Some(shared) = &self.shared {
+            let publish = async {
+                shared.store.kv_set(SHARED_STORE, &format!("wasm:{}", loaded.sha256), bytes.clone()).await?;
+                let mut stack = self.shared_stack(shared, name).await?;
+                stack.push(loaded.sha256.clone());
+                self.set_shared_stack(shared, name, &stack).await
+            };
+            publish.await.map_err(|source| DeployError::Persist { name: name.to_owned(), source })?;
+        }
         self.runtime.install(loaded.clone());
+        self.announce(name, &loaded.sha256).await;
         info!(component = name, %event, version = loaded.version, sha256 = %loaded.sha256, "component pushed");
         Ok(loaded)
     }
@@ -127,6 +159,24 @@ impl Deployments {
     pub async fn rollback(&self, name: &str) -> Result<Arc<Loaded>, DeployError> {
         let (event, _) = self.event_of(name)?;
         let _guard = self.lock.lock().await;
+        if let Some(shared) = &self.shared {
+            let mut stack = self
+                .shared_stack(shared, name)
+                .await
+                .map_err(|source| DeployError::Persist { name: name.to_owned(), source })?;
+            if stack.pop().is_none() {
+                return Err(DeployError::NothingToRollBack(name.to_owned()));
+            }
+            self.set_shared_stack(shared, name, &stack)
+                .await
+                .map_err(|source| DeployError::Persist { name: name.to_owned(), source })?;
+            let loaded = self
+                .apply(name, stack.last().map(String::as_str))
+                .await
+                .map_err(|source| DeployError::Persist { name: name.to_owned(), source })?;
+            self.announce(name, &loaded.sha256).await;
+            return Ok(loaded);
+        }
         let mut state =
             self.read_state(name).map_err(|source| DeployError::Persist { name: name.to_owned(), source })?;
         if state.stack.pop().is_none() {
@@ -141,9 +191,84 @@ impl Deployments {
         Ok(current)
     }
 
+    async fn shared_stack(&self, shared: &Shared, name: &str) -> anyhow::Result<Vec<String>> {
+        match shared.store.kv_get(SHARED_STORE, &format!("stack:{name}")).await? {
+            Some(bytes) => Ok(serde_json::from_slice(&bytes)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    async fn set_shared_stack(&self, shared: &Shared, name: &str, stack: &[String]) -> anyhow::Result<()> {
+        let keep = self.runtime.config().history.max(1);
+        let stack = &stack[stack.len().saturating_sub(keep)..];
+        shared.store.kv_set(SHARED_STORE, &format!("stack:{name}"), serde_json::to_vec(stack)?).await?;
+        Ok(())
+    }
+
+    async fn announce(&self, name: &str, sha256: &str) {
+        if let Some(shared) = &self.shared {
+            let msg = ClusterMessage::ComponentChanged { name: name.to_owned(), sha256: sha256.to_owned() };
+            if let Err(e) = shared.bus.broadcast(&msg).await {
+                warn!(component = name, error = %e, "could not announce a component change to the cluster");
+            }
+        }
+    }
+
+    /// Makes `sha256` (a pushed version in the shared store) or, for `None`, the manifest's
+    /// own version the active one, unless it already is.
+    async fn apply(&self, name: &str, sha256: Option<&str>) -> anyhow::Result<Arc<Loaded>> {
+        let (event, caps) = self.event_of(name)?;
+        if let Some(current) = self.runtime.current(event)
+            && sha256.is_some_and(|s| s == current.sha256)
+        {
+            return Ok(current);
+        }
+        let (wasm, source) = match (sha256, &self.shared) {
+            (Some(sha), Some(shared)) => {
+                let wasm =
+                    shared.store.kv_get(SHARED_STORE, &format!("wasm:{sha}")).await?.with_context(|| {
+                        format!("version {sha} of `{name}` is missing from the shared store")
+                    })?;
+                (wasm, "upload".to_owned())
+            }
+            _ => {
+                let spec =
+                    self.manifest.components.get(name).context("component vanished from the manifest")?;
+                let wasm = std::fs::read(&spec.source)
+                    .with_context(|| format!("reading {}", spec.source.display()))?;
+                let source = spec.source.display().to_string();
+                if let Some(current) = self.runtime.current(event)
+                    && current.source == source
+                {
+                    return Ok(current);
+                }
+                (wasm, source)
+            }
+        };
+        let loaded = self.runtime.load(event, name, wasm, caps, source).await?;
+        self.runtime.install(loaded.clone());
+        info!(component = name, %event, version = loaded.version, sha256 = %loaded.sha256, "component synced with the cluster");
+        Ok(loaded)
+    }
+
+    /// Follows the cluster: makes the version on top of the shared stack active.
+    pub async fn sync(&self, name: &str) -> anyhow::Result<()> {
+        let Some(shared) = &self.shared else { return Ok(()) };
+        let _guard = self.lock.lock().await;
+        let stack = self.shared_stack(shared, name).await?;
+        self.apply(name, stack.last().map(String::as_str)).await?;
+        Ok(())
+    }
+
     /// Re-installs the persisted pushes after the manifest's versions, oldest first, so a
     /// restart keeps the active version and what it can roll back to.
     pub async fn restore(&self) -> anyhow::Result<()> {
+        if self.shared.is_some() {
+            for name in self.manifest.triggers.values() {
+                self.sync(name).await.with_context(|| format!("syncing `{name}` with the cluster"))?;
+            }
+            return Ok(());
+        }
         for name in self.manifest.components.keys() {
             let Ok((event, caps)) = self.event_of(name) else { continue };
             let state = self.read_state(name).with_context(|| format!("reading pushes of `{name}`"))?;

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use cim_host::admin::Admin;
-use cim_host::deploy::Deployments;
+use cim_host::cluster::{Cluster, Strategy};
+use cim_host::deploy::{Deployments, Shared};
 use cim_host::handlers::Backend;
 use cim_host::manifest::Manifest;
+use cim_host::node::Services;
 use cim_host::runtime::{Runtime, RuntimeConfig};
 use cim_host::store::Store;
 use cim_host::{Config, Node};
@@ -109,6 +111,20 @@ struct UpArgs {
     /// Use the built-in native handlers instead of the manifest's components (for comparisons).
     #[arg(long)]
     builtin_handlers: bool,
+    /// Where routes, presence and handler data live: `memory` (one node) or a Redis URL
+    /// `redis://HOST:PORT[/DB]` shared by every node of a cluster.
+    #[arg(long, default_value = "memory")]
+    store: String,
+    /// Prefix of every Redis key and channel, so several clusters can share one Redis.
+    #[arg(long, default_value = cim_host::store::redis::DEFAULT_PREFIX)]
+    redis_prefix: String,
+    /// How `POST /login` picks a node for a user (cluster only).
+    #[arg(long, value_enum, default_value_t = Strategy::ConsistentHash)]
+    lb: Strategy,
+    /// Seconds a node's registry entry lives without a refresh (refreshed every third of it);
+    /// a dead node's users are cleaned up after about this long.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    node_ttl: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -149,10 +165,22 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     if let Some(id) = args.node_id {
         config.node_id = id;
     }
-    let store = Store::memory();
-    let (backend, admin) = if args.builtin_handlers {
+    let store = match args.store.as_str() {
+        "memory" => Store::memory(),
+        url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            Store::redis(url, &args.redis_prefix)
+                .await
+                .with_context(|| format!("connecting to the store {url}"))?
+        }
+        other => anyhow::bail!("--store must be `memory` or a redis:// URL, got {other:?}"),
+    };
+    let cluster = match &store {
+        Store::Redis(redis) => Some(Cluster::new(redis.clone(), args.lb, Duration::from_secs(args.node_ttl))),
+        Store::Memory(_) => None,
+    };
+    let services = if args.builtin_handlers {
         info!("using the built-in handlers; the manifest is not loaded");
-        (Backend::Builtin, None)
+        Services { store, cluster, ..Services::builtin() }
     } else {
         let manifest = load_manifest(&args.manifest)?;
         if args.build {
@@ -169,14 +197,21 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
                 args.manifest.display()
             )
         })?;
-        let deployments = Deployments::new(&args.data_dir, Arc::new(manifest), runtime.clone());
+        let shared = cluster.as_ref().map(|c| Shared { store: store.clone(), bus: c.bus.clone() });
+        let deployments =
+            Arc::new(Deployments::new(&args.data_dir, Arc::new(manifest), runtime.clone(), shared));
         deployments.restore().await?;
-        let admin = args.admin_token.filter(|t| !t.is_empty()).map(|t| Admin::new(t, deployments));
-        (Backend::Components(runtime), admin)
+        let admin = args.admin_token.filter(|t| !t.is_empty()).map(|t| Admin::new(t, deployments.clone()));
+        Services {
+            store,
+            backend: Backend::Components(runtime),
+            admin,
+            deployments: Some(deployments),
+            cluster,
+        }
     };
     let node_id = config.node_id.clone();
-    let node =
-        Node::bind(config, args.tcp, args.http, store, backend, admin).await.context("starting the node")?;
+    let node = Node::bind(config, args.tcp, args.http, services).await.context("starting the node")?;
     // Exactly one line on stdout: scripts and tests wait for it.
     println!("cim-host ready node={node_id} tcp={} http={}", node.tcp_addr, node.http_addr);
     shutdown_signal().await?;

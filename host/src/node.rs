@@ -11,11 +11,39 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::Admin;
+use crate::cluster::{Cluster, NodeInfo};
 use crate::config::Config;
+use crate::deploy::Deployments;
 use crate::handlers::Backend;
 use crate::router::{Advertised, Router};
 use crate::store::Store;
 use crate::transport::{self, Sessions};
+
+/// What a node is made of besides its listeners.
+#[derive(Debug)]
+pub struct Services {
+    pub store: Store,
+    pub backend: Backend,
+    /// The admin API, when an admin token is configured.
+    pub admin: Option<Arc<Admin>>,
+    /// Pushed component versions (absent with the built-in handlers).
+    pub deployments: Option<Arc<Deployments>>,
+    /// Set when the store is Redis: this node joins the cluster.
+    pub cluster: Option<Cluster>,
+}
+
+impl Services {
+    /// A single node on the in-memory store with the built-in handlers.
+    pub fn builtin() -> Self {
+        Services {
+            store: Store::memory(),
+            backend: Backend::Builtin,
+            admin: None,
+            deployments: None,
+            cluster: None,
+        }
+    }
+}
 
 /// A running node.
 #[derive(Debug)]
@@ -33,36 +61,48 @@ impl Node {
         config: Config,
         tcp: SocketAddr,
         http: SocketAddr,
-        store: Store,
-        backend: Backend,
-        admin: Option<Arc<Admin>>,
+        services: Services,
     ) -> anyhow::Result<Node> {
         let tcp =
             TcpListener::bind(tcp).await.with_context(|| format!("binding the TCP listener to {tcp}"))?;
         let http =
             TcpListener::bind(http).await.with_context(|| format!("binding the HTTP listener to {http}"))?;
-        Node::start(config, tcp, http, store, backend, admin)
+        Node::start(config, tcp, http, services).await
     }
 
-    /// Starts serving on already-bound listeners.
-    pub fn start(
+    /// Starts serving on already-bound listeners. In a cluster, the node registers itself
+    /// and subscribes to its inbox before it accepts anyone.
+    pub async fn start(
         config: Config,
         tcp: TcpListener,
         http: TcpListener,
-        store: Store,
-        backend: Backend,
-        admin: Option<Arc<Admin>>,
+        services: Services,
     ) -> anyhow::Result<Node> {
         let tcp_addr = tcp.local_addr()?;
         let http_addr = http.local_addr()?;
-        let router = Router::new(Arc::new(config), store, backend);
-        router.set_advertised(Advertised {
-            tcp_addr: tcp_addr.to_string(),
-            ws_url: format!("ws://{http_addr}/ws"),
-        });
+        let node_id = config.node_id.clone();
+        let router = Router::new(Arc::new(config), services.store, services.backend);
+        let advertised =
+            Advertised { tcp_addr: tcp_addr.to_string(), ws_url: format!("ws://{http_addr}/ws") };
+        router.set_advertised(advertised.clone());
+        if let Some(d) = &services.deployments {
+            router.set_deployments(d.clone());
+        }
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let sessions = Sessions::new(router.clone(), admin, shutdown.clone(), tracker.clone());
+        if let Some(cluster) = services.cluster {
+            let me = NodeInfo {
+                id: node_id,
+                tcp_addr: advertised.tcp_addr,
+                ws_url: advertised.ws_url,
+                http_addr: http_addr.to_string(),
+                connections: 0,
+            };
+            let inbox = cluster.join(&me).await.context("joining the cluster")?;
+            router.set_cluster(cluster.clone());
+            tracker.spawn(crate::cluster::member::run(cluster, router.clone(), me, inbox, shutdown.clone()));
+        }
+        let sessions = Sessions::new(router.clone(), services.admin, shutdown.clone(), tracker.clone());
         tracker.spawn(transport::tcp::serve(tcp, sessions.clone()));
         tracker.spawn(crate::api::serve(http, sessions));
         Ok(Node { tcp_addr, http_addr, router, shutdown, tracker })

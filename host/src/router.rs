@@ -1,16 +1,18 @@
 //! The router: carries out what the handlers decide. It binds users to local connections,
 //! keeps routes and the online set in the store, and delivers messages to recipients.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cim_proto::{Body, Delivery, ErrorCode, Frame, MessageKind, User};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use crate::cluster::{BusDelivery, Cluster, ClusterMessage};
 use crate::config::Config;
+use crate::deploy::Deployments;
 use crate::handlers::{
     Backend, Context, Delivered, Event, HandlerError, Handlers, LoginDecision, LoginRequest, Message,
     PrivateRequest, Recipients, SendDecision,
@@ -197,6 +199,10 @@ pub struct Router {
     ids: MessageIds,
     next_conn: AtomicU64,
     advertised: OnceLock<Advertised>,
+    /// Set when the node runs in a cluster (Redis store).
+    cluster: OnceLock<Cluster>,
+    /// Set when components are pushed cluster-wide (to follow other nodes' pushes).
+    deployments: OnceLock<Arc<Deployments>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -217,6 +223,8 @@ impl Router {
             local: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             advertised: OnceLock::new(),
+            cluster: OnceLock::new(),
+            deployments: OnceLock::new(),
             metrics,
         })
     }
@@ -232,6 +240,20 @@ impl Router {
     /// Set once the listeners are bound.
     pub fn set_advertised(&self, advertised: Advertised) {
         let _ = self.advertised.set(advertised);
+    }
+
+    /// Joins a cluster: route logins pick among live nodes, and deliveries cross nodes.
+    pub fn set_cluster(&self, cluster: Cluster) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// Lets this node follow component pushes made on other nodes.
+    pub fn set_deployments(&self, deployments: Arc<Deployments>) {
+        let _ = self.deployments.set(deployments);
+    }
+
+    pub fn advertised(&self) -> Option<&Advertised> {
+        self.advertised.get()
     }
 
     pub fn next_conn_id(&self) -> u64 {
@@ -252,6 +274,18 @@ impl Router {
         validate_user(&self.config, user.id, &user.name)?;
         if self.store().lookup(user.id).await?.is_some() {
             return Err(RouteError::DuplicateLogin(user.id));
+        }
+        if let Some(cluster) = self.cluster.get() {
+            let nodes = cluster.registry.nodes().await?;
+            let node = cluster
+                .balancer
+                .pick(user.id, &nodes)
+                .ok_or_else(|| StoreError::Unavailable("no live node in the registry".into()))?;
+            return Ok(RouteAnswer {
+                node_id: node.id.clone(),
+                tcp_addr: node.tcp_addr.clone(),
+                ws_url: node.ws_url.clone(),
+            });
         }
         let adv = self
             .advertised
@@ -307,7 +341,18 @@ impl Router {
             Some(e) if e.node_id == self.config.node_id => {
                 Ok(self.store().release(user_id, &e.node_id, e.conn_id).await?)
             }
-            _ => Ok(false),
+            Some(e) => match self.cluster.get() {
+                Some(cluster) => {
+                    let kick = ClusterMessage::Kick { user_id, reason: "taken offline by the server".into() };
+                    if cluster.bus.publish(&e.node_id, &kick).await? == 0 {
+                        // Its node is gone: the entry is stale.
+                        self.store().release(user_id, &e.node_id, e.conn_id).await?;
+                    }
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
+            None => Ok(false),
         }
     }
 
@@ -343,13 +388,29 @@ impl Router {
             SendDecision::Rewrite(text) => message.text = self.checked_rewrite(Event::Private, text)?,
             SendDecision::Reject(reason) => return Err(RouteError::Rejected(reason)),
         }
+        let frame = Self::delivery_frame(&message);
         let conn = self.local().get(&to).cloned();
-        let delivered = match conn {
-            Some(conn) => conn.offer(Self::delivery_frame(&message), &self.metrics),
-            None => false,
-        };
-        if !delivered {
-            return Err(RouteError::UserOffline(to));
+        match (conn, self.cluster.get()) {
+            (Some(conn), _) => {
+                if !conn.offer(frame, &self.metrics) {
+                    return Err(RouteError::UserOffline(to));
+                }
+            }
+            (None, Some(cluster)) => match self.store().lookup(to).await? {
+                Some(e) if e.node_id != self.config.node_id => {
+                    let Body::Delivery(d) = &frame.body else { unreachable!("delivery_frame") };
+                    let msg =
+                        ClusterMessage::Deliver { recipients: vec![to], delivery: BusDelivery::from(d) };
+                    if cluster.bus.publish(&e.node_id, &msg).await? == 0 {
+                        return Err(RouteError::Store(StoreError::Unavailable(format!(
+                            "user {to} is on node {} which does not answer",
+                            e.node_id
+                        ))));
+                    }
+                }
+                _ => return Err(RouteError::UserOffline(to)),
+            },
+            (None, None) => return Err(RouteError::UserOffline(to)),
         }
         Metrics::inc(&self.metrics.deliveries_total);
         let id = message.id;
@@ -369,6 +430,8 @@ impl Router {
             SendDecision::Reject(reason) => return Err(RouteError::Rejected(reason)),
         }
         let frame = Self::delivery_frame(&message);
+        // Remote recipients first: if the store cannot be read, nothing is delivered at all.
+        let remote = self.remote_recipients(sender.id, &decision.recipients).await?;
         let targets: Vec<LocalConn> = {
             let local = self.local();
             match &decision.recipients {
@@ -385,11 +448,108 @@ impl Router {
             }
         }
         self.metrics.deliveries_total.fetch_add(recipients.len() as u64, Ordering::Relaxed);
+        if let Some(cluster) = self.cluster.get() {
+            let Body::Delivery(d) = &frame.body else { unreachable!("delivery_frame") };
+            let delivery = BusDelivery::from(d);
+            // One publish per node that holds recipients, not one per user.
+            for (node, ids) in remote {
+                let msg = ClusterMessage::Deliver { recipients: ids.clone(), delivery: delivery.clone() };
+                match cluster.bus.publish(&node, &msg).await {
+                    Ok(0) => {
+                        warn!(node = %node, users = ids.len(), "node does not answer; group message not delivered there")
+                    }
+                    Ok(_) => recipients.extend(ids),
+                    Err(e) => warn!(node = %node, error = %e, "could not publish a group message"),
+                }
+            }
+        }
         let id = message.id;
         let count = recipients.len();
         debug!(message = id, recipients = count, "group message delivered");
         self.after_delivery(Delivered { message, recipients });
         Ok((id, count))
+    }
+
+    /// Recipients of a group message on other nodes, by node.
+    async fn remote_recipients(
+        &self,
+        sender: u64,
+        recipients: &Recipients,
+    ) -> Result<BTreeMap<String, Vec<u64>>, RouteError> {
+        let mut by_node: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        if self.cluster.get().is_none() {
+            return Ok(by_node);
+        }
+        let only: Option<HashSet<u64>> = match recipients {
+            Recipients::AllOnlineExceptSender => None,
+            Recipients::Only(ids) => Some(ids.iter().copied().collect()),
+        };
+        for e in self.store().online().await? {
+            let wanted = only.as_ref().map_or(e.user.id != sender, |ids| ids.contains(&e.user.id));
+            if wanted && e.node_id != self.config.node_id {
+                by_node.entry(e.node_id).or_default().push(e.user.id);
+            }
+        }
+        Ok(by_node)
+    }
+
+    /// Delivers a message another node routed here to its local recipients.
+    pub fn deliver_local(&self, recipients: &[u64], delivery: Delivery) {
+        let frame = Frame::push(Body::Delivery(delivery));
+        let conns: Vec<LocalConn> = {
+            let local = self.local();
+            recipients.iter().filter_map(|id| local.get(id).cloned()).collect()
+        };
+        for conn in conns {
+            if conn.offer(frame.clone(), &self.metrics) {
+                Metrics::inc(&self.metrics.deliveries_total);
+            }
+        }
+    }
+
+    /// Kicks a local user on another node's request.
+    pub fn kick_local(&self, user_id: u64, reason: &str) {
+        if let Some(conn) = self.local().get(&user_id).cloned() {
+            conn.kick(ErrorCode::Unexpected, reason);
+        }
+    }
+
+    /// Puts every local session back into the online set (after Redis lost it). A user
+    /// who logged in elsewhere meanwhile keeps that login; the local session is closed.
+    pub async fn resync_presence(&self) {
+        let conns: Vec<LocalConn> = self.local().values().cloned().collect();
+        let mut restored = 0;
+        for conn in conns {
+            let entry = OnlineEntry {
+                user: conn.user.clone(),
+                node_id: self.config.node_id.clone(),
+                conn_id: conn.conn_id,
+            };
+            match self.store().claim(entry).await {
+                Ok(Claim::Claimed) => restored += 1,
+                Ok(Claim::AlreadyOnline(e))
+                    if e.node_id == self.config.node_id && e.conn_id == conn.conn_id => {}
+                Ok(Claim::AlreadyOnline(e)) => {
+                    conn.kick(ErrorCode::DuplicateLogin, &format!("logged in again on node {}", e.node_id));
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not restore presence; will retry");
+                    return;
+                }
+            }
+        }
+        if restored > 0 {
+            info!(users = restored, "restored the online entries of local sessions");
+        }
+    }
+
+    /// Another node pushed or rolled back a component: follow it.
+    pub async fn component_changed(&self, name: &str, sha256: &str) {
+        if let Some(d) = self.deployments.get()
+            && let Err(e) = d.sync(name).await
+        {
+            warn!(component = name, sha256, error = %e, "could not follow a cluster component change");
+        }
     }
 
     /// The online users `caller` may see.

@@ -1,9 +1,14 @@
 //! Scale-out over Redis: the node registry ([`registry`]) — which nodes are alive, and
 //! cleanup of the users of nodes that died — and the cross-node message bus ([`bus`]).
+//! [`member`] runs this node's part; [`lb`] picks nodes for route logins.
 //! Both share the key schema of [`crate::store::redis::RedisKeys`].
 
 pub mod bus;
+pub mod lb;
+pub mod member;
 pub mod registry;
 
 pub use bus::{Bus, BusDelivery, ClusterMessage, Subscription};
+pub use lb::{Balancer, Strategy};
+pub use member::Cluster;
 pub use registry::{NodeInfo, Registry};

@@ -331,6 +331,17 @@ impl RedisStore {
         Ok(entries)
     }
 
+    /// How many users the presence data says `node_id` holds (to notice a Redis that lost
+    /// them, e.g. after a restart without persistence).
+    pub async fn node_user_count(&self, node_id: &str) -> Result<usize, StoreError> {
+        let key = self.keys.node_users(node_id);
+        self.conn
+            .clone()
+            .scard(&key)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("redis SCARD {key}: {e}")))
+    }
+
     pub async fn kv_get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.conn.clone().get(self.keys.kv(store, key)).await.map_err(|e| store_error("GET", key, e))
     }
