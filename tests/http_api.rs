@@ -131,3 +131,12 @@ async fn history_is_kept_by_the_message_callback() {
     let (status, _) = host.http("GET", "/history/abc", None).await;
     assert_eq!(status, 400);
 }
+
+#[tokio::test]
+async fn the_chat_page_is_served_at_the_root() {
+    let host = Host::start(&[]).await.unwrap();
+    let (status, body) = host.http("GET", "/", None).await;
+    let html = body.as_str().unwrap();
+    assert_eq!(status, 200);
+    assert!(html.starts_with("<!doctype html>") && html.contains("new WebSocket(route.ws_url)"), "{html:.200}");
+}

@@ -26,6 +26,9 @@ use crate::transport::ws::{self, UpgradeError};
 
 type Body = Full<Bytes>;
 
+/// The browser chat page: WebSocket at `/ws`, route login at `/login`.
+const CHAT_PAGE: &str = include_str!("../web/index.html");
+
 /// An API error: a status, a stable code and a human message.
 #[derive(Debug)]
 pub struct ApiError {
@@ -120,6 +123,11 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, s: &Sessions) -> Respo
 async fn route(req: Request<Incoming>, peer: SocketAddr, s: &Sessions) -> Result<Response<Body>, ApiError> {
     let router = &s.router;
     match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => {
+            let mut resp = Response::new(Full::new(Bytes::from_static(CHAT_PAGE.as_bytes())));
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            Ok(resp)
+        }
         (&Method::GET, "/healthz") => ok(json!({
             "status": "ok",
             "node_id": router.config().node_id,
