@@ -14,8 +14,8 @@ use crate::cluster::{BusDelivery, Cluster, ClusterMessage};
 use crate::config::Config;
 use crate::deploy::Deployments;
 use crate::handlers::{
-    Backend, Context, Delivered, Event, HandlerError, Handlers, LoginDecision, LoginRequest, Message,
-    PrivateRequest, Recipients, SendDecision,
+    Backend, Context, Delivered, Event, GroupDecision, HandlerError, Handlers, LoginDecision, LoginRequest,
+    Message, PrivateRequest, Recipients, SendDecision,
 };
 use crate::message_id::{MessageIds, now_ms};
 use crate::metrics::Metrics;
@@ -380,10 +380,26 @@ impl Router {
 
     /// Sends `text` from `sender` to user `to`; returns the message id.
     pub async fn send_private(&self, sender: &User, to: u64, text: String) -> Result<u64, RouteError> {
+        let message = self.prepare(sender, MessageKind::Private, text)?;
+        let decision = self.handlers.private(PrivateRequest { message: message.clone(), to }).await;
+        self.finish_private(message, to, decision).await
+    }
+
+    /// Checks a message and gives it its id: the first step of a send. The handler's
+    /// decision comes next (`Handlers::submit_*`), then `finish_*` carries it out.
+    pub fn prepare(&self, sender: &User, kind: MessageKind, text: String) -> Result<Message, RouteError> {
         validate_text(&self.config, &text)?;
-        let mut message = self.new_message(sender, MessageKind::Private, text);
-        let req = PrivateRequest { message: message.clone(), to };
-        match self.handlers.private(req).await? {
+        Ok(self.new_message(sender, kind, text))
+    }
+
+    /// Carries out the private-send handler's decision on `message`.
+    pub async fn finish_private(
+        &self,
+        mut message: Message,
+        to: u64,
+        decision: Result<SendDecision, HandlerError>,
+    ) -> Result<u64, RouteError> {
+        match decision? {
             SendDecision::Deliver => {}
             SendDecision::Rewrite(text) => message.text = self.checked_rewrite(Event::Private, text)?,
             SendDecision::Reject(reason) => return Err(RouteError::Rejected(reason)),
@@ -421,9 +437,19 @@ impl Router {
     /// Sends `text` from `sender` to the group; returns the message id and how many
     /// recipients it was queued to.
     pub async fn send_group(&self, sender: &User, text: String) -> Result<(u64, usize), RouteError> {
-        validate_text(&self.config, &text)?;
-        let mut message = self.new_message(sender, MessageKind::Group, text);
-        let decision = self.handlers.group(message.clone()).await?;
+        let message = self.prepare(sender, MessageKind::Group, text)?;
+        let decision = self.handlers.group(message.clone()).await;
+        self.finish_group(message, decision).await
+    }
+
+    /// Carries out the group-send handler's decision on `message`.
+    pub async fn finish_group(
+        &self,
+        mut message: Message,
+        decision: Result<GroupDecision, HandlerError>,
+    ) -> Result<(u64, usize), RouteError> {
+        let decision = decision?;
+        let sender = message.sender.clone();
         match decision.decision {
             SendDecision::Deliver => {}
             SendDecision::Rewrite(text) => message.text = self.checked_rewrite(Event::Group, text)?,

@@ -5,12 +5,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cim_proto::{Body, CodecError, ErrorCode, Frame, FrameError, User};
+use cim_proto::{Body, CodecError, ErrorCode, Frame, FrameError, MessageKind, User};
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::handlers::{GroupDecision, HandlerError, Message, PrivateRequest, SendDecision};
 use crate::metrics::Metrics;
 use crate::router::{Closer, LocalConn, RouteError, Router};
 
@@ -232,57 +236,106 @@ impl Session {
     where
         St: Stream<Item = Inbound> + Unpin + Send,
     {
+        // Sends waiting for their handler decision, in arrival order. Reading goes on
+        // meanwhile, so one client's messages share handler calls (batches) instead of
+        // waiting for each other; they are carried out and answered strictly in order.
+        let mut in_flight: FuturesOrdered<BoxFuture<'static, Decided>> = FuturesOrdered::new();
+        let mut last_inbound = Instant::now();
         loop {
-            let next = tokio::select! {
-                next = tokio::time::timeout(idle, stream.next()) => next,
+            tokio::select! {
+                biased;
                 _ = self.closer.cancelled() => return End::Closed,
-            };
-            let frame = match next {
-                Err(_) => {
+                Some(decided) = in_flight.next(), if !in_flight.is_empty() => {
+                    let answer = self.finish(decided).await;
+                    if !self.reply(answer).await {
+                        return End::Closed;
+                    }
+                }
+                _ = tokio::time::sleep_until(last_inbound + idle) => {
                     Metrics::inc(&self.router.metrics.idle_timeouts_total);
                     let reason = format!("no frame for {} s (heartbeat missed)", idle.as_secs_f32());
                     info!("{reason}");
                     self.closer.close(ErrorCode::Unexpected, reason, true);
                     return End::IdleTimeout;
                 }
-                Ok(None) => return End::ClientClosed,
-                Ok(Some(Err(CodecError::Io(e)))) => return End::Fatal(e.to_string()),
-                Ok(Some(Err(e))) => {
-                    Metrics::inc(&self.router.metrics.bad_frames_total);
-                    warn!(error = %e, "closing connection");
-                    let _ = self.tx.try_send(Frame::error(0, fatal_code(&e), e.to_string()));
-                    return End::Fatal(e.to_string());
-                }
-                Ok(Some(Ok(Err(e)))) => {
-                    Metrics::inc(&self.router.metrics.bad_frames_total);
-                    debug!(error = %e, "bad frame");
-                    if !self.reply(Frame::error(0, ErrorCode::BadFrame, e.to_string())).await {
+                next = stream.next(), if in_flight.len() < MAX_IN_FLIGHT => {
+                    last_inbound = Instant::now();
+                    let frame = match next {
+                        None => {
+                            // The client is gone; what it sent still gets delivered.
+                            while let Some(decided) = in_flight.next().await {
+                                self.finish(decided).await;
+                            }
+                            return End::ClientClosed;
+                        }
+                        Some(Err(CodecError::Io(e))) => return End::Fatal(e.to_string()),
+                        Some(Err(e)) => {
+                            Metrics::inc(&self.router.metrics.bad_frames_total);
+                            warn!(error = %e, "closing connection");
+                            let _ = self.tx.try_send(Frame::error(0, fatal_code(&e), e.to_string()));
+                            return End::Fatal(e.to_string());
+                        }
+                        Some(Ok(Err(e))) => {
+                            Metrics::inc(&self.router.metrics.bad_frames_total);
+                            debug!(error = %e, "bad frame");
+                            if !self.reply(Frame::error(0, ErrorCode::BadFrame, e.to_string())).await {
+                                return End::Closed;
+                            }
+                            continue;
+                        }
+                        Some(Ok(Ok(frame))) => frame,
+                    };
+                    Metrics::inc(&self.router.metrics.frames_in_total);
+                    let Some(answer) = self.start(frame, &mut in_flight).await else { continue };
+                    if !self.reply(answer).await {
                         return End::Closed;
                     }
-                    continue;
                 }
-                Ok(Some(Ok(Ok(frame)))) => frame,
-            };
-            Metrics::inc(&self.router.metrics.frames_in_total);
-            let Some(answer) = self.handle(frame).await else { continue };
-            if !self.reply(answer).await {
-                return End::Closed;
             }
         }
     }
 
-    /// Handles one request; returns the answer, if it gets one.
-    async fn handle(&self, frame: Frame) -> Option<Frame> {
+    /// Handles one request: answers it now, or queues a send for its handler decision.
+    async fn start(
+        &self,
+        frame: Frame,
+        in_flight: &mut FuturesOrdered<BoxFuture<'static, Decided>>,
+    ) -> Option<Frame> {
         let id = frame.request_id;
         let result: Result<Body, RouteError> = match frame.body {
             Body::Ping => Ok(Body::Pong),
-            Body::PrivateSend { to, text } => self
-                .router
-                .send_private(&self.user, to, text)
-                .await
-                .map(|message_id| Body::Ack { message_id }),
+            Body::PrivateSend { to, text } => {
+                let submitted = async {
+                    let message = self.router.prepare(&self.user, MessageKind::Private, text)?;
+                    let req = PrivateRequest { message: message.clone(), to };
+                    let pending = self.router.handlers().submit_private(req).await?;
+                    Ok::<_, RouteError>((message, pending))
+                };
+                match submitted.await {
+                    Ok((message, pending)) => {
+                        in_flight.push_back(Box::pin(async move {
+                            Decided::Private { id, message, to, decision: pending.await }
+                        }));
+                        return None;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             Body::GroupSend { text } => {
-                self.router.send_group(&self.user, text).await.map(|(message_id, _)| Body::Ack { message_id })
+                let submitted = async {
+                    let message = self.router.prepare(&self.user, MessageKind::Group, text)?;
+                    let pending = self.router.handlers().submit_group(message.clone()).await?;
+                    Ok::<_, RouteError>((message, pending))
+                };
+                match submitted.await {
+                    Ok((message, pending)) => {
+                        in_flight.push_back(Box::pin(async move {
+                            Decided::Group { id, message, decision: pending.await }
+                        }));
+                        return None;
+                    }
+                    Err(e) => Err(e),
+                }
             }
             Body::OnlineRequest => {
                 self.router.online_for(&self.user).await.map(|users| Body::OnlineResponse { users })
@@ -297,7 +350,25 @@ impl Session {
                 return Some(Frame::error(id, ErrorCode::Unexpected, msg));
             }
         };
-        Some(match result {
+        Some(self.answer(id, result))
+    }
+
+    /// Carries out a handler decision and builds the sender's answer.
+    async fn finish(&self, decided: Decided) -> Frame {
+        match decided {
+            Decided::Private { id, message, to, decision } => {
+                let r = self.router.finish_private(message, to, decision).await;
+                self.answer(id, r.map(|message_id| Body::Ack { message_id }))
+            }
+            Decided::Group { id, message, decision } => {
+                let r = self.router.finish_group(message, decision).await;
+                self.answer(id, r.map(|(message_id, _)| Body::Ack { message_id }))
+            }
+        }
+    }
+
+    fn answer(&self, id: u64, result: Result<Body, RouteError>) -> Frame {
+        match result {
             Ok(body) => Frame::new(id, body),
             Err(e) => {
                 if let RouteError::Handler(h) = &e {
@@ -306,6 +377,15 @@ impl Session {
                 }
                 Frame::error(id, e.code(), e.to_string())
             }
-        })
+        }
     }
+}
+
+/// Most sends of one connection waiting for handler decisions; past it, reading pauses.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// A send with its handler decision, ready to be carried out.
+enum Decided {
+    Private { id: u64, message: Message, to: u64, decision: Result<SendDecision, HandlerError> },
+    Group { id: u64, message: Message, decision: Result<GroupDecision, HandlerError> },
 }

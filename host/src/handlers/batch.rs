@@ -71,16 +71,41 @@ impl<R: Send + 'static, D: Send + 'static> Batcher<R, D> {
         Batcher { event, tx }
     }
 
+    /// Queues one request (waiting only for room in the queue) and returns its future
+    /// decision. Requests submitted one after another are decided in that order or in the
+    /// same batch.
+    pub async fn submit(&self, request: R) -> Result<Pending<D>, HandlerError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send((request, reply)).await.map_err(|_| stopped(self.event))?;
+        Ok(Pending { event: self.event, answer })
+    }
+
     /// Queues one request and waits for its decision.
     pub async fn decide(&self, request: R) -> Result<D, HandlerError> {
-        let (reply, answer) = oneshot::channel();
-        let stopped = || HandlerError {
-            event: self.event,
-            component: "?".into(),
-            reason: "the handler queue is shut down".into(),
-        };
-        self.tx.send((request, reply)).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.submit(request).await?.await
+    }
+}
+
+fn stopped(event: Event) -> HandlerError {
+    HandlerError { event, component: "?".into(), reason: "the handler queue is shut down".into() }
+}
+
+/// A decision on its way.
+#[derive(Debug)]
+pub struct Pending<D> {
+    event: Event,
+    answer: oneshot::Receiver<Result<D, HandlerError>>,
+}
+
+impl<D> std::future::Future for Pending<D> {
+    type Output = Result<D, HandlerError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let event = self.event;
+        std::pin::Pin::new(&mut self.answer).poll(cx).map(|r| r.unwrap_or_else(|_| Err(stopped(event))))
     }
 }
 

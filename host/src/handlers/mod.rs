@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use cim_proto::{MessageKind, User};
 
-use self::batch::Batcher;
+use self::batch::{Batcher, Pending};
 use crate::runtime::Runtime;
 use crate::store::Store;
 
@@ -207,8 +207,18 @@ impl Handlers {
         self.private.decide(req).await
     }
 
+    /// Queues a private message for a decision without waiting for it (for pipelining).
+    pub async fn submit_private(&self, req: PrivateRequest) -> Result<Pending<SendDecision>, HandlerError> {
+        self.private.submit(req).await
+    }
+
     pub async fn group(&self, message: Message) -> Result<GroupDecision, HandlerError> {
         self.group.decide(message).await
+    }
+
+    /// Queues a group message for a decision without waiting for it (for pipelining).
+    pub async fn submit_group(&self, message: Message) -> Result<Pending<GroupDecision>, HandlerError> {
+        self.group.submit(message).await
     }
 
     /// The part of `online` that `caller` may see.

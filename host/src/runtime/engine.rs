@@ -175,7 +175,8 @@ impl Executor {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("cim-wasm")
-            .enable_time()
+            // IO too: host imports may (re)connect to Redis from a guest's call.
+            .enable_all()
             .build()
             .map_err(|e| anyhow::anyhow!("starting the cim-wasm runtime: {e}"))?;
         let handle = runtime.handle().clone();

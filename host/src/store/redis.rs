@@ -19,13 +19,17 @@
 //! a dead node). Key-value keys carry no tag and spread over the cluster.
 
 use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::LazyLock;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cim_proto::User;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, RedisError, Script};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, RedisError, RedisFuture, Script};
 use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
 use tracing::warn;
 
 use super::{Claim, OnlineEntry, StoreError};
@@ -38,6 +42,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one command may wait for its reply. The library default (500 ms) is short for
 /// a reap script or a large `HGETALL` on a busy server.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connection attempts after the first when the shared connection is lost (100 ms, then
+/// 200 ms apart). Commands wait for these attempts, so while Redis is down a request fails
+/// after about 0.3 s instead of the library default's ~7 s (6 retries); the next command
+/// starts a new round, so reconnecting goes on for as long as there is traffic (and the
+/// registry heartbeat is traffic every `ttl / 3`).
+const RECONNECT_RETRIES: usize = 2;
 /// Keys asked of the server per `SCAN` step.
 const SCAN_COUNT: usize = 1000;
 
@@ -204,7 +214,10 @@ pub(crate) fn glob_escape(s: &str) -> String {
 }
 
 /// Every key matching `pattern`, via `SCAN` (never `KEYS`, which blocks the server).
-pub(crate) async fn scan_keys(conn: &ConnectionManager, pattern: &str) -> Result<Vec<String>, RedisError> {
+pub(crate) async fn scan_keys<C>(conn: &C, pattern: &str) -> Result<Vec<String>, RedisError>
+where
+    C: ConnectionLike + Clone + Send,
+{
     let mut conn = conn.clone();
     let mut cursor: u64 = 0;
     let mut keys = BTreeSet::new();
@@ -226,12 +239,60 @@ pub(crate) async fn scan_keys(conn: &ConnectionManager, pattern: &str) -> Result
     }
 }
 
+/// The shared [`ConnectionManager`], driven on the runtime the store was created on
+/// whichever runtime calls it. Handlers' host calls run on the `cim-wasm` runtime, which has
+/// no IO driver, and the manager reconnects (opens a socket, spawns a task) on the runtime
+/// that notices a lost connection: started there, a reconnect panics and poisons the shared
+/// connection for good, so every command is polled with the home runtime entered.
+#[derive(Debug, Clone)]
+struct HomeConn {
+    inner: ConnectionManager,
+    home: Handle,
+}
+
+/// Polls `fut` with `home` entered.
+struct OnHome<F> {
+    home: Handle,
+    fut: F,
+}
+
+impl<F: Future + Unpin> Future for OnHome<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let _entered = this.home.enter();
+        Pin::new(&mut this.fut).poll(cx)
+    }
+}
+
+impl ConnectionLike for HomeConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
+        let home = self.home.clone();
+        Box::pin(OnHome { fut: self.inner.req_packed_command(cmd), home })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        let home = self.home.clone();
+        Box::pin(OnHome { fut: self.inner.req_packed_commands(pipeline, offset, count), home })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
 /// Presence and key-value data in Redis. Cheap to clone: every clone shares one
 /// [`ConnectionManager`], which multiplexes commands and reconnects on its own.
 #[derive(Debug, Clone)]
 pub struct RedisStore {
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: HomeConn,
     keys: RedisKeys,
 }
 
@@ -245,20 +306,23 @@ impl RedisStore {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(RECONNECT_RETRIES)
             .set_max_delay(Duration::from_secs(2));
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(|e| StoreError::Unavailable(format!("connecting to redis at {addr}: {e}")))?;
-        Ok(RedisStore { client, conn, keys })
+        let home = Handle::try_current()
+            .map_err(|e| StoreError::Unavailable(format!("the redis store needs a tokio runtime: {e}")))?;
+        Ok(RedisStore { client, conn: HomeConn { inner: conn, home }, keys })
     }
 
     pub fn keys(&self) -> &RedisKeys {
         &self.keys
     }
 
-    /// The shared connection (a cheap handle).
+    /// The shared connection (a cheap handle), for callers on the store's own runtime.
     pub fn connection(&self) -> ConnectionManager {
-        self.conn.clone()
+        self.conn.inner.clone()
     }
 
     /// The client, for callers that need a dedicated connection (pub/sub).
