@@ -138,5 +138,8 @@ async fn the_chat_page_is_served_at_the_root() {
     let (status, body) = host.http("GET", "/", None).await;
     let html = body.as_str().unwrap();
     assert_eq!(status, 200);
-    assert!(html.starts_with("<!doctype html>") && html.contains("new WebSocket(route.ws_url)"), "{html:.200}");
+    assert!(
+        html.starts_with("<!doctype html>") && html.contains("new WebSocket(route.ws_url)"),
+        "{html:.200}"
+    );
 }

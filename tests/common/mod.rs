@@ -65,7 +65,17 @@ pub fn binary(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let root = root();
         let mut cmd = std::process::Command::new(env!("CARGO"));
-        cmd.current_dir(&root).args(["build", "--quiet", "--bins", "-p", "cim-host", "-p", "cim-client"]);
+        cmd.current_dir(&root).args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "cim-host",
+            "-p",
+            "cim-client",
+            "-p",
+            "cim-bench",
+        ]);
         if dir.file_name().is_some_and(|p| p == "release") {
             cmd.arg("--release");
         }
@@ -347,3 +357,4 @@ pub fn expect_error(body: Body, code: ErrorCode) -> String {
         other => panic!("expected error {code}, got {other:?}"),
     }
 }
+pub mod cluster;

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# cim next to Mosquitto and NATS with the same workload (cim-bench), then docs/BENCHMARKS.md.
+#
+#   bench/compare.sh               # everything, ~5 minutes on 2 cores (after the build)
+#   QUICK=1 bench/compare.sh       # smaller numbers, ~1 minute, to check the script itself
+#   PEERS=running bench/compare.sh # use the Mosquitto/NATS already on :1883/:4222
+#
+# By default the script starts its own Mosquitto and NATS (fresh processes whose pids, memory
+# and configuration are known; Mosquitto with `set_tcp_nodelay true`, as latency tests need)
+# and its own cim-host on port 0 with the embedded store, and stops all three at the end.
+# Servers and generator run at nice -10 when root, so background builds disturb them less.
+# Results (JSON, logs) stay in $RESULTS; the document goes to $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=${QUICK:-0}
+PEERS=${PEERS:-own}
+OUT=${OUT:-docs/BENCHMARKS.md}
+RESULTS=${RESULTS:-$(mktemp -d /tmp/cim-bench.XXXXXX)}
+MQTT_PORT=${MQTT_PORT:-18830}
+NATS_PORT=${NATS_PORT:-14222}
+mkdir -p "$RESULTS"
+
+if [ "$QUICK" = 1 ]; then
+  P2P_MSGS=2000; P2P_RUNS=1; G_SMALL=200; G_SMALL_MSGS=50; G_BIG=2000; G_BIG_MSGS=10
+  C_SMALL=1000; C_BIG=3000; H_CALLS=1000
+else
+  P2P_MSGS=10000; P2P_RUNS=3; G_SMALL=1000; G_SMALL_MSGS=100; G_BIG=10000; G_BIG_MSGS=20
+  C_SMALL=5000; C_BIG=14500; H_CALLS=10000
+fi
+
+NICE=()
+if [ "$(id -u)" = 0 ]; then NICE=(nice -n -10); fi
+log() { printf '\n=== %s\n' "$*" >&2; }
+
+# --- Build ------------------------------------------------------------------------------
+log "building cim-host and cim-bench (release)"
+cargo build --release -p cim-host -p cim-bench
+BENCH=./target/release/cim-bench
+HOST=./target/release/cim-host
+log "building the components"
+if "$HOST" build --help >/dev/null 2>&1; then
+  "$HOST" build
+else
+  (cd components && cargo build --target wasm32-wasip2 --release)
+fi
+
+# --- Servers ------------------------------------------------------------------------------
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+# Thousands of connections per process: soft open-files limit up to the hard one.
+ulimit -n "$(ulimit -Hn)" || true
+
+need() {
+  command -v "$1" >/dev/null && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing $2"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+  fi
+  command -v "$1" >/dev/null || { echo "compare.sh: $1 is missing (Debian package $2)" >&2; exit 1; }
+}
+
+wait_port() { # host port
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "compare.sh: nothing listens on $1:$2" >&2; exit 1
+}
+
+need mosquitto mosquitto
+need nats-server nats-server
+MQTT_VERSION=$( (mosquitto -h 2>&1 || true) | head -1 | awk '{print $3}')
+NATS_VERSION=$( (nats-server --version 2>&1 || true) | awk '{print $2}')
+
+if [ "$PEERS" = running ]; then
+  MQTT_PORT=1883; NATS_PORT=4222
+  wait_port 127.0.0.1 1883; wait_port 127.0.0.1 4222
+  MQTT_PID=$(pgrep -x mosquitto | head -1); NATS_PID=$(pgrep -x nats-server | head -1)
+  PEER_NOTE="the Mosquitto and NATS already running on this machine (their own configuration)"
+else
+  cat >"$RESULTS/mosquitto.conf" <<EOF
+listener $MQTT_PORT 127.0.0.1
+allow_anonymous true
+persistence false
+set_tcp_nodelay true
+log_dest none
+EOF
+  "${NICE[@]}" mosquitto -c "$RESULTS/mosquitto.conf" >"$RESULTS/mosquitto.log" 2>&1 &
+  MQTT_PID=$!; PIDS+=("$MQTT_PID")
+  "${NICE[@]}" nats-server -a 127.0.0.1 -p "$NATS_PORT" >"$RESULTS/nats.log" 2>&1 &
+  NATS_PID=$!; PIDS+=("$NATS_PID")
+  wait_port 127.0.0.1 "$MQTT_PORT"; wait_port 127.0.0.1 "$NATS_PORT"
+  PEER_NOTE="fresh Mosquitto (listener on loopback, no persistence, set_tcp_nodelay true) and NATS (defaults, no JetStream) started by the script"
+fi
+
+log "starting cim-host"
+RUST_LOG=${RUST_LOG:-warn} "${NICE[@]}" "$HOST" up --tcp 127.0.0.1:0 --http 127.0.0.1:0 \
+  --data-dir "$RESULTS/cim-data" >"$RESULTS/cim-host.out" 2>"$RESULTS/cim-host.log" &
+CIM_PID=$!; PIDS+=("$CIM_PID")
+for _ in $(seq 300); do
+  grep -q '^cim-host ready' "$RESULTS/cim-host.out" 2>/dev/null && break
+  kill -0 "$CIM_PID" 2>/dev/null || { cat "$RESULTS/cim-host.log" >&2; exit 1; }
+  sleep 0.1
+done
+READY=$(grep '^cim-host ready' "$RESULTS/cim-host.out") || { echo "cim-host did not get ready" >&2; exit 1; }
+CIM_HTTP=$(sed -n 's/.* http=\([^ ]*\).*/\1/p' <<<"$READY")
+echo "$READY" >&2
+
+TARGETS=("cim cim://$CIM_HTTP $CIM_PID" "mqtt mqtt://127.0.0.1:$MQTT_PORT $MQTT_PID" "nats nats://127.0.0.1:$NATS_PORT $NATS_PID")
+
+bench() { # kind name target pid args...
+  local kind=$1 name=$2 target=$3 pid=$4; shift 4
+  log "$name against $target"
+  "${NICE[@]}" "$BENCH" --target "$target" --server-pid "$pid" --json "$RESULTS/$name-$kind.json" "$@" \
+    || echo "compare.sh: $name against $target failed (continuing)" >&2
+}
+
+# --- Runs (idle connections first, while the servers are fresh) ----------------------------
+for t in "${TARGETS[@]}"; do
+  read -r kind target pid <<<"$t"
+  bench "$kind" "conns-$C_SMALL" "$target" "$pid" conns --n "$C_SMALL"
+  bench "$kind" "conns-$C_BIG" "$target" "$pid" conns --n "$C_BIG"
+done
+for t in "${TARGETS[@]}"; do
+  read -r kind target pid <<<"$t"
+  bench "$kind" p2p "$target" "$pid" p2p --pairs 16 --messages "$P2P_MSGS" --runs "$P2P_RUNS" --half-load
+done
+for t in "${TARGETS[@]}"; do
+  read -r kind target pid <<<"$t"
+  bench "$kind" "group-$G_SMALL" "$target" "$pid" group --users "$G_SMALL" --messages "$G_SMALL_MSGS"
+  bench "$kind" "group-$G_BIG" "$target" "$pid" group --users "$G_BIG" --messages "$G_BIG_MSGS"
+done
+log "handler overhead"
+"${NICE[@]}" "$BENCH" --json "$RESULTS/handler.json" handler --manifest spin.toml --calls "$H_CALLS" \
+  || echo "compare.sh: the handler scenario failed (continuing)" >&2
+
+# --- Report -------------------------------------------------------------------------------
+OBS=()
+[ -f bench/observations.md ] && OBS=(--observations bench/observations.md)
+COMMAND="QUICK=$QUICK PEERS=$PEERS bench/compare.sh   # peers: $PEER_NOTE"
+"$BENCH" report --dir "$RESULTS" --out "$OUT" --command "$COMMAND" "${OBS[@]}" \
+  --version-of "Mosquitto $MQTT_VERSION" --version-of "NATS $NATS_VERSION"
+log "done: $OUT (raw results in $RESULTS)"

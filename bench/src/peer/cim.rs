@@ -1,0 +1,194 @@
+//! cim over raw TCP: `POST /login` on the route API (pooled keep-alive HTTP connections, so
+//! thousands of logins do not exhaust ephemeral ports), then a LOGIN frame, then frames
+//! written in batches by the caller and read by one task per connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bytes::{Bytes, BytesMut};
+use cim_proto::{Body, Frame, FrameCodec};
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::task::JoinHandle;
+use tokio_util::codec::{Encoder, FramedRead};
+
+use super::{Dest, Hooks};
+
+/// How long one login (route call, connect, LOGIN → LOGIN_ACK) may take.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The route API client: one keep-alive connection pool for all logins of a run.
+#[derive(Debug, Clone)]
+pub struct RouteClient {
+    base: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+#[derive(Deserialize)]
+struct RouteAnswer {
+    tcp_addr: String,
+}
+
+impl RouteClient {
+    pub fn new(base: String) -> RouteClient {
+        let http = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build_http();
+        RouteClient { base, http }
+    }
+
+    /// `GET /metrics`: every counter, summed over its labels, by name.
+    pub async fn metrics(&self) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+        let url = format!("{}/metrics", self.base);
+        let uri: hyper::Uri = url.parse()?;
+        let res = self.http.get(uri).await.with_context(|| format!("GET {url}"))?;
+        let bytes = res.into_body().collect().await?.to_bytes();
+        let mut out = std::collections::BTreeMap::new();
+        for line in String::from_utf8_lossy(&bytes).lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, value)) = line.rsplit_once(' ') else { continue };
+            let name = name.split('{').next().unwrap_or(name).to_owned();
+            if let Ok(v) = value.trim().parse::<f64>() {
+                *out.entry(name).or_insert(0.0) += v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// `POST /login`: the TCP address user `id` should connect to.
+    pub async fn login(&self, id: u64, name: &str) -> anyhow::Result<String> {
+        let url = format!("{}/login", self.base);
+        let body = serde_json::json!({ "user_id": id, "user_name": name }).to_string();
+        let req = hyper::Request::post(&url)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        let res = self.http.request(req).await.with_context(|| format!("POST {url}"))?;
+        let status = res.status();
+        let bytes =
+            res.into_body().collect().await.with_context(|| format!("POST {url}: reading"))?.to_bytes();
+        if !status.is_success() {
+            bail!("POST {url} for user {id}: {status}: {}", String::from_utf8_lossy(&bytes));
+        }
+        let answer: RouteAnswer = serde_json::from_slice(&bytes)
+            .with_context(|| format!("POST {url}: unexpected answer {}", String::from_utf8_lossy(&bytes)))?;
+        Ok(answer.tcp_addr)
+    }
+}
+
+/// One logged-in cim connection.
+#[derive(Debug)]
+pub struct Conn {
+    writer: OwnedWriteHalf,
+    codec: FrameCodec,
+    buf: BytesMut,
+    next_request: u64,
+    closing: Arc<AtomicBool>,
+    reader: JoinHandle<()>,
+}
+
+impl Conn {
+    pub async fn connect(route: &RouteClient, id: u64, hooks: Hooks) -> anyhow::Result<Conn> {
+        tokio::time::timeout(LOGIN_TIMEOUT, Self::login(route, id, hooks))
+            .await
+            .with_context(|| format!("user {id}: no login within {LOGIN_TIMEOUT:?}"))?
+    }
+
+    async fn login(route: &RouteClient, id: u64, hooks: Hooks) -> anyhow::Result<Conn> {
+        let name = format!("b{id}");
+        let addr = route.login(id, &name).await?;
+        let stream = TcpStream::connect(&addr).await.with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (read, mut writer) = stream.into_split();
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::with_capacity(4096);
+        codec.encode(Frame::new(1, Body::Login { user_id: id, user_name: name }), &mut buf)?;
+        writer.write_all_buf(&mut buf).await?;
+        let mut frames = FramedRead::new(read, FrameCodec::default());
+        match frames.next().await {
+            Some(Ok(Ok(Frame { body: Body::LoginAck { .. }, .. }))) => {}
+            Some(Ok(Ok(Frame { body: Body::Error { code, message }, .. }))) => {
+                bail!("user {id}: login refused: {code}: {message}")
+            }
+            other => bail!("user {id}: expected LOGIN_ACK, got {other:?}"),
+        }
+        let closing = Arc::new(AtomicBool::new(false));
+        let reader = tokio::spawn(read_loop(frames, hooks, closing.clone(), id));
+        Ok(Conn { writer, codec, buf, next_request: 2, closing, reader })
+    }
+
+    /// Writes one frame per text, in one `write`.
+    pub async fn send(&mut self, dest: Dest, texts: Vec<String>) -> anyhow::Result<()> {
+        for text in texts {
+            let body = match dest {
+                Dest::User(to) => Body::PrivateSend { to, text },
+                Dest::Group => Body::GroupSend { text },
+            };
+            self.codec.encode(Frame::new(self.next_request, body), &mut self.buf)?;
+            self.next_request += 1;
+        }
+        self.writer.write_all_buf(&mut self.buf).await?;
+        Ok(())
+    }
+
+    pub async fn close(mut self) {
+        self.closing.store(true, Ordering::Relaxed);
+        // A half-close: the server sees end-of-stream and ends the session.
+        let _ = self.writer.shutdown().await;
+        // The server closes its side when it sees ours; do not wait long for it.
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.reader).await.is_err() {
+            self.reader.abort();
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+async fn read_loop(
+    mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    hooks: Hooks,
+    closing: Arc<AtomicBool>,
+    id: u64,
+) {
+    while let Some(item) = frames.next().await {
+        match item {
+            Ok(Ok(frame)) => match frame.body {
+                Body::Delivery(d) => {
+                    if let Some(f) = &hooks.on_message {
+                        f(d.text.as_bytes());
+                    }
+                }
+                Body::Error { code, message } => {
+                    hooks.errors.push(format!("user {id}: request {}: {code}: {message}", frame.request_id));
+                    if let Some(f) = &hooks.on_failed {
+                        f();
+                    }
+                }
+                Body::Kick { code, reason } if !closing.load(Ordering::Relaxed) => {
+                    hooks.errors.push(format!("user {id}: kicked: {code}: {reason}"));
+                }
+                // ACKs of our sends, PONGs, a kick while we close: nothing to do.
+                _ => {}
+            },
+            Ok(Err(e)) => hooks.errors.push(format!("user {id}: bad frame from the server: {e}")),
+            Err(e) => {
+                if !closing.load(Ordering::Relaxed) {
+                    hooks.errors.push(format!("user {id}: connection failed: {e}"));
+                }
+                return;
+            }
+        }
+    }
+    if !closing.load(Ordering::Relaxed) {
+        hooks.errors.push(format!("user {id}: the server closed the connection"));
+    }
+}

@@ -1,0 +1,34 @@
+//! cim-bench's smoke mode against a real cim-host on port 0: p2p (max and half load),
+//! group, idle connections and the handler scenario with tiny numbers, so the tool cannot
+//! rot. It checks that nothing is lost and no request fails; it makes no timing assertions.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Host, binary, root};
+
+#[tokio::test]
+async fn bench_smoke_against_a_real_host() -> anyhow::Result<()> {
+    let host = Host::start(&[]).await?;
+    let pid = host.child.id().expect("the host's pid");
+    let run = tokio::process::Command::new(binary("cim-bench"))
+        .arg("--target")
+        .arg(format!("cim://{}", host.http))
+        .arg("--server-pid")
+        .arg(pid.to_string())
+        .args(["--json", "-", "smoke", "--manifest"])
+        .arg(root().join("spin.toml"))
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run).await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "cim-bench smoke failed:\n{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["scenario"], "smoke", "{report:#}");
+    let checks = report["checks"].as_array().expect("a list of checks");
+    let names: Vec<&str> = checks.iter().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(names, ["p2p", "group", "conns", "handler"], "{report:#}");
+    assert!(checks.iter().all(|c| c["ok"] == true), "{report:#}\n{stderr}");
+    assert!(report["server_counters"]["cim_messages_total"].as_f64().unwrap_or(0.0) > 0.0);
+    Ok(())
+}

@@ -1,0 +1,356 @@
+//! Several `cim-host` nodes on Redis behaving as one IM: route logins spread users over
+//! nodes, messages and the online list cross nodes, duplicate logins are refused
+//! cluster-wide; a SIGKILLed node's clients move to survivors; a Redis restart is survived
+//! without restarting anything; a component pushed to one node runs on all of them.
+//!
+//! Each test uses its own key prefix, so they run in parallel against one Redis
+//! (`CIM_TEST_REDIS`, default 127.0.0.1:6379); the Redis restart test runs its own server.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use cim_client::ClientEvent;
+use cim_proto::{Body, ErrorCode, Frame};
+use common::cluster::{
+    Cim, Cluster, OwnRedis, SdkUser, active_sha, cim_host_cli, http, online_nodes, redis_url,
+    wait_online_nodes,
+};
+use common::{ADMIN_TOKEN, DEADLINE, Host, RawClient, component, expect_error, wait_for};
+
+const NAMES: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "frank"];
+
+fn login_body(id: u64, name: &str) -> String {
+    format!(r#"{{"user_id":{id},"user_name":"{name}"}}"#)
+}
+
+/// Three nodes; six `cim` terminal clients log in through node A's route API and land on
+/// several nodes; group and private messages cross nodes; every node and every client sees
+/// all six online; a second login of an online user is refused on any node.
+#[tokio::test]
+async fn three_nodes_act_as_one_im() {
+    let started = Instant::now();
+    let cluster = Cluster::start(&redis_url(), &["node-a", "node-b", "node-c"], 2, &[]).await;
+    let a = cluster.node("node-a");
+
+    let mut cims = Vec::new();
+    let mut landed = BTreeMap::new();
+    for (i, name) in NAMES.iter().enumerate() {
+        let id = i as u64 + 1;
+        let (cim, node) = Cim::start(&a.route(), id, name).await;
+        landed.insert(id, node);
+        cims.push(cim);
+    }
+    let used: BTreeSet<&String> = landed.values().collect();
+    eprintln!("placement by consistent hash: {landed:?}");
+    assert!(used.len() >= 2, "all six users landed on one node: {landed:?}");
+
+    // Every node's route API lists all six, each on the node it landed on.
+    for host in &cluster.nodes {
+        assert_eq!(online_nodes(host).await, landed, "GET /online on {}", host.node_id);
+    }
+    // :olu (the protocol's online request) on every client shows all six.
+    let expected: Vec<String> = NAMES.iter().enumerate().map(|(i, n)| format!("{} {n}", i + 1)).collect();
+    for cim in &mut cims {
+        assert_eq!(cim.online(6).await, expected);
+    }
+
+    // A group line reaches the five others, wherever they are.
+    cims[0].type_line("hello cluster").await;
+    for cim in &mut cims[1..] {
+        assert_eq!(cim.line().await, "[group] alice(1): hello cluster");
+    }
+    // Private messages around the ring (some of them cross nodes, since two nodes are used).
+    for i in 0..6 {
+        let (from, to) = (i, (i + 1) % 6);
+        cims[from].type_line(&format!("{};;psst from {}", to + 1, NAMES[from])).await;
+        let line = cims[to].line().await;
+        assert_eq!(line, format!("[private] {}({}): psst from {}", NAMES[from], from + 1, NAMES[from]));
+    }
+
+    // Duplicate login, on a node other than the user's: the route API says 409...
+    let home = &landed[&1];
+    let other = cluster.nodes.iter().find(|h| &h.node_id != home).unwrap();
+    let (status, body) = http(other, "POST", "/login", Some(&login_body(1, "alice-again"))).await;
+    assert_eq!((status, body["error"].as_str()), (409, Some("duplicate_login")), "{body}");
+    // ...and a LOGIN frame sent straight to that node gets DUPLICATE_LOGIN.
+    let mut raw = RawClient::tcp(other).await;
+    raw.send(Frame::new(1, Body::Login { user_id: 1, user_name: "alice-again".into() })).await;
+    match raw.frame().await.body {
+        Body::Error { code, message } => {
+            assert_eq!(code, ErrorCode::DuplicateLogin, "{message}");
+        }
+        other => panic!("expected a DUPLICATE_LOGIN error, got {other:?}"),
+    }
+    // The terminal client says so and exits non-zero.
+    let mut dup = Cim::spawn(&other.route(), 1, "alice-again");
+    let line = dup.line().await;
+    assert!(line.starts_with("error:") && line.contains("already online"), "{line}");
+    assert_ne!(dup.exit_code().await, 0);
+    for host in &cluster.nodes {
+        assert_eq!(online_nodes(host).await, landed, "the refused logins changed nothing");
+    }
+
+    // Quitting takes everyone offline everywhere.
+    for cim in &mut cims {
+        cim.type_line(":q").await;
+        assert_eq!(cim.exit_code().await, 0);
+    }
+    for host in &cluster.nodes {
+        wait_online_nodes(host, &BTreeMap::new()).await;
+    }
+    eprintln!("three_nodes_act_as_one_im: {:?}", started.elapsed());
+}
+
+/// SIGKILL one node: its SDK clients reconnect through the route to survivors by
+/// themselves and chat again; the survivors drop the dead node's routes within about two
+/// TTLs; the survivors keep running.
+#[tokio::test]
+async fn a_killed_node_s_clients_move_to_survivors() {
+    let started = Instant::now();
+    let mut cluster = Cluster::start(&redis_url(), &["node-a", "node-b", "node-c"], 2, &[]).await;
+    let route = cluster.node("node-a").route();
+    let mut users = Vec::new();
+    for (i, name) in NAMES.iter().enumerate() {
+        users.push(SdkUser::login(&route, i as u64 + 1, name).await);
+    }
+    let placement: BTreeMap<u64, String> = users.iter().map(|u| (u.id, u.client.node_id())).collect();
+    eprintln!("placement: {placement:?}");
+    // The victim: the node other than the route's with the most users.
+    let victim = ["node-b", "node-c"]
+        .into_iter()
+        .max_by_key(|n| placement.values().filter(|v| v == n).count())
+        .unwrap()
+        .to_owned();
+    let moved: Vec<u64> = placement.iter().filter(|(_, n)| **n == victim).map(|(id, _)| *id).collect();
+    assert!(!moved.is_empty(), "nobody landed on node-b or node-c: {placement:?}");
+    for host in &cluster.nodes {
+        wait_online_nodes(host, &placement).await;
+    }
+
+    // Before: a message to a user on the victim carries its server-assigned id end to end.
+    let (target, sender) =
+        (moved[0], placement.iter().find(|(_, n)| **n != victim).map(|(id, _)| *id).unwrap());
+    let id = users[sender as usize - 1].client.send_private(target, "before").await.unwrap();
+    let d = users[target as usize - 1].delivery().await;
+    assert_eq!((d.message_id, d.sender.id, d.text.as_str()), (id, sender, "before"));
+
+    let killed_at = Instant::now();
+    cluster.node_mut(&victim).child.kill().await.unwrap();
+
+    // The survivors drop the dead node's routes (registry TTL, then a survivor reaps).
+    let survivors: Vec<&Host> = cluster.nodes.iter().filter(|h| h.node_id != victim).collect();
+    for host in &survivors {
+        wait_for(&format!("{} to forget the routes of {victim}", host.node_id), || async {
+            (!online_nodes(host).await.values().any(|n| *n == victim)).then_some(())
+        })
+        .await;
+    }
+    let forgotten = killed_at.elapsed();
+    eprintln!("stale routes of {victim} gone from GET /online after {forgotten:?}");
+    assert!(forgotten <= 3 * cluster.ttl, "stale routes lasted {forgotten:?} (ttl {:?})", cluster.ttl);
+
+    // Its clients reconnect through the route to a survivor, by themselves.
+    for id in &moved {
+        let user = &mut users[*id as usize - 1];
+        let event = user.event(DEADLINE, |e| matches!(e, ClientEvent::Reconnected { .. })).await;
+        let ClientEvent::Reconnected { node_id } = event else { unreachable!() };
+        assert_ne!(node_id, victim, "user {id} reconnected to the dead node");
+        assert_eq!(user.client.node_id(), node_id);
+    }
+    eprintln!("all {} clients of {victim} reconnected after {:?}", moved.len(), killed_at.elapsed());
+    let now: BTreeMap<u64, String> = users.iter().map(|u| (u.id, u.client.node_id())).collect();
+    assert!(now.values().all(|n| *n != victim), "{now:?}");
+    for host in &survivors {
+        wait_online_nodes(host, &now).await;
+    }
+
+    // They chat again: a moved user to everyone in the group, and privately across nodes.
+    let mover = moved[0] as usize - 1;
+    let gid = users[mover].client.send_group("back again").await.unwrap();
+    for (i, user) in users.iter_mut().enumerate() {
+        if i != mover {
+            let d = user.delivery().await;
+            assert_eq!((d.message_id, d.sender.id, d.text.as_str()), (gid, moved[0], "back again"));
+        }
+    }
+    for id in &moved {
+        let to = if *id == 1 { 2 } else { 1 };
+        let mid = users[*id as usize - 1].client.send_private(to, format!("hi from {id}")).await.unwrap();
+        let d = users[to as usize - 1].delivery().await;
+        assert_eq!((d.message_id, d.text), (mid, format!("hi from {id}")));
+    }
+    for user in &mut users {
+        user.assert_no_delivery();
+    }
+
+    // Nothing crashed.
+    let victim_host = cluster.nodes.iter().position(|h| h.node_id == victim).unwrap();
+    cluster.nodes.remove(victim_host);
+    cluster.assert_all_running();
+    for host in &cluster.nodes {
+        let (status, body) = http(host, "GET", "/healthz", None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    eprintln!("a_killed_node_s_clients_move_to_survivors: {:?}", started.elapsed());
+}
+
+/// Redis stopped for 5 s and started again, empty: meanwhile requests that need it fail
+/// with a clear error and sessions stay up; afterwards the nodes, not restarted, put their
+/// users back online and chat resumes across nodes.
+#[tokio::test]
+async fn nodes_recover_from_a_redis_restart_by_themselves() {
+    let started = Instant::now();
+    let mut redis = OwnRedis::start().await;
+    let mut cluster = Cluster::start(&redis.url(), &["node-a", "node-b"], 2, &[]).await;
+    let (a, b) = (cluster.node("node-a"), cluster.node("node-b"));
+    let mut u1 = RawClient::login_tcp(a, 1, "alice").await;
+    let mut u2 = RawClient::login_tcp(a, 2, "bob").await;
+    let mut u3 = RawClient::login_tcp(b, 3, "carol").await;
+    let mut u4 = RawClient::login_tcp(b, 4, "dave").await;
+    let placement: BTreeMap<u64, String> =
+        [(1, "node-a"), (2, "node-a"), (3, "node-b"), (4, "node-b")].map(|(u, n)| (u, n.to_owned())).into();
+    wait_online_nodes(a, &placement).await;
+    assert!(matches!(
+        u1.request(10, Body::PrivateSend { to: 3, text: "before".into() }).await,
+        Body::Ack { .. }
+    ));
+    assert_eq!(u3.delivery().await.text, "before");
+
+    redis.stop().await;
+    let stopped_at = Instant::now();
+
+    // Requests that need Redis get a clear error...
+    for host in [a, b] {
+        wait_for(&format!("route login on {} to answer 503", host.node_id), || async {
+            let (status, body) = http(host, "POST", "/login", Some(&login_body(9, "zed"))).await;
+            (status == 503).then_some(body)
+        })
+        .await;
+        let (status, body) = http(host, "POST", "/login", Some(&login_body(9, "zed"))).await;
+        assert_eq!((status, body["error"].as_str()), (503, Some("unavailable")), "{body}");
+        assert!(body["message"].as_str().unwrap().contains("redis"), "{body}");
+        let (status, body) = http(host, "GET", "/online", None).await;
+        assert_eq!((status, body["error"].as_str()), (503, Some("unavailable")), "{body}");
+    }
+    let answer = u1.request(11, Body::GroupSend { text: "anyone?".into() }).await;
+    let message = expect_error(answer, ErrorCode::Unavailable);
+    assert!(message.contains("redis"), "{message}");
+    // ...and the sessions stay up.
+    for c in [&mut u1, &mut u2, &mut u3, &mut u4] {
+        assert!(matches!(c.request(20, Body::Ping).await, Body::Pong));
+    }
+    tokio::time::sleep_until((stopped_at + Duration::from_secs(5)).into()).await;
+    for c in [&mut u1, &mut u2, &mut u3, &mut u4] {
+        assert!(matches!(c.request(21, Body::Ping).await, Body::Pong));
+    }
+    cluster.assert_all_running();
+
+    // Redis comes back with nothing in it.
+    redis.start_again().await;
+    let restarted_at = Instant::now();
+    let (a, b) = (cluster.node("node-a"), cluster.node("node-b"));
+    for host in [a, b] {
+        wait_online_nodes(host, &placement).await;
+    }
+    eprintln!("online entries re-published {:?} after Redis restarted", restarted_at.elapsed());
+
+    // Chat resumes across nodes once each node listens on its inbox again (a message
+    // published before that is refused with UNAVAILABLE, so retrying is safe).
+    async fn private_until_accepted(from: &mut RawClient, to: u64, text: &str) {
+        let deadline = Instant::now() + DEADLINE;
+        for req in 100.. {
+            match from.request(req, Body::PrivateSend { to, text: text.into() }).await {
+                Body::Ack { .. } => return,
+                Body::Error { code: ErrorCode::Unavailable, .. } => {}
+                other => panic!("unexpected answer {other:?}"),
+            }
+            assert!(Instant::now() < deadline, "a private message to {to} was not accepted in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    private_until_accepted(&mut u1, 3, "a to b").await;
+    assert_eq!(u3.delivery().await.text, "a to b");
+    private_until_accepted(&mut u4, 2, "b to a").await;
+    assert_eq!(u2.delivery().await.text, "b to a");
+    eprintln!("cross-node chat resumed {:?} after Redis restarted", restarted_at.elapsed());
+    assert!(matches!(u2.request(200, Body::GroupSend { text: "all back".into() }).await, Body::Ack { .. }));
+    for c in [&mut u1, &mut u3, &mut u4] {
+        let d = c.delivery().await;
+        assert_eq!((d.sender.id, d.text.as_str()), (2, "all back"));
+    }
+    // New route logins work again.
+    let (status, body) = http(b, "POST", "/login", Some(&login_body(9, "zed"))).await;
+    assert_eq!(status, 200, "{body}");
+    cluster.assert_all_running();
+    eprintln!("nodes_recover_from_a_redis_restart_by_themselves: {:?}", started.elapsed());
+}
+
+/// `cim-host push` to node A: nodes B and C run the new version within a second (same
+/// sha256 in every node's admin API; a group message from B arrives masked on C); a
+/// rollback on C reaches every node the same way.
+#[tokio::test]
+async fn a_component_pushed_to_one_node_runs_on_all() {
+    let started = Instant::now();
+    let cluster = Cluster::start(&redis_url(), &["node-a", "node-b", "node-c"], 2, &[]).await;
+    let (a, b, c) = (cluster.node("node-a"), cluster.node("node-b"), cluster.node("node-c"));
+    let mut on_a = RawClient::login_tcp(a, 1, "alice").await;
+    let mut on_b = RawClient::login_tcp(b, 2, "bob").await;
+    let mut on_c = RawClient::login_tcp(c, 3, "carol").await;
+    let original = active_sha(a, "group").await;
+    for host in [b, c] {
+        assert_eq!(active_sha(host, "group").await, original);
+    }
+
+    let wasm = component("word_filter");
+    let out = cim_host_cli(&[
+        "push",
+        "group-send",
+        wasm.to_str().unwrap(),
+        "--to",
+        &a.route(),
+        "--token",
+        ADMIN_TOKEN,
+    ]);
+    let pushed_at = Instant::now();
+    assert!(out.starts_with("pushed group-send"), "{out}");
+    let pushed = active_sha(a, "group").await;
+    assert_ne!(pushed, original);
+    assert!(out.contains(&pushed), "{out} should name {pushed}");
+    for host in [b, c] {
+        wait_for(&format!("{} to run the pushed version", host.node_id), || async {
+            (active_sha(host, "group").await == pushed).then_some(())
+        })
+        .await;
+    }
+    let took = pushed_at.elapsed();
+    eprintln!("nodes B and C run the pushed version {took:?} after the push returned");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+
+    // spin.toml gives the filter blocked_words = "darn,heck".
+    assert!(matches!(
+        on_b.request(10, Body::GroupSend { text: "darn it, Heck!".into() }).await,
+        Body::Ack { .. }
+    ));
+    assert_eq!(on_c.delivery().await.text, "**** it, ****!");
+    assert_eq!(on_a.delivery().await.text, "**** it, ****!");
+
+    // Rolled back on C: every node follows.
+    let out = cim_host_cli(&["rollback", "group-send", "--to", &c.route(), "--token", ADMIN_TOKEN]);
+    let rolled_at = Instant::now();
+    assert!(out.starts_with("rolled back to"), "{out}");
+    for host in [a, b, c] {
+        wait_for(&format!("{} to run the original version", host.node_id), || async {
+            (active_sha(host, "group").await == original).then_some(())
+        })
+        .await;
+    }
+    let took = rolled_at.elapsed();
+    eprintln!("every node runs the original version {took:?} after the rollback returned");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(matches!(on_b.request(11, Body::GroupSend { text: "darn".into() }).await, Body::Ack { .. }));
+    assert_eq!(on_c.delivery().await.text, "darn");
+    assert_eq!(on_a.delivery().await.text, "darn");
+    eprintln!("a_component_pushed_to_one_node_runs_on_all: {:?}", started.elapsed());
+}
