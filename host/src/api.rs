@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::handlers::builtin::{HISTORY_STORE, history_key};
+use crate::handlers::builtin::{GROUP_HISTORY_KEY, HISTORY_LEN, HISTORY_STORE, history_key};
 use crate::router::RouteError;
 use crate::transport::Sessions;
 use crate::transport::ws::{self, UpgradeError};
@@ -154,20 +154,24 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, s: &Sessions) -> Result
             let id: u64 = path["/history/".len()..].parse().map_err(|_| {
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "expected /history/<user id>")
             })?;
-            let entries = router
-                .store()
-                .kv_range(HISTORY_STORE, &history_key(id), 0, -1)
-                .await
-                .map_err(RouteError::from)?;
+            let store = router.store();
+            let mine =
+                store.kv_range(HISTORY_STORE, &history_key(id), 0, -1).await.map_err(RouteError::from)?;
+            let group =
+                store.kv_range(HISTORY_STORE, GROUP_HISTORY_KEY, 0, -1).await.map_err(RouteError::from)?;
             // Entries are JSON written by the message callback; anything else is shown as text.
-            let messages: Vec<serde_json::Value> = entries
+            let mut messages: Vec<serde_json::Value> = mine
                 .iter()
+                .chain(&group)
                 .map(|e| {
                     serde_json::from_slice(e).unwrap_or_else(|_| {
                         serde_json::Value::String(String::from_utf8_lossy(e).into_owned())
                     })
                 })
                 .collect();
+            // Newest first across both lists (message ids increase with time).
+            messages.sort_by_key(|m| std::cmp::Reverse(m["id"].as_u64().unwrap_or(0)));
+            messages.truncate(HISTORY_LEN);
             ok(json!({ "user_id": id, "messages": messages }))
         }
         (&Method::POST, "/login") => {

@@ -1,6 +1,9 @@
-//! Default message callback: appends every delivered message to the history of its sender and
-//! of each recipient, in key-value store `default` under `history:<user-id>`, newest first,
-//! capped at [`HISTORY_LEN`] entries.
+//! Default message callback: keeps message history in key-value store `default`, newest first,
+//! capped at [`HISTORY_LEN`] entries per list. A private message goes to the history of its
+//! sender and of its receiver (`history:<user-id>`); a group message goes once to the group's
+//! history (`history:group`) — written once whatever the size of the group, so a message to
+//! 10,000 users costs one append, not 10,000. A user's history is their list merged with the
+//! group's (`GET /history/<user-id>` does that).
 //!
 //! Each entry is one UTF-8 JSON object (the format is part of the contract, documented in
 //! `wit/callback-handler.wit`):
@@ -27,8 +30,7 @@ impl Guest for MessageCallback {
     fn on_delivered(batch: Vec<Delivered>) {
         for delivered in &batch {
             let entry = history_entry(&delivered.message, &delivered.recipients);
-            for user in history_owners(delivered) {
-                let key = format!("history:{user}");
+            for key in history_keys(delivered) {
                 match key_value::append(STORE, &key, entry.as_bytes(), HISTORY_LEN) {
                     Ok(()) => {}
                     // Same value for every owner: skip this message, keep the rest of the batch.
@@ -55,16 +57,19 @@ impl Guest for MessageCallback {
 
 export!(MessageCallback);
 
-/// The users whose history gets this message: the sender, then each recipient, once each.
-fn history_owners(delivered: &Delivered) -> Vec<u64> {
-    let mut owners = Vec::with_capacity(delivered.recipients.len() + 1);
-    owners.push(delivered.message.sender.id);
+/// The history lists that get this message: `history:group` for a group message; for a
+/// private one, the sender's and each receiver's, once each.
+fn history_keys(delivered: &Delivered) -> Vec<String> {
+    if delivered.message.kind == MessageKind::Group {
+        return vec!["history:group".to_owned()];
+    }
+    let mut owners = vec![delivered.message.sender.id];
     for &user in &delivered.recipients {
         if !owners.contains(&user) {
             owners.push(user);
         }
     }
-    owners
+    owners.into_iter().map(|u| format!("history:{u}")).collect()
 }
 
 /// The JSON history entry for a message (see the module docs).
@@ -146,8 +151,10 @@ mod tests {
     }
 
     #[test]
-    fn owners_are_sender_then_recipients_once() {
-        let delivered = Delivered { message: message(MessageKind::Group, "x"), recipients: vec![3, 1, 2, 3] };
-        assert_eq!(history_owners(&delivered), [1, 3, 2]);
+    fn private_goes_to_sender_and_receivers_once_group_to_the_group() {
+        let private = Delivered { message: message(MessageKind::Private, "x"), recipients: vec![3, 1, 3] };
+        assert_eq!(history_keys(&private), ["history:1", "history:3"]);
+        let group = Delivered { message: message(MessageKind::Group, "x"), recipients: vec![3, 1, 2] };
+        assert_eq!(history_keys(&group), ["history:group"]);
     }
 }

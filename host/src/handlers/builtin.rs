@@ -12,10 +12,13 @@ use crate::store::StoreError;
 pub const HISTORY_STORE: &str = "default";
 pub const HISTORY_LEN: usize = 100;
 
-/// The history key of one user.
+/// The history key of one user (their private messages).
 pub fn history_key(user_id: u64) -> String {
     format!("history:{user_id}")
 }
+
+/// The history key of the group: each group message is written once, here.
+pub const GROUP_HISTORY_KEY: &str = "history:group";
 
 pub fn login(_req: &LoginRequest) -> LoginDecision {
     LoginDecision::Accept

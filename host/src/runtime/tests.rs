@@ -244,16 +244,23 @@ async fn the_callback_appends_history_to_the_store() {
         Delivered { message: message(8, 2, MessageKind::Group, "all"), recipients: vec![1] },
     ];
     rt.callback(&ctx, batch).await.expect("callback");
-    let history = ctx.store().kv_range("default", "history:2", 0, -1).await.expect("range");
-    let entries: Vec<String> = history.into_iter().map(|e| String::from_utf8(e).expect("utf-8")).collect();
+    let read = |key: &'static str| {
+        let ctx = ctx.clone();
+        async move {
+            let list = ctx.store().kv_range("default", key, 0, -1).await.expect("range");
+            list.into_iter().map(|e| String::from_utf8(e).expect("utf-8")).collect::<Vec<String>>()
+        }
+    };
+    // Private: the sender's and the receiver's history; group: once, the group's history.
+    let private = r#"{"id":7,"timestamp_ms":1767225600000,"kind":"private","sender":{"id":1,"name":"user1"},"to":[2],"text":"hi"}"#;
+    assert_eq!(read("history:1").await, [private]);
+    assert_eq!(read("history:2").await, [private]);
     assert_eq!(
-        entries,
+        read("history:group").await,
         [
-            r#"{"id":8,"timestamp_ms":1767225600000,"kind":"group","sender":{"id":2,"name":"user2"},"text":"all"}"#,
-            r#"{"id":7,"timestamp_ms":1767225600000,"kind":"private","sender":{"id":1,"name":"user1"},"to":[2],"text":"hi"}"#,
+            r#"{"id":8,"timestamp_ms":1767225600000,"kind":"group","sender":{"id":2,"name":"user2"},"text":"all"}"#
         ]
     );
-    assert_eq!(ctx.store().kv_range("default", "history:1", 0, -1).await.expect("range").len(), 2);
 }
 
 #[tokio::test]
