@@ -57,7 +57,7 @@ where
 {
     let codec = FrameCodec::new(max_frame);
     let (read, write) = tokio::io::split(io);
-    let sink = FramedWrite::new(write, codec.clone()).sink_map_err(codec_error);
+    let sink = SinkExt::<Frame>::sink_map_err(FramedWrite::new(write, codec.clone()), codec_error);
     let stream = FramedRead::new(read, codec).map(|item| item.map_err(codec_error));
     (Box::pin(sink), Box::pin(stream))
 }

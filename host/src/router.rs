@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cim_proto::{Body, Delivery, ErrorCode, Frame, MessageKind, User};
+use cim_proto::{Body, Delivery, Encoded, ErrorCode, Frame, MessageKind, User};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -76,7 +76,7 @@ pub struct Closer {
 /// The last frame a closing connection gets.
 #[derive(Debug, Clone)]
 pub struct Closing {
-    pub frame: Frame,
+    pub frame: Encoded,
     /// Deliver what is already queued first (not for a slow consumer, whose queue is the
     /// problem).
     pub drain: bool,
@@ -90,7 +90,7 @@ impl Closer {
 
     /// Closes the connection; the first reason given wins.
     pub fn close(&self, code: ErrorCode, reason: impl Into<String>, drain: bool) {
-        let frame = Frame::push(Body::Kick { code, reason: reason.into() });
+        let frame = Encoded::from(Frame::push(Body::Kick { code, reason: reason.into() }));
         let _ = self.reason.set(Closing { frame, drain });
         self.token.cancel();
     }
@@ -119,7 +119,7 @@ pub struct LocalConn {
     pub conn_id: u64,
     pub user: User,
     /// The connection's bounded outbound queue.
-    pub tx: mpsc::Sender<Frame>,
+    pub tx: mpsc::Sender<Encoded>,
     /// Closes the connection (kick, slow consumer, shutdown).
     pub closer: Closer,
 }
@@ -127,7 +127,7 @@ pub struct LocalConn {
 impl LocalConn {
     /// Queues a frame without waiting. A full queue means the client cannot keep up: it is
     /// disconnected rather than allowed to hold up the sender.
-    fn offer(&self, frame: Frame, metrics: &Metrics) -> bool {
+    fn offer(&self, frame: Encoded, metrics: &Metrics) -> bool {
         match self.tx.try_send(frame) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -368,14 +368,19 @@ impl Router {
         Message { id: self.ids.next(), sender: sender.clone(), kind, text, timestamp_ms: now_ms() }
     }
 
-    fn delivery_frame(message: &Message) -> Frame {
-        Frame::push(Body::Delivery(Delivery {
+    fn delivery(message: &Message) -> Delivery {
+        Delivery {
             message_id: message.id,
             sender: message.sender.clone(),
             kind: message.kind,
             text: message.text.clone(),
             timestamp_ms: message.timestamp_ms,
-        }))
+        }
+    }
+
+    /// A delivery encoded once, for every recipient's queue.
+    fn encode_delivery(delivery: Delivery) -> Encoded {
+        Encoded::from(Frame::push(Body::Delivery(delivery)))
     }
 
     /// Sends `text` from `sender` to user `to`; returns the message id.
@@ -404,19 +409,20 @@ impl Router {
             SendDecision::Rewrite(text) => message.text = self.checked_rewrite(Event::Private, text)?,
             SendDecision::Reject(reason) => return Err(RouteError::Rejected(reason)),
         }
-        let frame = Self::delivery_frame(&message);
+        let delivery = Self::delivery(&message);
         let conn = self.local().get(&to).cloned();
         match (conn, self.cluster.get()) {
             (Some(conn), _) => {
-                if !conn.offer(frame, &self.metrics) {
+                if !conn.offer(Self::encode_delivery(delivery), &self.metrics) {
                     return Err(RouteError::UserOffline(to));
                 }
             }
             (None, Some(cluster)) => match self.store().lookup(to).await? {
                 Some(e) if e.node_id != self.config.node_id => {
-                    let Body::Delivery(d) = &frame.body else { unreachable!("delivery_frame") };
-                    let msg =
-                        ClusterMessage::Deliver { recipients: vec![to], delivery: BusDelivery::from(d) };
+                    let msg = ClusterMessage::Deliver {
+                        recipients: vec![to],
+                        delivery: BusDelivery::from(&delivery),
+                    };
                     if cluster.bus.publish(&e.node_id, &msg).await? == 0 {
                         return Err(RouteError::Store(StoreError::Unavailable(format!(
                             "user {to} is on node {} which does not answer",
@@ -455,7 +461,8 @@ impl Router {
             SendDecision::Rewrite(text) => message.text = self.checked_rewrite(Event::Group, text)?,
             SendDecision::Reject(reason) => return Err(RouteError::Rejected(reason)),
         }
-        let frame = Self::delivery_frame(&message);
+        let delivery = Self::delivery(&message);
+        let frame = Self::encode_delivery(delivery.clone());
         // Remote recipients first: if the store cannot be read, nothing is delivered at all.
         let remote = self.remote_recipients(sender.id, &decision.recipients).await?;
         let targets: Vec<LocalConn> = {
@@ -475,8 +482,7 @@ impl Router {
         }
         self.metrics.deliveries_total.fetch_add(recipients.len() as u64, Ordering::Relaxed);
         if let Some(cluster) = self.cluster.get() {
-            let Body::Delivery(d) = &frame.body else { unreachable!("delivery_frame") };
-            let delivery = BusDelivery::from(d);
+            let delivery = BusDelivery::from(&delivery);
             // One publish per node that holds recipients, not one per user.
             for (node, ids) in remote {
                 let msg = ClusterMessage::Deliver { recipients: ids.clone(), delivery: delivery.clone() };
@@ -521,7 +527,7 @@ impl Router {
 
     /// Delivers a message another node routed here to its local recipients.
     pub fn deliver_local(&self, recipients: &[u64], delivery: Delivery) {
-        let frame = Frame::push(Body::Delivery(delivery));
+        let frame = Self::encode_delivery(delivery);
         let conns: Vec<LocalConn> = {
             let local = self.local();
             recipients.iter().filter_map(|id| local.get(id).cloned()).collect()

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cim_proto::{Body, CodecError, ErrorCode, Frame, FrameError, MessageKind, User};
+use cim_proto::{Body, CodecError, Encoded, ErrorCode, Frame, FrameError, MessageKind, User};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -55,7 +55,7 @@ pub async fn run<St, Si>(
     shutdown: CancellationToken,
 ) where
     St: Stream<Item = Inbound> + Unpin + Send,
-    Si: Sink<Frame, Error = CodecError> + Unpin + Send + 'static,
+    Si: Sink<Encoded, Error = CodecError> + Unpin + Send + 'static,
 {
     let conn_id = router.next_conn_id();
     let span = info_span!("session", conn = conn_id, %peer, user = tracing::field::Empty);
@@ -70,7 +70,7 @@ async fn run_inner<St, Si>(
     shutdown: CancellationToken,
 ) where
     St: Stream<Item = Inbound> + Unpin + Send,
-    Si: Sink<Frame, Error = CodecError> + Unpin + Send + 'static,
+    Si: Sink<Encoded, Error = CodecError> + Unpin + Send + 'static,
 {
     let config = router.config().clone();
     // --- Login handshake: the first frame must be LOGIN.
@@ -135,12 +135,12 @@ async fn run_inner<St, Si>(
 /// Answers a connection that failed before login, then closes it.
 async fn refuse<Si>(sink: &mut Si, request_id: u64, code: ErrorCode, message: String)
 where
-    Si: Sink<Frame, Error = CodecError> + Unpin,
+    Si: Sink<Encoded, Error = CodecError> + Unpin,
 {
     debug!(%code, %message, "refusing connection");
     let frame = Frame::error(request_id, code, message);
     let _ = tokio::time::timeout(CLOSE_FLUSH, async {
-        sink.send(frame).await?;
+        sink.send(Encoded::from(frame)).await?;
         sink.close().await
     })
     .await;
@@ -148,7 +148,7 @@ where
 
 async fn refuse_fatal<Si>(sink: &mut Si, router: &Router, e: CodecError)
 where
-    Si: Sink<Frame, Error = CodecError> + Unpin,
+    Si: Sink<Encoded, Error = CodecError> + Unpin,
 {
     match e {
         CodecError::Io(e) => debug!(error = %e, "connection failed"),
@@ -170,9 +170,9 @@ fn fatal_code(e: &CodecError) -> ErrorCode {
 
 /// Sends queued frames until the queue closes or the connection is closed; on close,
 /// flushes what is already queued (a last error or kick) first.
-async fn write_loop<Si>(mut sink: Si, mut rx: mpsc::Receiver<Frame>, closer: Closer)
+async fn write_loop<Si>(mut sink: Si, mut rx: mpsc::Receiver<Encoded>, closer: Closer)
 where
-    Si: Sink<Frame, Error = CodecError> + Unpin,
+    Si: Sink<Encoded, Error = CodecError> + Unpin,
 {
     let result: Result<(), CodecError> = async {
         loop {
@@ -217,7 +217,7 @@ where
 struct Session {
     router: Arc<Router>,
     user: User,
-    tx: mpsc::Sender<Frame>,
+    tx: mpsc::Sender<Encoded>,
     closer: Closer,
 }
 
@@ -227,7 +227,7 @@ impl Session {
     /// unless the connection closes meanwhile.
     async fn reply(&self, frame: Frame) -> bool {
         tokio::select! {
-            r = self.tx.send(frame) => r.is_ok(),
+            r = self.tx.send(Encoded::from(frame)) => r.is_ok(),
             _ = self.closer.cancelled() => false,
         }
     }
@@ -272,7 +272,7 @@ impl Session {
                         Some(Err(e)) => {
                             Metrics::inc(&self.router.metrics.bad_frames_total);
                             warn!(error = %e, "closing connection");
-                            let _ = self.tx.try_send(Frame::error(0, fatal_code(&e), e.to_string()));
+                            let _ = self.tx.try_send(Encoded::from(Frame::error(0, fatal_code(&e), e.to_string())));
                             return End::Fatal(e.to_string());
                         }
                         Some(Ok(Err(e))) => {

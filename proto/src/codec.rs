@@ -109,6 +109,32 @@ impl Encoder<Frame> for FrameCodec {
     }
 }
 
+/// One envelope already encoded (without the TCP length prefix): encode a message once and
+/// queue the same bytes to many connections; TCP adds the prefix, WebSocket sends it as is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded(pub bytes::Bytes);
+
+impl From<Frame> for Encoded {
+    fn from(frame: Frame) -> Self {
+        Encoded(bytes::Bytes::from(encode_message(frame)))
+    }
+}
+
+impl Encoder<Encoded> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: Encoded, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let len = item.0.len();
+        if len > self.max_frame {
+            return Err(CodecError::TooLarge { len: len as u64, max: self.max_frame });
+        }
+        dst.reserve(len + prost::length_delimiter_len(len));
+        prost::encoding::encode_varint(len as u64, dst);
+        dst.put_slice(&item.0);
+        Ok(())
+    }
+}
+
 /// Writes `frame` with its length prefix into a fresh buffer (for tests and tools).
 pub fn encode_delimited(frame: Frame) -> Vec<u8> {
     let env = pb::Envelope::from(frame);
@@ -139,6 +165,16 @@ mod tests {
         let mut codec = FrameCodec::default();
         let mut buf = BytesMut::new();
         codec.encode(frame.clone(), &mut buf).unwrap();
+        assert_eq!(decode_all(&mut codec, &buf), vec![Ok(frame)]);
+    }
+
+    #[test]
+    fn pre_encoded_frames_decode_like_frames() {
+        let frame = Frame::new(3, Body::GroupSend { text: "once".into() });
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::new();
+        codec.encode(Encoded::from(frame.clone()), &mut buf).unwrap();
+        assert_eq!(buf.as_ref(), encode_delimited(frame.clone()).as_slice());
         assert_eq!(decode_all(&mut codec, &buf), vec![Ok(frame)]);
     }
 

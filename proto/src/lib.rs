@@ -20,7 +20,7 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/cim.v1.rs"));
 }
 
-pub use codec::{CodecError, FrameCodec, decode_message, encode_message};
+pub use codec::{CodecError, Encoded, FrameCodec, decode_message, encode_message};
 pub use frame::{Body, Delivery, ErrorCode, Frame, FrameError, MessageKind, User};
 
 /// Default hard limit on one encoded frame (64 KiB).

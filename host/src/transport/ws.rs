@@ -2,7 +2,7 @@
 
 use std::io;
 
-use cim_proto::{CodecError, Frame, FrameError, decode_message, encode_message};
+use cim_proto::{CodecError, Encoded, FrameError, decode_message};
 use futures_util::{SinkExt, StreamExt, future};
 use hyper::body::Incoming;
 use hyper::header::{CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
@@ -58,7 +58,7 @@ pub fn upgrade(
         let stream = stream.filter_map(|m| future::ready(inbound(m)));
         let sink = sink
             .sink_map_err(|e| CodecError::Io(io::Error::other(e)))
-            .with(|f: Frame| future::ready(Ok::<_, CodecError>(Message::Binary(encode_message(f).into()))));
+            .with(|e: Encoded| future::ready(Ok::<_, CodecError>(Message::Binary(e.0))));
         session::run(s.router, stream, Box::pin(sink), peer, s.shutdown).await;
         drop(slot);
     });
