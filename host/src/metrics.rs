@@ -45,7 +45,8 @@ metrics! {
     slow_consumers_total: "counter", "Clients disconnected because their outbound queue was full.";
     idle_timeouts_total: "counter", "Connections closed after missing heartbeats.";
     handler_failures_total: "counter", "Handler calls that failed (trap, timeout, memory cap).";
-    callbacks_dropped_total: "counter", "Delivered messages whose callback was skipped because its queue was full.";
+    callbacks_dropped_total: "counter", "Delivered messages whose callback was skipped (its worker stopped).";
+    callback_backpressure_total: "counter", "Sends that waited because the message callback's queue was full.";
 }
 
 impl Metrics {

@@ -436,7 +436,7 @@ impl Router {
         }
         Metrics::inc(&self.metrics.deliveries_total);
         let id = message.id;
-        self.after_delivery(Delivered { message, recipients: vec![to] });
+        self.after_delivery(Delivered { message, recipients: vec![to] }).await;
         Ok(id)
     }
 
@@ -498,7 +498,7 @@ impl Router {
         let id = message.id;
         let count = recipients.len();
         debug!(message = id, recipients = count, "group message delivered");
-        self.after_delivery(Delivered { message, recipients });
+        self.after_delivery(Delivered { message, recipients }).await;
         Ok((id, count))
     }
 
@@ -614,14 +614,22 @@ impl Router {
             .map_or_else(|| "builtin".to_owned(), |l| l.name.to_string())
     }
 
-    /// Hands a delivered message to the callback worker, off the sender's path.
-    fn after_delivery(&self, delivered: Delivered) {
-        if let Err(e) = self.callbacks.try_send(delivered) {
+    /// Hands a delivered message to the callback worker, off the sender's path. When the
+    /// callback cannot keep up and its queue is full, senders wait for room rather than the
+    /// callback (the history) silently missing messages.
+    async fn after_delivery(&self, delivered: Delivered) {
+        let delivered = match self.callbacks.try_send(delivered) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(d)) => d,
+            Err(mpsc::error::TrySendError::Closed(d)) => {
+                warn!(message = d.message.id, "the message callback worker is gone; callback skipped");
+                Metrics::inc(&self.metrics.callbacks_dropped_total);
+                return;
+            }
+        };
+        Metrics::inc(&self.metrics.callback_backpressure_total);
+        if self.callbacks.send(delivered).await.is_err() {
             Metrics::inc(&self.metrics.callbacks_dropped_total);
-            let id = match &e {
-                mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d) => d.message.id,
-            };
-            warn!(message = id, "message callback queue is full; callback skipped for this message");
         }
     }
 }
@@ -639,6 +647,6 @@ async fn callback_worker(handlers: Arc<Handlers>, mut rx: mpsc::Receiver<Deliver
 }
 
 /// Most messages handed to one callback call.
-const CALLBACK_BATCH: usize = 256;
-/// Delivered messages waiting for the callback before new ones are skipped (and counted).
+const CALLBACK_BATCH: usize = 512;
+/// Delivered messages waiting for the callback before senders wait for room.
 const CALLBACK_QUEUE: usize = 65_536;

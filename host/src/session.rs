@@ -102,6 +102,14 @@ async fn run_inner<St, Si>(
     let (tx, rx) = mpsc::channel(config.outbound_queue);
     let closer = Closer::child_of(&shutdown);
     let conn = LocalConn { conn_id, user: user.clone(), tx: tx.clone(), closer: closer.clone() };
+    // The ack goes into the queue before the user is reachable, so it is the first frame the
+    // client gets even if a message for them arrives at once. (If the login is refused, the
+    // queue is dropped unsent.)
+    let ack = Body::LoginAck {
+        node_id: config.node_id.clone(),
+        heartbeat_secs: config.heartbeat.as_secs().try_into().unwrap_or(u32::MAX),
+    };
+    let _ = tx.try_send(Encoded::from(Frame::new(request_id, ack)));
     if let Err(e) = router.login(conn).await {
         Metrics::inc(&router.metrics.login_failures_total);
         info!(error = %e, "login refused");
@@ -110,16 +118,8 @@ async fn run_inner<St, Si>(
     info!(name = %user.name, "logged in");
 
     let writer = tokio::spawn(write_loop(sink, rx, closer.clone()).in_current_span());
-    let ack = Body::LoginAck {
-        node_id: config.node_id.clone(),
-        heartbeat_secs: config.heartbeat.as_secs().try_into().unwrap_or(u32::MAX),
-    };
     let mut session = Session { router: router.clone(), user, tx, closer: closer.clone() };
-    let end = if session.reply(Frame::new(request_id, ack)).await {
-        session.read_loop(&mut stream, config.idle_timeout()).await
-    } else {
-        End::Closed
-    };
+    let end = session.read_loop(&mut stream, config.idle_timeout()).await;
     router.logout(session.user.id, conn_id).await;
     info!(reason = %end, "logged out");
 
