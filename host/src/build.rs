@@ -23,7 +23,6 @@ pub fn build_all(manifest: &Manifest) -> anyhow::Result<()> {
             check_wasm_target()?;
         }
         info!(component = %spec.id, command = %build.command, workdir = %build.workdir.display(), "building");
-        eprintln!("building {}: {}", spec.id, build.command);
         let status = Command::new("sh")
             .arg("-c")
             .arg(&build.command)

@@ -99,6 +99,7 @@ impl Node {
                 connections: 0,
             };
             let inbox = cluster.join(&me).await.context("joining the cluster")?;
+            router.set_node_number(cluster.store.next_node_number().await.context("joining the cluster")?);
             router.set_cluster(cluster.clone());
             tracker.spawn(crate::cluster::member::run(cluster, router.clone(), me, inbox, shutdown.clone()));
         }

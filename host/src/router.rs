@@ -242,6 +242,11 @@ impl Router {
         let _ = self.advertised.set(advertised);
     }
 
+    /// Uses a cluster-unique node number in message ids.
+    pub fn set_node_number(&self, number: u64) {
+        self.ids.set_node_number(number);
+    }
+
     /// Joins a cluster: route logins pick among live nodes, and deliveries cross nodes.
     pub fn set_cluster(&self, cluster: Cluster) {
         let _ = self.cluster.set(cluster);

@@ -395,6 +395,16 @@ impl RedisStore {
         Ok(entries)
     }
 
+    /// A number no other node has been given (`INCR`), for this node's part of message ids.
+    pub async fn next_node_number(&self) -> Result<u64, StoreError> {
+        let key = format!("{}node-number", self.keys.prefix());
+        self.conn
+            .clone()
+            .incr(&key, 1u64)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("redis INCR {key}: {e}")))
+    }
+
     /// How many users the presence data says `node_id` holds (to notice a Redis that lost
     /// them, e.g. after a restart without persistence).
     pub async fn node_user_count(&self, node_id: &str) -> Result<usize, StoreError> {
