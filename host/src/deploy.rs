@@ -234,14 +234,14 @@ impl Deployments {
             _ => {
                 let spec =
                     self.manifest.components.get(name).context("component vanished from the manifest")?;
-                let wasm = std::fs::read(&spec.source)
-                    .with_context(|| format!("reading {}", spec.source.display()))?;
                 let source = spec.source.display().to_string();
                 if let Some(current) = self.runtime.current(event)
                     && current.source == source
                 {
                     return Ok(current);
                 }
+                let wasm = std::fs::read(&spec.source)
+                    .with_context(|| format!("reading {}", spec.source.display()))?;
                 (wasm, source)
             }
         };
@@ -258,6 +258,19 @@ impl Deployments {
         let stack = self.shared_stack(shared, name).await?;
         self.apply(name, stack.last().map(String::as_str)).await?;
         Ok(())
+    }
+
+    /// Follows the cluster for every component (a periodic check, in case an announcement
+    /// was missed while this node's pub/sub connection was down).
+    pub async fn sync_all(&self) {
+        if self.shared.is_none() {
+            return;
+        }
+        for name in self.manifest.triggers.values() {
+            if let Err(e) = self.sync(name).await {
+                warn!(component = %name, error = %e, "could not check the component against the cluster");
+            }
+        }
     }
 
     /// Re-installs the persisted pushes after the manifest's versions, oldest first, so a

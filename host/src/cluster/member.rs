@@ -95,6 +95,8 @@ async fn heartbeat(cluster: &Cluster, router: &Router, me: &NodeInfo, was_health
         Ok(n) => info!(users = n, "removed the users of nodes that stopped refreshing their registry entry"),
         Err(e) => warn!(error = %e, "could not reap dead nodes"),
     }
+    // Announcements of pushes are fire-and-forget pub/sub: catch up on any this node missed.
+    router.sync_components().await;
     true
 }
 

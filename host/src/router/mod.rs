@@ -504,6 +504,13 @@ impl Router {
         }
     }
 
+    /// Checks every component against the cluster's versions (periodic, see `cluster::member`).
+    pub async fn sync_components(&self) {
+        if let Some(d) = self.deployments.get() {
+            d.sync_all().await;
+        }
+    }
+
     /// The online users `caller` may see.
     pub async fn online_for(&self, caller: &User) -> Result<Vec<User>, RouteError> {
         let online: Vec<User> = self.store().online().await?.into_iter().map(|e| e.user).collect();
