@@ -354,3 +354,26 @@ async fn a_component_pushed_to_one_node_runs_on_all() {
     assert_eq!(on_a.delivery().await.text, "darn");
     eprintln!("a_component_pushed_to_one_node_runs_on_all: {:?}", started.elapsed());
 }
+
+/// Clients given several route URLs survive the loss of the node they logged in through.
+#[tokio::test]
+async fn clients_with_two_routes_survive_the_loss_of_the_first() {
+    let mut cluster = Cluster::start(&redis_url(), &["node-a", "node-b"], 2, &[]).await;
+    let routes = format!("{},{}", cluster.node("node-a").route(), cluster.node("node-b").route());
+    let mut users = Vec::new();
+    for (i, name) in NAMES.iter().take(4).enumerate() {
+        users.push(SdkUser::login(&routes, i as u64 + 1, name).await);
+    }
+    let on_a: Vec<u64> = users.iter().filter(|u| u.client.node_id() == "node-a").map(|u| u.id).collect();
+    assert!(!on_a.is_empty(), "nobody landed on node-a");
+    // Kill the node every client logged in through.
+    cluster.node_mut("node-a").child.kill().await.unwrap();
+    for id in &on_a {
+        let user = &mut users[*id as usize - 1];
+        let event = user.event(DEADLINE, |e| matches!(e, ClientEvent::Reconnected { .. })).await;
+        assert!(matches!(&event, ClientEvent::Reconnected { node_id } if node_id == "node-b"), "{event:?}");
+    }
+    let (from, to) = (on_a[0], users.iter().map(|u| u.id).find(|id| *id != on_a[0]).unwrap());
+    users[from as usize - 1].client.send_private(to, "still here").await.unwrap();
+    assert_eq!(users[to as usize - 1].delivery().await.text, "still here");
+}

@@ -43,6 +43,8 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// Base URL of the route API, `http://host:port` (only plain `http://` is supported).
+    /// Several may be given, comma-separated: (re)connecting tries them in order until one
+    /// answers, so clients survive the loss of the node they logged in through.
     pub route: String,
     /// Our user id; must not be 0.
     pub user_id: u64,

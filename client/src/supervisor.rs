@@ -40,8 +40,7 @@ impl std::fmt::Debug for Established {
 pub(crate) async fn establish(inner: &Inner) -> Result<Established, ClientError> {
     let config = &inner.config;
     let after = config.request_timeout;
-    let route =
-        within("route login", after, route::login(&config.route, config.user_id, &config.user_name)).await?;
+    let route = route_login(config).await?;
     let (mut sink, mut stream) =
         within("connect", after, transport::connect(config.transport, &route, config.max_frame)).await?;
     let who = Identity { user_id: config.user_id, user_name: &config.user_name };
@@ -49,6 +48,26 @@ pub(crate) async fn establish(inner: &Inner) -> Result<Established, ClientError>
     let node_id = if accepted.node_id.is_empty() { route.node_id } else { accepted.node_id };
     tracing::info!(node_id, user = config.user_id, "logged in");
     Ok(Established { sink, stream, node_id, heartbeat: heartbeat(config.heartbeat, accepted.heartbeat_secs) })
+}
+
+/// Route login through the first route URL that answers. `config.route` may list several,
+/// comma-separated, so that clients can still find a node when the one they used is gone.
+/// A definite answer (duplicate login, rejected) ends the search; only unreachable routes are
+/// skipped.
+async fn route_login(config: &crate::ClientConfig) -> Result<route::RouteInfo, ClientError> {
+    let after = config.request_timeout;
+    let mut last = None;
+    for url in config.route.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        match within("route login", after, route::login(url, config.user_id, &config.user_name)).await {
+            Ok(info) => return Ok(info),
+            Err(e @ (ClientError::Io(_) | ClientError::Route(_) | ClientError::Timeout { .. })) => {
+                tracing::debug!(route = url, error = %e, "route unreachable; trying the next one");
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| ClientError::Config("no route URL given".into())))
 }
 
 /// Ours, or the server's if it asks for a shorter one (0: it did not ask).

@@ -32,8 +32,9 @@ const EXIT_DUPLICATE_LOGIN: u8 = 2;
     after_help = after_help(),
 )]
 struct Args {
-    /// Base URL of the route API of any cim-host node
-    #[arg(long, env = "CIM_ROUTE", default_value = "http://127.0.0.1:8080", value_name = "URL")]
+    /// Base URL of the route API of any cim-host node; several, comma-separated, are tried in
+    /// order when (re)connecting, so the client survives the loss of one
+    #[arg(long, env = "CIM_ROUTE", default_value = "http://127.0.0.1:8080", value_name = "URL[,URL...]")]
     route: String,
 
     /// Your user id: a positive integer, unique per user
