@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use cim_client::ClientEvent;
 use cim_proto::{Body, ErrorCode, Frame};
 use common::cluster::{
-    Cim, Cluster, OwnRedis, SdkUser, active_sha, cim_host_cli, http, online_nodes, redis_url,
-    wait_online_nodes,
+    Cluster, OwnRedis, SdkUser, active_sha, cim_host_cli, http, online_nodes, redis_url, wait_online_nodes,
 };
+use common::terminal::Cim;
 use common::{ADMIN_TOKEN, DEADLINE, Host, RawClient, component, expect_error, wait_for};
 
 const NAMES: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "frank"];
@@ -38,7 +38,7 @@ async fn three_nodes_act_as_one_im() {
     let mut landed = BTreeMap::new();
     for (i, name) in NAMES.iter().enumerate() {
         let id = i as u64 + 1;
-        let (cim, node) = Cim::start(&a.route(), id, name).await;
+        let (cim, node) = Cim::start(&a.route(), id, name, &[]).await;
         landed.insert(id, node);
         cims.push(cim);
     }
@@ -84,7 +84,7 @@ async fn three_nodes_act_as_one_im() {
         other => panic!("expected a DUPLICATE_LOGIN error, got {other:?}"),
     }
     // The terminal client says so and exits non-zero.
-    let mut dup = Cim::spawn(&other.route(), 1, "alice-again");
+    let mut dup = Cim::spawn(&other.route(), 1, "alice-again", &[]);
     let line = dup.line().await;
     assert!(line.starts_with("error:") && line.contains("already online"), "{line}");
     assert_ne!(dup.exit_code().await, 0);

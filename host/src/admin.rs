@@ -4,13 +4,13 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::AUTHORIZATION;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
-use crate::api::{ApiError, json_response};
+use crate::api::{ApiError, json_response, read_body};
 use crate::deploy::{DeployError, Deployments};
 use crate::runtime::{ComponentInfo, Loaded};
 
@@ -91,25 +91,7 @@ pub async fn route(req: Request<Incoming>, admin: Option<&Admin>) -> Result<Resp
         }
         (Method::PUT, ["components", name]) => {
             let name = (*name).to_owned();
-            let wasm = Limited::new(req.into_body(), MAX_UPLOAD)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                        ApiError::new(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "too_large",
-                            format!("component exceeds {MAX_UPLOAD} bytes"),
-                        )
-                    } else {
-                        ApiError::new(
-                            StatusCode::BAD_REQUEST,
-                            "bad_request",
-                            format!("could not read body: {e}"),
-                        )
-                    }
-                })?
-                .to_bytes();
+            let wasm = read_body(req, MAX_UPLOAD, "component").await?;
             if wasm.is_empty() {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,

@@ -231,23 +231,20 @@ async fn sender(s: &Sessions, id: u64) -> Result<User, ApiError> {
     Ok(entry.map(|e| e.user).unwrap_or_else(|| User { id, name: id.to_string() }))
 }
 
+/// Reads a whole request body of at most `limit` bytes (`what` names it in the error).
+pub async fn read_body(req: Request<Incoming>, limit: usize, what: &str) -> Result<Bytes, ApiError> {
+    let collected = Limited::new(req.into_body(), limit).collect().await.map_err(|e| {
+        if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("{what} exceeds {limit} bytes"))
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("could not read {what}: {e}"))
+        }
+    })?;
+    Ok(collected.to_bytes())
+}
+
 async fn read_json<T: DeserializeOwned>(req: Request<Incoming>, s: &Sessions) -> Result<T, ApiError> {
-    let limit = s.router.config().max_http_body;
-    let bytes = Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_large",
-                    format!("body exceeds {limit} bytes"),
-                )
-            } else {
-                ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("could not read body: {e}"))
-            }
-        })?
-        .to_bytes();
+    let bytes = read_body(req, s.router.config().max_http_body, "body").await?;
     // serde_path_to_error names the offending field for type errors too ("user_id: invalid
     // type: string"), which serde_json alone only does for missing/unknown fields.
     let de = &mut serde_json::Deserializer::from_slice(&bytes);

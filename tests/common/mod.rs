@@ -358,3 +358,4 @@ pub fn expect_error(body: Body, code: ErrorCode) -> String {
     }
 }
 pub mod cluster;
+pub mod terminal;
