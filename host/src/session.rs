@@ -110,7 +110,9 @@ async fn run_inner<St, Si>(
         heartbeat_secs: config.heartbeat.as_secs().try_into().unwrap_or(u32::MAX),
     };
     let _ = tx.try_send(Encoded::from(Frame::new(request_id, ack)));
-    if let Err(e) = router.login(conn).await {
+    // Boxed, like the other rare or deep awaits below: their state would otherwise be part of
+    // every idle connection's task.
+    if let Err(e) = Box::pin(router.login(conn)).await {
         Metrics::inc(&router.metrics.login_failures_total);
         info!(error = %e, "login refused");
         return refuse(&mut sink, request_id, e.code(), e.to_string()).await;
@@ -246,7 +248,7 @@ impl Session {
                 biased;
                 _ = self.closer.cancelled() => return End::Closed,
                 Some(decided) = in_flight.next(), if !in_flight.is_empty() => {
-                    let answer = self.finish(decided).await;
+                    let answer = Box::pin(self.finish(decided)).await;
                     if !self.reply(answer).await {
                         return End::Closed;
                     }
@@ -264,7 +266,7 @@ impl Session {
                         None => {
                             // The client is gone; what it sent still gets delivered.
                             while let Some(decided) = in_flight.next().await {
-                                self.finish(decided).await;
+                                Box::pin(self.finish(decided)).await;
                             }
                             return End::ClientClosed;
                         }
@@ -286,7 +288,7 @@ impl Session {
                         Some(Ok(Ok(frame))) => frame,
                     };
                     Metrics::inc(&self.router.metrics.frames_in_total);
-                    let Some(answer) = self.start(frame, &mut in_flight).await else { continue };
+                    let Some(answer) = Box::pin(self.start(frame, &mut in_flight)).await else { continue };
                     if !self.reply(answer).await {
                         return End::Closed;
                     }
