@@ -128,7 +128,13 @@ impl Router {
         let handlers = Arc::new(Handlers::new(backend, ctx.clone()));
         let metrics = Arc::new(Metrics::default());
         let (callbacks, rx) = mpsc::channel(CALLBACK_QUEUE);
-        tokio::spawn(callback_worker(handlers.clone(), rx, metrics.clone()));
+        // One worker per guest thread: history is read back sorted by message id, so
+        // batches finishing out of order do not matter.
+        let workers = handlers.runtime().map_or(1, |rt| rt.config().worker_threads.max(1));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..workers {
+            tokio::spawn(callback_worker(handlers.clone(), rx.clone(), metrics.clone()));
+        }
         Arc::new(Router {
             ids: MessageIds::new(&config.node_id),
             config,
@@ -563,9 +569,13 @@ impl Router {
 
 /// Runs the message callback over whatever has queued up since the last call: an idle
 /// node calls it per message, a busy one amortises each call over a batch.
-async fn callback_worker(handlers: Arc<Handlers>, mut rx: mpsc::Receiver<Delivered>, metrics: Arc<Metrics>) {
+async fn callback_worker(
+    handlers: Arc<Handlers>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Delivered>>>,
+    metrics: Arc<Metrics>,
+) {
     let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, CALLBACK_BATCH).await > 0 {
+    while rx.lock().await.recv_many(&mut batch, CALLBACK_BATCH).await > 0 {
         if let Err(e) = handlers.callback(std::mem::take(&mut batch)).await {
             Metrics::inc(&metrics.handler_failures_total);
             warn!(error = %e, "message callback failed");
