@@ -111,8 +111,9 @@ struct UpArgs {
     /// Use the built-in native handlers instead of the manifest's components (for comparisons).
     #[arg(long)]
     builtin_handlers: bool,
-    /// Where routes, presence and handler data live: `memory` (one node) or a Redis URL
-    /// `redis://HOST:PORT[/DB]` shared by every node of a cluster.
+    /// Where routes, presence and handler data live: `memory` (one node) or a Redis shared
+    /// by every node of a cluster: `redis://HOST:PORT[/DB]` (a Redis Cluster node is detected)
+    /// or `redis-cluster://HOST:PORT,HOST:PORT,...` (a Redis Cluster by several seed nodes).
     #[arg(long, default_value = "memory")]
     store: String,
     /// Prefix of every Redis key and channel, so several clusters can share one Redis.
@@ -167,12 +168,12 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     let store = match args.store.as_str() {
         "memory" => Store::memory(),
-        url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+        url if ["redis://", "rediss://", cim_host::store::redis::CLUSTER_SCHEME].iter().any(|s| url.starts_with(s)) => {
             Store::redis(url, &args.redis_prefix)
                 .await
-                .with_context(|| format!("connecting to the store {url}"))?
+                .with_context(|| format!("connecting to the store {}", cim_host::store::redis::redacted(url)))?
         }
-        other => anyhow::bail!("--store must be `memory` or a redis:// URL, got {other:?}"),
+        other => anyhow::bail!("--store must be `memory`, a redis:// or a redis-cluster:// URL, got {other:?}"),
     };
     let cluster = match &store {
         Store::Redis(redis) => Some(Cluster::new(redis.clone(), args.lb, Duration::from_secs(args.node_ttl))),

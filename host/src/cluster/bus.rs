@@ -2,6 +2,11 @@
 //! channel (`<prefix>node:<id>:inbox`) and on the cluster-wide channel (`<prefix>cluster`).
 //! Messages are JSON [`ClusterMessage`]s.
 //!
+//! On a Redis Cluster the inboxes are sharded channels (`SPUBLISH`/`SSUBSCRIBE`): a message
+//! for one node travels only to the shard that owns its inbox's slot, instead of to every
+//! server of the cluster as classic pub/sub does. The cluster channel stays classic, since
+//! every node needs it anyway.
+//!
 //! Pub/sub is at-most-once: a message published while the receiving node is not subscribed
 //! (down, or between a dropped connection and its resubscription) is lost, and
 //! [`Bus::publish`] says so by returning 0 receivers.
@@ -14,15 +19,15 @@ use std::time::{Duration, Instant};
 
 use cim_proto::{Delivery, MessageKind, User};
 use futures_util::{Stream, StreamExt};
-use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, PubSub};
+use redis::aio::PubSub;
+use redis::{PushInfo, PushKind};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::store::StoreError;
-use crate::store::redis::{RedisKeys, RedisStore};
+use crate::store::redis::{Endpoint, RedisConn, RedisKeys, RedisStore};
 
 /// Messages buffered between the pub/sub connection and the consumer. When full, reading
 /// from Redis pauses and Redis buffers (up to its pub/sub output limit).
@@ -109,8 +114,8 @@ mod kind_name {
 /// connection; each [`Subscription`] opens its own pub/sub connection.
 #[derive(Debug, Clone)]
 pub struct Bus {
-    client: redis::Client,
-    conn: ConnectionManager,
+    endpoint: Endpoint,
+    conn: RedisConn,
     keys: RedisKeys,
     keepalive: Duration,
 }
@@ -118,7 +123,7 @@ pub struct Bus {
 impl Bus {
     pub fn new(store: &RedisStore) -> Self {
         Bus {
-            client: store.client().clone(),
+            endpoint: store.endpoint().clone(),
             conn: store.connection(),
             keys: store.keys().clone(),
             keepalive: DEFAULT_KEEPALIVE,
@@ -134,22 +139,25 @@ impl Bus {
     /// Sends `msg` to the inbox of `node_id`. Returns how many subscribers received it:
     /// 0 means the node is not listening and the message is lost.
     pub async fn publish(&self, node_id: &str, msg: &ClusterMessage) -> Result<usize, StoreError> {
-        self.send(self.keys.inbox(node_id), msg).await
+        let sharded = self.conn.is_cluster();
+        self.send(if sharded { "SPUBLISH" } else { "PUBLISH" }, self.keys.inbox(node_id), msg).await
     }
 
-    /// Sends `msg` to every node (including this one).
+    /// Sends `msg` to every node (including this one). Returns how many subscribers received
+    /// it (on a Redis Cluster: only those connected to the server that took the message).
     pub async fn broadcast(&self, msg: &ClusterMessage) -> Result<usize, StoreError> {
-        self.send(self.keys.cluster_channel(), msg).await
+        self.send("PUBLISH", self.keys.cluster_channel(), msg).await
     }
 
-    async fn send(&self, channel: String, msg: &ClusterMessage) -> Result<usize, StoreError> {
+    async fn send(&self, command: &str, channel: String, msg: &ClusterMessage) -> Result<usize, StoreError> {
         let json = serde_json::to_vec(msg)
             .map_err(|e| StoreError::Unavailable(format!("encoding a cluster message: {e}")))?;
-        self.conn
-            .clone()
-            .publish(&channel, json)
+        redis::cmd(command)
+            .arg(&channel)
+            .arg(json)
+            .query_async(&mut self.conn.clone())
             .await
-            .map_err(|e| StoreError::Unavailable(format!("redis PUBLISH {channel}: {e}")))
+            .map_err(|e| StoreError::Unavailable(format!("redis {command} {channel}: {e}")))
     }
 
     /// Listens on the inbox of `node_id` and on the cluster channel. The first subscription
@@ -158,19 +166,38 @@ impl Bus {
     /// [`Subscription`] lives.
     pub async fn subscribe(&self, node_id: &str) -> Result<Subscription, StoreError> {
         let channels = vec![self.keys.inbox(node_id), self.keys.cluster_channel()];
-        let first = connect(&self.client, &channels)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("subscribing to {channels:?}: {e}")))?;
+        let failed = |e: redis::RedisError| StoreError::Unavailable(format!("subscribing to {channels:?}: {e}"));
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
         let resubscriptions = Arc::new(AtomicU64::new(0));
-        let pump = Pump {
-            client: self.client.clone(),
-            channels,
-            tx,
-            keepalive: self.keepalive,
-            resubscriptions: resubscriptions.clone(),
+        let task = match &self.endpoint {
+            Endpoint::Single(client) => {
+                let first = connect(client, &channels).await.map_err(failed)?;
+                let pump = Pump {
+                    client: client.clone(),
+                    channels,
+                    tx,
+                    keepalive: self.keepalive,
+                    resubscriptions: resubscriptions.clone(),
+                };
+                tokio::spawn(pump.run(first))
+            }
+            Endpoint::Cluster(seeds) => {
+                let (push_tx, pushes) = mpsc::unbounded_channel();
+                let client = Endpoint::cluster_client(seeds, Some(push_tx)).map_err(failed)?;
+                let mut conn = client.get_async_connection().await.map_err(failed)?;
+                conn.ssubscribe(&channels[0]).await.map_err(failed)?;
+                conn.subscribe(&channels[1]).await.map_err(failed)?;
+                let pump = ClusterPump {
+                    conn,
+                    inbox: channels[0].clone(),
+                    pushes,
+                    tx,
+                    keepalive: self.keepalive,
+                    resubscriptions: resubscriptions.clone(),
+                };
+                tokio::spawn(pump.run())
+            }
         };
-        let task = tokio::spawn(pump.run(first));
         Ok(Subscription { rx, task, resubscriptions })
     }
 }
@@ -294,9 +321,86 @@ impl Pump {
     }
 }
 
+/// The task behind a [`Subscription`] on a Redis Cluster. The cluster connection follows
+/// the inbox's shard and resubscribes after a lost connection or a slot migration on its
+/// own; this forwards what it pushes and PINGs it when idle, so that a dead server is
+/// noticed and replaced.
+struct ClusterPump {
+    conn: redis::cluster_async::ClusterConnection,
+    inbox: String,
+    /// Unbounded because the library's push sender must not block; drained at once into
+    /// the bounded `tx`, so it grows only while the consumer is behind.
+    pushes: mpsc::UnboundedReceiver<PushInfo>,
+    tx: mpsc::Sender<ClusterMessage>,
+    keepalive: Duration,
+    resubscriptions: Arc<AtomicU64>,
+}
+
+impl ClusterPump {
+    async fn run(mut self) {
+        let mut keepalive =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.keepalive, self.keepalive);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut inbox_confirmations = 0u64;
+        loop {
+            tokio::select! {
+                push = self.pushes.recv() => {
+                    let Some(push) = push else { return };
+                    match push.kind {
+                        PushKind::Message | PushKind::SMessage => {
+                            let Some(msg) = decode_push(&push) else { continue };
+                            if self.tx.send(msg).await.is_err() {
+                                return;
+                            }
+                        }
+                        PushKind::SSubscribe if push_channel(&push).as_deref() == Some(self.inbox.as_str()) => {
+                            inbox_confirmations += 1;
+                            if inbox_confirmations > 1 {
+                                self.resubscriptions.fetch_add(1, Ordering::Relaxed);
+                                info!(channel = %self.inbox, "cluster bus resubscribed");
+                            }
+                        }
+                        PushKind::Disconnection => {
+                            warn!(channel = %self.inbox, "cluster bus: a pub/sub connection was lost; the cluster client resubscribes");
+                        }
+                        _ => {}
+                    }
+                }
+                _ = keepalive.tick() => {
+                    match tokio::time::timeout(PING_TIMEOUT, redis::cmd("PING").query_async::<redis::Value>(&mut self.conn)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => warn!(channel = %self.inbox, error = %e, "cluster bus: keepalive PING failed"),
+                        Err(_) => warn!(channel = %self.inbox, "cluster bus: keepalive PING got no answer in {PING_TIMEOUT:?}"),
+                    }
+                }
+                () = self.tx.closed() => return,
+            }
+        }
+    }
+}
+
+/// The channel a push names (its first element).
+fn push_channel(push: &PushInfo) -> Option<String> {
+    push.data.first().and_then(|v| redis::from_redis_value_ref(v).ok())
+}
+
+/// The [`ClusterMessage`] a `message`/`smessage` push carries (`[channel, payload]`).
+fn decode_push(push: &PushInfo) -> Option<ClusterMessage> {
+    let channel = push_channel(push).unwrap_or_default();
+    let Some(redis::Value::BulkString(payload)) = push.data.get(1) else {
+        warn!(%channel, kind = ?push.kind, "cluster bus: dropping a push without a payload");
+        return None;
+    };
+    serde_json::from_slice(payload)
+        .map_err(|e| warn!(%channel, error = %e, "cluster bus: dropping an unreadable message"))
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+
+    use redis::AsyncCommands;
 
     use super::*;
     use crate::store::redis::test_support::TestRedis;

@@ -8,13 +8,12 @@ use std::collections::BTreeSet;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::store::StoreError;
-use crate::store::redis::{RedisKeys, RedisStore};
+use crate::store::redis::{RedisConn, RedisKeys, RedisStore};
 
 /// What a node tells the cluster about itself; refreshed with every
 /// [`register`](Registry::register).
@@ -60,7 +59,7 @@ return n
 /// The node registry. Cheap to clone; shares the store's connection.
 #[derive(Debug, Clone)]
 pub struct Registry {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: RedisKeys,
 }
 

@@ -18,38 +18,23 @@
 //! in one slot and a Lua script may change several of them atomically (claim, release, reap
 //! a dead node). Key-value keys carry no tag and spread over the cluster.
 
-use std::collections::BTreeSet;
-use std::future::Future;
-use std::pin::Pin;
+mod conn;
+
 use std::sync::LazyLock;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
 use cim_proto::User;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, RedisError, RedisFuture, Script};
+use redis::{AsyncCommands, RedisError, Script};
 use serde::{Deserialize, Serialize};
-use tokio::runtime::Handle;
-use tracing::warn;
+use tracing::{info, warn};
 
+pub use self::conn::{CLUSTER_SCHEME, Endpoint, RedisConn, redacted};
 use super::{Claim, OnlineEntry, StoreError};
 
 /// The key prefix used when none is configured (`--redis-prefix`).
 pub const DEFAULT_PREFIX: &str = "cim:";
 
-/// How long one connection attempt may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long one command may wait for its reply. The library default (500 ms) is short for
-/// a reap script or a large `HGETALL` on a busy server.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Connection attempts after the first when the shared connection is lost (100 ms, then
-/// 200 ms apart). Commands wait for these attempts, so while Redis is down a request fails
-/// after about 0.3 s instead of the library default's ~7 s (6 retries); the next command
-/// starts a new round, so reconnecting goes on for as long as there is traffic (and the
-/// registry heartbeat is traffic every `ttl / 3`).
-const RECONNECT_RETRIES: usize = 2;
 /// Keys asked of the server per `SCAN` step.
-const SCAN_COUNT: usize = 1000;
+pub(crate) const SCAN_COUNT: usize = 1000;
 
 /// Every key and channel name the cluster uses, derived from one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,121 +198,41 @@ pub(crate) fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Every key matching `pattern`, via `SCAN` (never `KEYS`, which blocks the server).
-pub(crate) async fn scan_keys<C>(conn: &C, pattern: &str) -> Result<Vec<String>, RedisError>
-where
-    C: ConnectionLike + Clone + Send,
-{
-    let mut conn = conn.clone();
-    let mut cursor: u64 = 0;
-    let mut keys = BTreeSet::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(&mut conn)
-            .await?;
-        // SCAN may return a key more than once; the set removes duplicates.
-        keys.extend(batch);
-        if next == 0 {
-            return Ok(keys.into_iter().collect());
-        }
-        cursor = next;
-    }
-}
-
-/// The shared [`ConnectionManager`], driven on the runtime the store was created on
-/// whichever runtime calls it. Handlers' host calls run on the `cim-wasm` runtime, which has
-/// no IO driver, and the manager reconnects (opens a socket, spawns a task) on the runtime
-/// that notices a lost connection: started there, a reconnect panics and poisons the shared
-/// connection for good, so every command is polled with the home runtime entered.
-#[derive(Debug, Clone)]
-struct HomeConn {
-    inner: ConnectionManager,
-    home: Handle,
-}
-
-/// Polls `fut` with `home` entered.
-struct OnHome<F> {
-    home: Handle,
-    fut: F,
-}
-
-impl<F: Future + Unpin> Future for OnHome<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = &mut *self;
-        let _entered = this.home.enter();
-        Pin::new(&mut this.fut).poll(cx)
-    }
-}
-
-impl ConnectionLike for HomeConn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
-        let home = self.home.clone();
-        Box::pin(OnHome { fut: self.inner.req_packed_command(cmd), home })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<redis::Value>> {
-        let home = self.home.clone();
-        Box::pin(OnHome { fut: self.inner.req_packed_commands(pipeline, offset, count), home })
-    }
-
-    fn get_db(&self) -> i64 {
-        self.inner.get_db()
-    }
-}
-
-/// Presence and key-value data in Redis. Cheap to clone: every clone shares one
-/// [`ConnectionManager`], which multiplexes commands and reconnects on its own.
+/// Presence and key-value data in Redis (one server or a Redis Cluster). Cheap to clone:
+/// every clone shares one [`RedisConn`], which multiplexes commands and reconnects on its own.
 #[derive(Debug, Clone)]
 pub struct RedisStore {
-    client: redis::Client,
-    conn: HomeConn,
+    endpoint: Endpoint,
+    conn: RedisConn,
     keys: RedisKeys,
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`) and checks the server answers.
+    /// Connects to `url` and checks the server answers: `redis://host:port/db` (one server,
+    /// or any node of a Redis Cluster, which is detected) or
+    /// `redis-cluster://host:port,host:port` (a cluster by several seed nodes).
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
         let keys = RedisKeys::new(prefix)?;
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Unavailable(format!("invalid redis url {:?}: {e}", redacted(url))))?;
-        let addr = client.get_connection_info().addr().to_string();
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(RECONNECT_RETRIES)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("connecting to redis at {addr}: {e}")))?;
-        let home = Handle::try_current()
-            .map_err(|e| StoreError::Unavailable(format!("the redis store needs a tokio runtime: {e}")))?;
-        Ok(RedisStore { client, conn: HomeConn { inner: conn, home }, keys })
+        let (endpoint, detected) = Endpoint::parse(url)?.detect().await?;
+        if detected {
+            info!(redis = %endpoint.describe(), "the redis server is a Redis Cluster node; using the cluster client");
+        }
+        let conn = endpoint.connect().await?;
+        Ok(RedisStore { endpoint, conn, keys })
     }
 
     pub fn keys(&self) -> &RedisKeys {
         &self.keys
     }
 
-    /// The shared connection (a cheap handle), for callers on the store's own runtime.
-    pub fn connection(&self) -> ConnectionManager {
-        self.conn.inner.clone()
+    /// The shared connection (a cheap handle).
+    pub fn connection(&self) -> RedisConn {
+        self.conn.clone()
     }
 
-    /// The client, for callers that need a dedicated connection (pub/sub).
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// Where the store connects, for callers that need a dedicated connection (pub/sub).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     pub async fn claim(&self, entry: OnlineEntry) -> Result<Claim, StoreError> {
@@ -436,7 +341,7 @@ impl RedisStore {
     pub async fn kv_list_keys(&self, store: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
         let base = self.keys.kv_store(store);
         let pattern = format!("{}*", glob_escape(&format!("{base}{prefix}")));
-        let keys = scan_keys(&self.conn, &pattern).await.map_err(|e| store_error("SCAN", prefix, e))?;
+        let keys = self.conn.scan(&pattern).await.map_err(|e| store_error("SCAN", prefix, e))?;
         Ok(keys.into_iter().filter_map(|k| k.strip_prefix(&base).map(str::to_owned)).collect())
     }
 
@@ -475,14 +380,6 @@ impl RedisStore {
             .query_async(&mut self.conn.clone())
             .await
             .map_err(|e| store_error("LRANGE", key, e))
-    }
-}
-
-/// `url` without its password, for messages and logs.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &url[..scheme], &url[at..]),
-        _ => url.to_owned(),
     }
 }
 
@@ -540,7 +437,7 @@ pub(crate) mod test_support {
                 format!("{}*", glob_escape(&self.prefix)),
                 format!("{}*", glob_escape(&format!("{{{}", self.prefix))),
             ] {
-                let keys = scan_keys(&conn, &pattern).await.expect("scan test keys");
+                let keys = conn.scan(&pattern).await.expect("scan test keys");
                 if !keys.is_empty() {
                     conn.del::<_, ()>(keys).await.expect("delete test keys");
                 }
