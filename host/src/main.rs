@@ -168,12 +168,17 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     let store = match args.store.as_str() {
         "memory" => Store::memory(),
-        url if ["redis://", "rediss://", cim_host::store::redis::CLUSTER_SCHEME].iter().any(|s| url.starts_with(s)) => {
-            Store::redis(url, &args.redis_prefix)
-                .await
-                .with_context(|| format!("connecting to the store {}", cim_host::store::redis::redacted(url)))?
+        url if ["redis://", "rediss://", cim_host::store::redis::CLUSTER_SCHEME]
+            .iter()
+            .any(|s| url.starts_with(s)) =>
+        {
+            Store::redis(url, &args.redis_prefix).await.with_context(|| {
+                format!("connecting to the store {}", cim_host::store::redis::redacted(url))
+            })?
         }
-        other => anyhow::bail!("--store must be `memory`, a redis:// or a redis-cluster:// URL, got {other:?}"),
+        other => {
+            anyhow::bail!("--store must be `memory`, a redis:// or a redis-cluster:// URL, got {other:?}")
+        }
     };
     let cluster = match &store {
         Store::Redis(redis) => Some(Cluster::new(redis.clone(), args.lb, Duration::from_secs(args.node_ttl))),

@@ -166,7 +166,8 @@ impl Bus {
     /// [`Subscription`] lives.
     pub async fn subscribe(&self, node_id: &str) -> Result<Subscription, StoreError> {
         let channels = vec![self.keys.inbox(node_id), self.keys.cluster_channel()];
-        let failed = |e: redis::RedisError| StoreError::Unavailable(format!("subscribing to {channels:?}: {e}"));
+        let failed =
+            |e: redis::RedisError| StoreError::Unavailable(format!("subscribing to {channels:?}: {e}"));
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
         let resubscriptions = Arc::new(AtomicU64::new(0));
         let task = match &self.endpoint {

@@ -8,11 +8,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use redis::aio::AsyncPushSender;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::aio::AsyncPushSender;
 use redis::{ProtocolVersion, RedisError, RedisFuture, RedisResult, Value};
 use tokio::runtime::Handle;
 
@@ -49,7 +49,8 @@ impl Endpoint {
     /// Parses `redis://[user:pass@]HOST:PORT[/DB]` (one server, or one node of a cluster:
     /// see [`Endpoint::detect`]) or `redis-cluster://[user:pass@]HOST:PORT[,HOST:PORT...]`.
     pub fn parse(url: &str) -> Result<Endpoint, StoreError> {
-        let invalid = |why: &str| StoreError::Unavailable(format!("invalid redis url {:?}: {why}", redacted(url)));
+        let invalid =
+            |why: &str| StoreError::Unavailable(format!("invalid redis url {:?}: {why}", redacted(url)));
         let Some(rest) = url.strip_prefix(CLUSTER_SCHEME) else {
             return redis::Client::open(url).map(Endpoint::Single).map_err(|e| invalid(&e.to_string()));
         };
@@ -77,12 +78,19 @@ impl Endpoint {
     pub async fn detect(self) -> Result<(Endpoint, bool), StoreError> {
         let Endpoint::Single(client) = &self else { return Ok((self, false)) };
         let addr = client.get_connection_info().addr().to_string();
-        let unreachable = |e: RedisError| StoreError::Unavailable(format!("connecting to redis at {addr}: {e}"));
+        let unreachable =
+            |e: RedisError| StoreError::Unavailable(format!("connecting to redis at {addr}: {e}"));
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(unreachable)?;
-        let info: String = redis::cmd("INFO").arg("cluster").query_async(&mut conn).await.map_err(unreachable)?;
+        // Probe on database 0: a cluster node refuses SELECT, and that must not hide what it is.
+        let info = client.get_connection_info().clone();
+        let db0 = info.clone().set_redis_settings(info.redis_settings().clone().set_db(0));
+        let probe = redis::Client::open(db0).map_err(unreachable)?;
+        let mut conn =
+            probe.get_multiplexed_async_connection_with_config(&config).await.map_err(unreachable)?;
+        let info: String =
+            redis::cmd("INFO").arg("cluster").query_async(&mut conn).await.map_err(unreachable)?;
         if !info.lines().any(|l| l.trim() == "cluster_enabled:1") {
             return Ok((self, false));
         }
@@ -133,7 +141,10 @@ impl Endpoint {
             }
             Endpoint::Cluster(seeds) => {
                 let failed = |e: RedisError| {
-                    StoreError::Unavailable(format!("connecting to the redis cluster at {}: {e}", self.describe()))
+                    StoreError::Unavailable(format!(
+                        "connecting to the redis cluster at {}: {e}",
+                        self.describe()
+                    ))
                 };
                 let client = Self::cluster_client(seeds, None::<NoPush>).map_err(failed)?;
                 Kind::Cluster(client.get_async_connection().await.map_err(failed)?)
@@ -149,7 +160,9 @@ impl Endpoint {
             Endpoint::Cluster(seeds) => {
                 let hosts: Vec<String> = seeds
                     .iter()
-                    .map(|s| s.rsplit_once('@').map_or(s.trim_start_matches("redis://"), |(_, h)| h).to_owned())
+                    .map(|s| {
+                        s.rsplit_once('@').map_or(s.trim_start_matches("redis://"), |(_, h)| h).to_owned()
+                    })
                     .collect();
                 format!("{CLUSTER_SCHEME}{}", hosts.join(","))
             }
@@ -355,7 +368,8 @@ mod tests {
             panic!("not a cluster endpoint")
         };
         assert_eq!(seeds, ["redis://a:7000", "redis://b:7001"]);
-        let Endpoint::Cluster(seeds) = Endpoint::parse("redis-cluster://u:p%40ss@a:7000,b:7001").unwrap() else {
+        let Endpoint::Cluster(seeds) = Endpoint::parse("redis-cluster://u:p%40ss@a:7000,b:7001").unwrap()
+        else {
             panic!("not a cluster endpoint")
         };
         assert_eq!(seeds, ["redis://u:p%40ss@a:7000", "redis://u:p%40ss@b:7001"]);
@@ -366,7 +380,9 @@ mod tests {
 
     #[test]
     fn bad_cluster_urls_are_refused() {
-        for url in ["redis-cluster://a:7000/1", "redis-cluster://", "redis-cluster://a:7000,", "redis-cluster://a:x"] {
+        for url in
+            ["redis-cluster://a:7000/1", "redis-cluster://", "redis-cluster://a:7000,", "redis-cluster://a:x"]
+        {
             let e = Endpoint::parse(url).err().unwrap_or_else(|| panic!("{url} was accepted"));
             assert!(e.to_string().contains("invalid redis url"), "{url}: {e}");
         }

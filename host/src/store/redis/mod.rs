@@ -415,7 +415,12 @@ pub(crate) mod test_support {
 
     impl TestRedis {
         pub(crate) fn new() -> Self {
-            TestRedis { url: redis_url(), prefix: unique_prefix() }
+            Self::on(redis_url())
+        }
+
+        /// A fresh prefix on the Redis (or Redis Cluster) at `url`.
+        pub(crate) fn on(url: String) -> Self {
+            TestRedis { url, prefix: unique_prefix() }
         }
 
         /// A store on this test's prefix; panics with a clear message if Redis is down.
@@ -446,5 +451,7 @@ pub(crate) mod test_support {
     }
 }
 
+#[cfg(test)]
+pub(crate) mod test_cluster;
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,11 @@
 //! Tests of the Redis store against a real Redis (unique key prefix per test).
 
+use std::time::{Duration, Instant};
+
+use super::test_cluster::RedisCluster;
 use super::test_support::TestRedis;
 use super::*;
+use crate::cluster::{Bus, ClusterMessage, NodeInfo, Registry};
 
 fn entry(id: u64, node: &str, conn: u64) -> OnlineEntry {
     OnlineEntry { user: User { id, name: format!("u{id}") }, node_id: node.into(), conn_id: conn }
@@ -23,9 +27,7 @@ fn key_schema() {
     assert_eq!(redacted("redis://h:6379/"), "redis://h:6379/");
 }
 
-#[tokio::test]
-async fn claim_is_exclusive_across_instances_and_release_checks_the_owner() {
-    let t = TestRedis::new();
+async fn claim_exclusive(t: &TestRedis) {
     let (a, b) = (t.store().await, t.store().await);
     // A conn id past 2^53 must still compare exactly in the Lua release script.
     let big = (1u64 << 60) + 1;
@@ -44,9 +46,7 @@ async fn claim_is_exclusive_across_instances_and_release_checks_the_owner() {
     t.cleanup().await;
 }
 
-#[tokio::test]
-async fn concurrent_claims_have_one_winner() {
-    let t = TestRedis::new();
+async fn concurrent_claims(t: &TestRedis) {
     let (a, b) = (t.store().await, t.store().await);
     let tasks: Vec<_> = (0..20u64)
         .map(|i| {
@@ -64,9 +64,7 @@ async fn concurrent_claims_have_one_winner() {
     t.cleanup().await;
 }
 
-#[tokio::test]
-async fn online_is_sorted_by_id() {
-    let t = TestRedis::new();
+async fn online_sorted(t: &TestRedis) {
     let s = t.store().await;
     for id in [30, 4, 1000, 7] {
         s.claim(entry(id, "n", id)).await.unwrap();
@@ -76,9 +74,7 @@ async fn online_is_sorted_by_id() {
     t.cleanup().await;
 }
 
-#[tokio::test]
-async fn kv_values_lists_and_wrong_types() {
-    let t = TestRedis::new();
+async fn kv_values(t: &TestRedis) {
     let s = t.store().await;
     assert_eq!(s.kv_get("default", "k").await.unwrap(), None);
     s.kv_set("default", "k", b"v\0\xff".to_vec()).await.unwrap();
@@ -113,9 +109,7 @@ async fn kv_values_lists_and_wrong_types() {
     t.cleanup().await;
 }
 
-#[tokio::test]
-async fn list_keys_by_prefix_is_isolated_between_prefixes_and_stores() {
-    let (t1, t2) = (TestRedis::new(), TestRedis::new());
+async fn list_keys(t1: &TestRedis, t2: &TestRedis) {
     let (s1, s2) = (t1.store().await, t2.store().await);
     s1.kv_set("a", "history:1", vec![]).await.unwrap();
     s1.kv_set("a", "history:2", vec![]).await.unwrap();
@@ -138,10 +132,115 @@ async fn list_keys_by_prefix_is_isolated_between_prefixes_and_stores() {
 }
 
 #[tokio::test]
+async fn claim_is_exclusive_across_instances_and_release_checks_the_owner() {
+    claim_exclusive(&TestRedis::new()).await;
+}
+
+#[tokio::test]
+async fn concurrent_claims_have_one_winner() {
+    concurrent_claims(&TestRedis::new()).await;
+}
+
+#[tokio::test]
+async fn online_is_sorted_by_id() {
+    online_sorted(&TestRedis::new()).await;
+}
+
+#[tokio::test]
+async fn kv_values_lists_and_wrong_types() {
+    kv_values(&TestRedis::new()).await;
+}
+
+#[tokio::test]
+async fn list_keys_by_prefix_is_isolated_between_prefixes_and_stores() {
+    list_keys(&TestRedis::new(), &TestRedis::new()).await;
+}
+
+#[tokio::test]
 async fn unreachable_redis_is_a_clear_error() {
     // Port 1 on localhost: nothing listens there.
     let err = RedisStore::connect("redis://127.0.0.1:1/", "cim:").await.unwrap_err();
     assert!(matches!(&err, StoreError::Unavailable(m) if m.contains("127.0.0.1:1")), "{err}");
     let err = RedisStore::connect("not a url", "cim:").await.unwrap_err();
     assert!(err.to_string().contains("invalid redis url"), "{err}");
+}
+
+/// The same store operations on a three-primary Redis Cluster of the test's own, given by
+/// its seed list and by one node's plain URL (detected as a cluster node); plus the node
+/// registry and the bus, whose inboxes are sharded channels there.
+#[tokio::test]
+async fn a_redis_cluster_serves_every_store_operation() {
+    let cluster = RedisCluster::start(3);
+    let t = TestRedis::on(cluster.url());
+    let via_one_node = TestRedis::on(cluster.node_url(1));
+    let store = t.store().await;
+    assert!(store.connection().is_cluster());
+    assert!(via_one_node.store().await.connection().is_cluster(), "a cluster node is detected");
+    let err = RedisStore::connect(&format!("{}/2", cluster.node_url(0)), "cim:").await.unwrap_err();
+    assert!(err.to_string().contains("only database 0"), "{err}");
+
+    claim_exclusive(&t).await;
+    concurrent_claims(&via_one_node).await;
+    online_sorted(&t).await;
+    kv_values(&t).await;
+    // Keys spread over every primary, and listing them must SCAN each one.
+    let s = t.store().await;
+    let keys: Vec<String> = (0..60).map(|i| format!("k{i:02}")).collect();
+    for k in &keys {
+        s.kv_set("spread", k, vec![1]).await.unwrap();
+    }
+    for i in 0..3 {
+        assert!(cluster.dbsize(i) > 0, "primary {i} holds none of the 60 keys");
+    }
+    assert_eq!(s.kv_list_keys("spread", "k").await.unwrap(), keys);
+    list_keys(&t, &TestRedis::on(cluster.url())).await;
+    assert_eq!(s.next_node_number().await.unwrap() + 1, s.next_node_number().await.unwrap());
+
+    // Registry: register, list, expire, reap (multi-key scripts on the presence slot).
+    let reg = Registry::new(&store);
+    let node = |id: &str| NodeInfo {
+        id: id.into(),
+        tcp_addr: format!("{id}:9000"),
+        ws_url: format!("ws://{id}:8080/ws"),
+        http_addr: format!("{id}:8080"),
+        connections: 0,
+    };
+    reg.register(&node("alive"), Duration::from_secs(60)).await.unwrap();
+    reg.register(&node("dying"), Duration::from_millis(300)).await.unwrap();
+    store.claim(entry(5, "dying", 5)).await.unwrap();
+    store.claim(entry(6, "alive", 6)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reg.nodes().await.unwrap().len() != 1 {
+        assert!(Instant::now() < deadline, "the 300 ms registry entry did not expire");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(reg.reap_dead_nodes().await.unwrap(), 1);
+    let online: Vec<u64> = store.online().await.unwrap().iter().map(|e| e.user.id).collect();
+    assert_eq!(online, vec![6]);
+
+    // Bus: an inbox message reaches its node only; a broadcast reaches every node.
+    let bus = Bus::new(&store);
+    let mut a = bus.subscribe("a").await.unwrap();
+    let mut b = bus.subscribe("b").await.unwrap();
+    let kick = ClusterMessage::Kick { user_id: 1, reason: "test".into() };
+    assert_eq!(bus.publish("a", &kick).await.unwrap(), 1, "one subscriber on the inbox's shard");
+    assert_eq!(tokio::time::timeout(Duration::from_secs(5), a.recv()).await.unwrap(), Some(kick));
+    assert_eq!(
+        bus.publish("nobody", &ClusterMessage::Kick { user_id: 2, reason: String::new() }).await.unwrap(),
+        0
+    );
+    let changed = ClusterMessage::ComponentChanged { name: "group".into(), sha256: "ab".repeat(32) };
+    bus.broadcast(&changed).await.unwrap();
+    for sub in [&mut a, &mut b] {
+        let got = tokio::time::timeout(Duration::from_secs(5), sub.recv()).await.unwrap();
+        assert_eq!(got, Some(changed.clone()));
+    }
+    assert_eq!(a.resubscriptions() + b.resubscriptions(), 0);
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bus.publish("a", &changed).await.unwrap() != 0 {
+        assert!(Instant::now() < deadline, "still subscribed 5 s after the drop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t.cleanup().await;
 }

@@ -1,0 +1,139 @@
+//! A throwaway Redis Cluster for tests: `primaries` `redis-server` processes on free
+//! loopback ports, without persistence, the 16384 slots split evenly between them, killed
+//! and their directory removed on drop.
+//!
+//! Shared by the host's unit tests and the end-to-end tests (included with `#[path]`), so it
+//! needs only std and the `redis` crate's blocking client.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the servers get to start and agree on one cluster.
+const FORM_DEADLINE: Duration = Duration::from_secs(30);
+const SLOTS: u16 = 16384;
+
+/// A running Redis Cluster of one's own.
+pub struct RedisCluster {
+    /// Client ports, in slot order.
+    pub ports: Vec<u16>,
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    /// Starts `primaries` servers (no replicas) and waits until every one of them reports
+    /// `cluster_state:ok` and knows all the others. Panics (with the reason) if that fails.
+    pub fn start(primaries: usize) -> RedisCluster {
+        assert!(primaries >= 1, "a cluster needs a primary");
+        let dir = std::env::temp_dir().join(format!(
+            "cim-redis-cluster-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+        ));
+        std::fs::create_dir_all(&dir).expect("create the redis cluster directory");
+        let mut cluster = RedisCluster { ports: Vec::new(), children: Vec::new(), dir };
+        let mut bus_ports = Vec::new();
+        for _ in 0..primaries {
+            let (port, bus_port) = (free_port(), free_port());
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--cluster-port", &bus_port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .arg("--dir")
+                .arg(&cluster.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn redis-server (is it installed?)");
+            cluster.children.push(child);
+            cluster.ports.push(port);
+            bus_ports.push(bus_port);
+        }
+        let mut conns: Vec<redis::Connection> =
+            cluster.ports.iter().map(|&p| wait(&format!("redis-server on {p}"), || connect(p))).collect();
+        let n = u16::try_from(primaries).expect("a few primaries");
+        for (i, conn) in (0u16..).zip(conns.iter_mut()) {
+            let (first, last) = (SLOTS / n * i, if i + 1 == n { SLOTS - 1 } else { SLOTS / n * (i + 1) - 1 });
+            redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(first)
+                .arg(last)
+                .exec(conn)
+                .expect("ADDSLOTSRANGE");
+            redis::cmd("CLUSTER").arg("SET-CONFIG-EPOCH").arg(i + 1).exec(conn).expect("SET-CONFIG-EPOCH");
+        }
+        for (&port, &bus) in cluster.ports.iter().zip(&bus_ports).skip(1) {
+            redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(port)
+                .arg(bus)
+                .exec(&mut conns[0])
+                .expect("MEET");
+        }
+        for (conn, port) in conns.iter_mut().zip(&cluster.ports) {
+            wait(&format!("redis cluster node {port} to see the whole cluster"), || {
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query(conn).ok()?;
+                let ok = info.contains("cluster_state:ok")
+                    && info.contains(&format!("cluster_known_nodes:{primaries}\r"))
+                    && info.contains(&format!("cluster_size:{primaries}\r"));
+                ok.then_some(())
+            });
+        }
+        cluster
+    }
+
+    /// `redis-cluster://127.0.0.1:P1,127.0.0.1:P2,...`
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis-cluster://{}", hosts.join(","))
+    }
+
+    /// `redis://127.0.0.1:P` of the `i`-th server alone.
+    pub fn node_url(&self, i: usize) -> String {
+        format!("redis://127.0.0.1:{}", self.ports[i])
+    }
+
+    /// How many keys the `i`-th server holds.
+    pub fn dbsize(&self, i: usize) -> u64 {
+        let mut conn = connect(self.ports[i]).expect("connect to a cluster node");
+        redis::cmd("DBSIZE").query(&mut conn).expect("DBSIZE")
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+fn connect(port: u16) -> Option<redis::Connection> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(1)).ok()?;
+    redis::cmd("PING").query::<String>(&mut conn).ok()?;
+    Some(conn)
+}
+
+/// Polls `f` every 20 ms until it gives a value; panics after [`FORM_DEADLINE`].
+fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + FORM_DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {FORM_DEADLINE:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
