@@ -4,7 +4,8 @@
 //! without restarting anything; a component pushed to one node runs on all of them.
 //!
 //! Each test uses its own key prefix, so they run in parallel against one Redis
-//! (`CIM_TEST_REDIS`, default 127.0.0.1:6379); the Redis restart test runs its own server.
+//! (`CIM_TEST_REDIS`, default 127.0.0.1:6379); the Redis restart test runs its own server,
+//! and the Redis Cluster test its own three-primary cluster.
 
 mod common;
 
@@ -16,6 +17,7 @@ use cim_proto::{Body, ErrorCode, Frame};
 use common::cluster::{
     Cluster, OwnRedis, SdkUser, active_sha, cim_host_cli, http, online_nodes, redis_url, wait_online_nodes,
 };
+use common::redis_cluster::RedisCluster;
 use common::terminal::Cim;
 use common::{ADMIN_TOKEN, DEADLINE, Host, RawClient, component, expect_error, wait_for};
 
@@ -115,6 +117,15 @@ async fn a_killed_node_s_clients_move_to_survivors() {
     for (i, name) in NAMES.iter().enumerate() {
         users.push(SdkUser::login(&route, i as u64 + 1, name).await);
     }
+    kill_the_busiest_of_b_and_c(&mut cluster, &mut users).await;
+    eprintln!("a_killed_node_s_clients_move_to_survivors: {:?}", started.elapsed());
+}
+
+/// SIGKILLs whichever of node-b and node-c holds more of `users` (logged in through
+/// node-a), then checks that the survivors forget its routes within about two TTLs, that
+/// its clients reconnect to survivors by themselves and chat again, and that nothing
+/// crashed.
+async fn kill_the_busiest_of_b_and_c(cluster: &mut Cluster, users: &mut [SdkUser]) {
     let placement: BTreeMap<u64, String> = users.iter().map(|u| (u.id, u.client.node_id())).collect();
     eprintln!("placement: {placement:?}");
     // The victim: the node other than the route's with the most users.
@@ -181,7 +192,7 @@ async fn a_killed_node_s_clients_move_to_survivors() {
         let d = users[to as usize - 1].delivery().await;
         assert_eq!((d.message_id, d.text), (mid, format!("hi from {id}")));
     }
-    for user in &mut users {
+    for user in users.iter_mut() {
         user.assert_no_delivery();
     }
 
@@ -193,7 +204,6 @@ async fn a_killed_node_s_clients_move_to_survivors() {
         let (status, body) = http(host, "GET", "/healthz", None).await;
         assert_eq!(status, 200, "{body}");
     }
-    eprintln!("a_killed_node_s_clients_move_to_survivors: {:?}", started.elapsed());
 }
 
 /// Redis stopped for 5 s and started again, empty: meanwhile requests that need it fail
@@ -376,4 +386,81 @@ async fn clients_with_two_routes_survive_the_loss_of_the_first() {
     let (from, to) = (on_a[0], users.iter().map(|u| u.id).find(|id| *id != on_a[0]).unwrap());
     users[from as usize - 1].client.send_private(to, "still here").await.unwrap();
     assert_eq!(users[to as usize - 1].delivery().await.text, "still here");
+}
+
+/// The same IM on a Redis Cluster (three primaries of the test's own): nodes given the seed
+/// list or a single cluster node's URL; users spread over the nodes through one route; group
+/// and private messages cross nodes with their ids; the online list, duplicate logins,
+/// history and a cluster-wide push work as on one Redis; a SIGKILLed node's clients move to
+/// survivors.
+#[tokio::test]
+async fn a_redis_cluster_backs_the_whole_im() {
+    let started = Instant::now();
+    let redis = tokio::task::spawn_blocking(|| RedisCluster::start(3)).await.unwrap();
+    let (seeds, one_node) = (redis.url(), redis.node_url(2));
+    let mut cluster =
+        Cluster::start_on(&[&seeds, &one_node, &seeds], &["node-a", "node-b", "node-c"], 2, &[]).await;
+    let a = cluster.node("node-a");
+    let mut users = Vec::new();
+    for (i, name) in NAMES.iter().enumerate() {
+        users.push(SdkUser::login(&a.route(), i as u64 + 1, name).await);
+    }
+    let placement: BTreeMap<u64, String> = users.iter().map(|u| (u.id, u.client.node_id())).collect();
+    let used: BTreeSet<&String> = placement.values().collect();
+    assert!(used.len() >= 2, "all six users landed on one node: {placement:?}");
+    for host in &cluster.nodes {
+        wait_online_nodes(host, &placement).await;
+    }
+
+    // Group: one id for everyone, wherever they are.
+    let gid = users[0].client.send_group("hello cluster").await.unwrap();
+    for user in &mut users[1..] {
+        let d = user.delivery().await;
+        assert_eq!((d.message_id, d.sender.id, d.text.as_str()), (gid, 1, "hello cluster"));
+    }
+    // Private, between users on different nodes.
+    let (from, to) = placement
+        .iter()
+        .find_map(|(f, nf)| placement.iter().find(|(_, nt)| nt != &nf).map(|(t, _)| (*f, *t)))
+        .unwrap();
+    let pid = users[from as usize - 1].client.send_private(to, "across").await.unwrap();
+    let d = users[to as usize - 1].delivery().await;
+    assert_eq!((d.message_id, d.text.as_str()), (pid, "across"));
+    // The default message callback wrote the history (key-value data spread over the shards).
+    let other = cluster.nodes.iter().find(|h| h.node_id != placement[&to]).unwrap();
+    wait_for(&format!("history of user {to} on {}", other.node_id), || async {
+        let (status, body) = http(other, "GET", &format!("/history/{to}"), None).await;
+        (status == 200 && body.to_string().contains("across")).then_some(())
+    })
+    .await;
+    // A second login of an online user is refused on any node.
+    let home = &placement[&1];
+    let elsewhere = cluster.nodes.iter().find(|h| &h.node_id != home).unwrap();
+    let (status, body) = http(elsewhere, "POST", "/login", Some(&login_body(1, "alice-again"))).await;
+    assert_eq!((status, body["error"].as_str()), (409, Some("duplicate_login")), "{body}");
+
+    // A push to node A runs on B and C within a second.
+    let wasm = component("word_filter");
+    let token = ["--to", &a.route(), "--token", ADMIN_TOKEN];
+    let out = cim_host_cli(&[&["push", "group-send", wasm.to_str().unwrap()][..], &token].concat());
+    let pushed_at = Instant::now();
+    let pushed = active_sha(a, "group").await;
+    assert!(out.contains(&pushed), "{out}");
+    for host in &cluster.nodes[1..] {
+        wait_for(&format!("{} to run the pushed version", host.node_id), || async {
+            (active_sha(host, "group").await == pushed).then_some(())
+        })
+        .await;
+    }
+    let took = pushed_at.elapsed();
+    eprintln!("on a Redis Cluster, nodes B and C run the pushed version {took:?} after the push");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let gid = users[5].client.send_group("darn").await.unwrap();
+    for user in &mut users[..5] {
+        let d = user.delivery().await;
+        assert_eq!((d.message_id, d.text.as_str()), (gid, "****"));
+    }
+
+    kill_the_busiest_of_b_and_c(&mut cluster, &mut users).await;
+    eprintln!("a_redis_cluster_backs_the_whole_im: {:?}", started.elapsed());
 }

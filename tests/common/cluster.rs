@@ -102,10 +102,19 @@ impl Cluster {
     /// `--node-ttl ttl_secs`. Node ids can repeat across tests: every key and channel
     /// carries the prefix.
     pub async fn start(url: &str, names: &[&str], ttl_secs: u64, extra: &[&str]) -> Cluster {
+        Cluster::start_on(&vec![url; names.len()], names, ttl_secs, extra).await
+    }
+
+    /// Like [`Cluster::start`], each node with its own `--store` URL (the same Redis, named
+    /// differently: a Redis Cluster by its seed list or by one of its nodes). The key
+    /// prefix is cleaned through the first URL.
+    pub async fn start_on(urls: &[&str], names: &[&str], ttl_secs: u64, extra: &[&str]) -> Cluster {
+        assert_eq!(urls.len(), names.len(), "one store URL per node");
+        let url = urls[0];
         let prefix = KeyPrefix::new(url);
         let ttl = ttl_secs.to_string();
         let mut starting = Vec::new();
-        for name in names {
+        for (name, url) in names.iter().zip(urls) {
             let mut args: Vec<String> =
                 ["--store", url, "--redis-prefix", &prefix.prefix, "--node-id", name, "--node-ttl", &ttl]
                     .iter()

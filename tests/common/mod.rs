@@ -3,6 +3,10 @@
 //! over HTTP). Every wait has a deadline; nothing sleeps to synchronise.
 #![allow(dead_code)]
 
+/// A Redis Cluster of the test's own (shared with the host's unit tests).
+#[path = "../../host/src/store/redis/test_cluster.rs"]
+pub mod redis_cluster;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
