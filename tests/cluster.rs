@@ -464,3 +464,19 @@ async fn a_redis_cluster_backs_the_whole_im() {
     kill_the_busiest_of_b_and_c(&mut cluster, &mut users).await;
     eprintln!("a_redis_cluster_backs_the_whole_im: {:?}", started.elapsed());
 }
+
+/// A cluster node bound to a wildcard address must say where clients reach it: otherwise
+/// the route API would send other nodes' users to 0.0.0.0. It refuses to start, saying so.
+#[test]
+fn a_cluster_node_bound_to_a_wildcard_address_must_advertise() {
+    let prefix = common::cluster::KeyPrefix::new(&redis_url());
+    let out = std::process::Command::new(common::binary("cim-host"))
+        .args(["up", "--builtin-handlers", "--tcp", "0.0.0.0:0", "--http", "127.0.0.1:0"])
+        .args(["--store", &redis_url(), "--redis-prefix", &prefix.prefix])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("pass --advertise-tcp HOST:PORT"), "{stderr}");
+    assert!(prefix.keys().unwrap().is_empty(), "the refused node left keys behind");
+}

@@ -16,6 +16,32 @@ async fn route_login_points_at_this_node() {
     assert_eq!(body["ws_url"], host.ws_url());
 }
 
+/// Behind NAT or bound to 0.0.0.0, the route API hands out the advertised addresses.
+#[tokio::test]
+async fn route_login_hands_out_the_advertised_addresses() {
+    let host =
+        Host::start(&["--advertise-tcp", "chat.example.com:9000", "--advertise-http", "[2001:db8::1]:8443"])
+            .await
+            .unwrap();
+    let (status, body) = host.http("POST", "/login", Some(r#"{"user_id": 5, "user_name": "eve"}"#)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tcp_addr"], "chat.example.com:9000");
+    assert_eq!(body["ws_url"], "ws://[2001:db8::1]:8443/ws");
+}
+
+#[test]
+fn bad_advertised_addresses_are_refused_up_front() {
+    for bad in ["chat.example.com", "chat.example.com:0", ":9000", "::1:9000", "h:99999"] {
+        let out = std::process::Command::new(common::binary("cim-host"))
+            .args(["up", "--advertise-tcp", bad])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("--advertise-tcp"), "{bad}: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn sends_over_http_reach_connected_clients() {
     let host = Host::start(&[]).await.unwrap();

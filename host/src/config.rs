@@ -26,6 +26,10 @@ pub struct Config {
     pub max_http_body: usize,
     /// How long shutdown waits for sessions to close.
     pub drain_timeout: Duration,
+    /// `HOST:PORT` clients are told to connect to over TCP; `None`: the bound address.
+    pub advertise_tcp: Option<String>,
+    /// `HOST:PORT` of the HTTP listener as others reach it; `None`: the bound address.
+    pub advertise_http: Option<String>,
 }
 
 impl Config {
@@ -47,6 +51,8 @@ impl Default for Config {
             max_name: 64,
             max_http_body: 64 * 1024,
             drain_timeout: Duration::from_secs(5),
+            advertise_tcp: None,
+            advertise_http: None,
         }
     }
 }

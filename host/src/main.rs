@@ -78,6 +78,14 @@ struct UpArgs {
     /// Address of the HTTP listener: route API, /ws, /healthz, /metrics, /admin (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
+    /// Where clients reach the TCP listener (`HOST:PORT`), as the route API hands it out
+    /// [default: the bound address]. Needed when binding 0.0.0.0 or behind NAT.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    advertise_tcp: Option<String>,
+    /// Where clients and other nodes reach the HTTP listener (`HOST:PORT`); the WebSocket
+    /// URL handed out is `ws://<this>/ws` [default: the bound address].
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    advertise_http: Option<String>,
     /// This node's id in routes and the cluster registry [default: node-<pid>].
     #[arg(long)]
     node_id: Option<String>,
@@ -150,6 +158,21 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `HOST:PORT` with a non-empty host (a name, an IPv4 address or a bracketed IPv6 one) and
+/// a port from 1 to 65535.
+fn parse_host_port(s: &str) -> Result<String, String> {
+    let (host, port) = s.rsplit_once(':').ok_or("expected HOST:PORT")?;
+    let port: u16 = port.parse().map_err(|_| format!("bad port {port:?}"))?;
+    if port == 0 {
+        return Err("port 0 cannot be advertised".into());
+    }
+    let bare_v6 = host.contains(':') && !(host.starts_with('[') && host.ends_with(']'));
+    if host.is_empty() || bare_v6 || host.contains(['/', ' ']) {
+        return Err(format!("bad host {host:?} (an IPv6 address goes in brackets: [::1]:9000)"));
+    }
+    Ok(s.to_owned())
+}
+
 fn load_manifest(path: &Path) -> anyhow::Result<Manifest> {
     Manifest::load(path).with_context(|| format!("loading the manifest {}", path.display()))
 }
@@ -161,6 +184,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         outbound_queue: usize::try_from(args.outbound_queue).unwrap_or(1024),
         login_timeout: Duration::from_secs(args.login_timeout),
+        advertise_tcp: args.advertise_tcp,
+        advertise_http: args.advertise_http,
         ..Config::default()
     };
     if let Some(id) = args.node_id {

@@ -45,6 +45,29 @@ impl Services {
     }
 }
 
+/// The address handed out for a listener bound to `bound`: `advertise` if given. Without
+/// it, a wildcard bind (0.0.0.0, ::) names no reachable host: refused in a cluster (other
+/// nodes' clients would be sent to 0.0.0.0), a warning on a single node.
+fn advertised_addr(
+    listener: &str,
+    bound: SocketAddr,
+    advertise: Option<&str>,
+    in_cluster: bool,
+) -> anyhow::Result<String> {
+    if let Some(addr) = advertise {
+        return Ok(addr.to_owned());
+    }
+    if bound.ip().is_unspecified() {
+        let why = format!(
+            "the {listener} listener is bound to {bound}, which is no address a client can connect to; \
+             pass --advertise-{listener} HOST:PORT to say where clients reach it"
+        );
+        anyhow::ensure!(!in_cluster, "{why}");
+        warn!("{why}");
+    }
+    Ok(bound.to_string())
+}
+
 /// A running node.
 #[derive(Debug)]
 pub struct Node {
@@ -81,9 +104,11 @@ impl Node {
         let tcp_addr = tcp.local_addr()?;
         let http_addr = http.local_addr()?;
         let node_id = config.node_id.clone();
+        let in_cluster = services.cluster.is_some();
+        let tcp_public = advertised_addr("tcp", tcp_addr, config.advertise_tcp.as_deref(), in_cluster)?;
+        let http_public = advertised_addr("http", http_addr, config.advertise_http.as_deref(), in_cluster)?;
         let router = Router::new(Arc::new(config), services.store, services.backend);
-        let advertised =
-            Advertised { tcp_addr: tcp_addr.to_string(), ws_url: format!("ws://{http_addr}/ws") };
+        let advertised = Advertised { tcp_addr: tcp_public, ws_url: format!("ws://{http_public}/ws") };
         router.set_advertised(advertised.clone());
         if let Some(d) = &services.deployments {
             router.set_deployments(d.clone());
@@ -95,7 +120,7 @@ impl Node {
                 id: node_id,
                 tcp_addr: advertised.tcp_addr,
                 ws_url: advertised.ws_url,
-                http_addr: http_addr.to_string(),
+                http_addr: http_public,
                 connections: 0,
             };
             let inbox = cluster.join(&me).await.context("joining the cluster")?;
