@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve clients: TCP frames, WebSocket at /ws, the HTTP route API and the admin API.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Build every component of the manifest (runs each `[component.NAME.build] command`).
     Build {
         /// The application manifest.
@@ -145,7 +145,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::Up(args) => runtime.block_on(up(args)),
+        Command::Up(args) => runtime.block_on(up(*args)),
         Command::Build { manifest } => cim_host::build::build_all(&load_manifest(&manifest)?),
         Command::Push { name, file, to, token } => {
             println!("{}", runtime.block_on(cim_host::push::push(&to, &token, &name, &file))?);
