@@ -18,6 +18,7 @@ const SLOTS: u16 = 16384;
 pub struct RedisCluster {
     /// Client ports, in slot order.
     pub ports: Vec<u16>,
+    bus_ports: Vec<u16>,
     children: Vec<Child>,
     dir: PathBuf,
 }
@@ -33,26 +34,13 @@ impl RedisCluster {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
         ));
         std::fs::create_dir_all(&dir).expect("create the redis cluster directory");
-        let mut cluster = RedisCluster { ports: Vec::new(), children: Vec::new(), dir };
-        let mut bus_ports = Vec::new();
+        let mut cluster =
+            RedisCluster { ports: Vec::new(), bus_ports: Vec::new(), children: Vec::new(), dir };
         for _ in 0..primaries {
-            let (port, bus_port) = (free_port(), free_port());
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--cluster-port", &bus_port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
-                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                .arg("--dir")
-                .arg(&cluster.dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("spawn redis-server (is it installed?)");
-            cluster.children.push(child);
-            cluster.ports.push(port);
-            bus_ports.push(bus_port);
+            cluster.ports.push(free_port());
+            cluster.bus_ports.push(free_port());
         }
+        cluster.spawn_all();
         let mut conns: Vec<redis::Connection> =
             cluster.ports.iter().map(|&p| wait(&format!("redis-server on {p}"), || connect(p))).collect();
         let n = u16::try_from(primaries).expect("a few primaries");
@@ -66,7 +54,7 @@ impl RedisCluster {
                 .expect("ADDSLOTSRANGE");
             redis::cmd("CLUSTER").arg("SET-CONFIG-EPOCH").arg(i + 1).exec(conn).expect("SET-CONFIG-EPOCH");
         }
-        for (&port, &bus) in cluster.ports.iter().zip(&bus_ports).skip(1) {
+        for (&port, &bus) in cluster.ports.iter().zip(&cluster.bus_ports).skip(1) {
             redis::cmd("CLUSTER")
                 .arg("MEET")
                 .arg("127.0.0.1")
@@ -85,6 +73,46 @@ impl RedisCluster {
             });
         }
         cluster
+    }
+
+    fn spawn_all(&mut self) {
+        for (&port, &bus_port) in self.ports.iter().zip(&self.bus_ports) {
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--cluster-port", &bus_port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .arg("--dir")
+                .arg(&self.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn redis-server (is it installed?)");
+            self.children.push(child);
+        }
+    }
+
+    /// Kills every server (SIGKILL: they keep no data, only their cluster configuration).
+    pub fn stop(&mut self) {
+        for mut child in self.children.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts every server again on the same ports, empty; they re-form the same cluster
+    /// from their saved configuration. Waits until every one reports `cluster_state:ok`.
+    pub fn start_again(&mut self) {
+        assert!(self.children.is_empty(), "the cluster is running");
+        self.spawn_all();
+        for &port in &self.ports {
+            wait(&format!("restarted redis cluster node {port} to be ok"), || {
+                let mut conn = connect(port)?;
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut conn).ok()?;
+                info.contains("cluster_state:ok").then_some(())
+            });
+        }
     }
 
     /// `redis-cluster://127.0.0.1:P1,127.0.0.1:P2,...`
@@ -107,10 +135,7 @@ impl RedisCluster {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

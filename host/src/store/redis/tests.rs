@@ -244,3 +244,55 @@ async fn a_redis_cluster_serves_every_store_operation() {
     }
     t.cleanup().await;
 }
+
+/// The whole Redis Cluster killed and started again empty: meanwhile store calls fail with
+/// a clear error in bounded time; afterwards the same store (not reconnected by hand) works
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_recovers_from_a_redis_cluster_restart() {
+    let mut cluster = RedisCluster::start(3);
+    let t = TestRedis::on(cluster.url());
+    let store = t.store().await;
+    assert_eq!(store.claim(entry(1, "n", 1)).await.unwrap(), Claim::Claimed);
+    store.kv_set("default", "k", vec![1]).await.unwrap();
+    let bus = Bus::new(&store);
+    let mut sub = bus.subscribe("n").await.unwrap();
+
+    cluster.stop();
+    let asked = Instant::now();
+    let err = store.claim(entry(2, "n", 2)).await.unwrap_err();
+    let took = asked.elapsed();
+    eprintln!("a claim with the cluster down failed after {took:?}: {err}");
+    assert!(matches!(&err, StoreError::Unavailable(m) if m.contains("redis")), "{err}");
+    assert!(took < Duration::from_secs(10), "failing took {took:?}");
+    assert!(store.kv_get("default", "k").await.is_err());
+
+    tokio::task::block_in_place(|| cluster.start_again());
+    let restarted = Instant::now();
+    let deadline = restarted + Duration::from_secs(20);
+    loop {
+        match store.claim(entry(2, "n", 2)).await {
+            Ok(claim) => {
+                assert_eq!(claim, Claim::Claimed);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "still failing 20 s after the restart: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("the store works again {:?} after the cluster restarted", restarted.elapsed());
+    assert_eq!(store.kv_get("default", "k").await.unwrap(), None, "the cluster came back empty");
+    store.kv_set("default", "k", vec![2]).await.unwrap();
+    assert_eq!(store.online().await.unwrap().len(), 1);
+
+    // The subscription comes back by itself: a delivery published once it has reaches it.
+    let kick = ClusterMessage::Kick { user_id: 2, reason: "after the restart".into() };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bus.publish("n", &kick).await.map_or(true, |n| n == 0) {
+        assert!(Instant::now() < deadline, "the inbox was not resubscribed within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("the inbox is subscribed again {:?} after the cluster restarted", restarted.elapsed());
+    assert_eq!(tokio::time::timeout(Duration::from_secs(5), sub.recv()).await.unwrap(), Some(kick));
+    assert!(sub.resubscriptions() >= 1);
+}
