@@ -64,11 +64,10 @@ impl Endpoint {
         }
         let seeds: Vec<String> = hosts.split(',').map(|h| format!("redis://{auth}{}", h.trim())).collect();
         for seed in &seeds {
-            let info = redis::Client::open(seed.as_str()).map_err(|e| invalid(&e.to_string()))?;
             if seed.ends_with("://") || seed.ends_with('@') {
                 return Err(invalid("empty host in the list"));
             }
-            drop(info);
+            redis::Client::open(seed.as_str()).map_err(|e| invalid(&e.to_string()))?;
         }
         Ok(Endpoint::Cluster(seeds))
     }
