@@ -28,27 +28,40 @@ struct MessageCallback;
 
 impl Guest for MessageCallback {
     fn on_delivered(batch: Vec<Delivered>) {
+        // The whole batch in one store call: one round trip instead of one per entry.
+        let mut entries = Vec::new();
         for delivered in &batch {
-            let entry = history_entry(&delivered.message, &delivered.recipients);
-            for key in history_keys(delivered) {
-                match key_value::append(STORE, &key, entry.as_bytes(), HISTORY_LEN) {
-                    Ok(()) => {}
-                    // Same value for every owner: skip this message, keep the rest of the batch.
-                    Err(Error::TooLarge(e)) => {
-                        log(
-                            Level::Warn,
-                            &format!("message {} not kept in history: {e}", delivered.message.id),
-                        );
-                        break;
-                    }
-                    // Every other call would fail the same way: give up on the batch.
-                    Err(Error::AccessDenied(e) | Error::StoreFailure(e)) => {
-                        log(
-                            Level::Error,
-                            &format!("history not written for {} message(s): {e}", batch.len()),
-                        );
-                        return;
-                    }
+            let entry = history_entry(&delivered.message, &delivered.recipients).into_bytes();
+            entries.extend(history_keys(delivered).into_iter().map(|key| (key, entry.clone())));
+        }
+        match key_value::append_many(STORE, &entries, HISTORY_LEN) {
+            Ok(()) => {}
+            // Some message is too large to keep (nothing was written): keep the others.
+            Err(Error::TooLarge(_)) => append_one_by_one(&batch),
+            Err(Error::AccessDenied(e) | Error::StoreFailure(e)) => {
+                log(Level::Error, &format!("history not written for {} message(s): {e}", batch.len()));
+            }
+        }
+    }
+}
+
+/// The slow path, for a batch with a message too large to keep: each entry on its own, so
+/// that only that message is left out of history.
+fn append_one_by_one(batch: &[Delivered]) {
+    for delivered in batch {
+        let entry = history_entry(&delivered.message, &delivered.recipients);
+        for key in history_keys(delivered) {
+            match key_value::append(STORE, &key, entry.as_bytes(), HISTORY_LEN) {
+                Ok(()) => {}
+                // Same value for every owner: skip this message, keep the rest of the batch.
+                Err(Error::TooLarge(e)) => {
+                    log(Level::Warn, &format!("message {} not kept in history: {e}", delivered.message.id));
+                    break;
+                }
+                // Every other call would fail the same way: give up on the batch.
+                Err(Error::AccessDenied(e) | Error::StoreFailure(e)) => {
+                    log(Level::Error, &format!("history not written for {} message(s): {e}", batch.len()));
+                    return;
                 }
             }
         }

@@ -52,13 +52,24 @@ pub fn history_entry(msg: &Message, recipients: &[u64]) -> Vec<u8> {
     entry.to_string().into_bytes()
 }
 
-/// Appends each delivered message to the history of its sender and of every recipient.
+/// Keeps history as the default message-callback component does: a private message in the
+/// history of its sender and of each receiver, a group message once in the group's history;
+/// the whole batch in one store call.
 pub async fn callback(ctx: &Context, batch: &[Delivered]) -> Result<(), StoreError> {
+    let mut entries = Vec::new();
     for d in batch {
         let entry = history_entry(&d.message, &d.recipients);
-        for user in std::iter::once(d.message.sender.id).chain(d.recipients.iter().copied()) {
-            ctx.store().kv_append(HISTORY_STORE, &history_key(user), entry.clone(), HISTORY_LEN).await?;
+        if d.message.kind == cim_proto::MessageKind::Group {
+            entries.push((GROUP_HISTORY_KEY.to_owned(), entry));
+            continue;
         }
+        let mut owners = vec![d.message.sender.id];
+        for &user in &d.recipients {
+            if !owners.contains(&user) {
+                owners.push(user);
+            }
+        }
+        entries.extend(owners.into_iter().map(|user| (history_key(user), entry.clone())));
     }
-    Ok(())
+    ctx.store().kv_append_many(HISTORY_STORE, entries, HISTORY_LEN).await
 }

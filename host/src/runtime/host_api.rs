@@ -28,6 +28,8 @@ pub const MAX_KEY_BYTES: usize = 1024;
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
 /// The most entries a list (`append`) may keep; a guest's `max-len` is clamped to it.
 pub const MAX_LIST_LEN: u32 = 1000;
+/// The most entries one `append-many` call may carry.
+pub const MAX_APPEND_ENTRIES: usize = 10_000;
 /// Log messages are cut to this many bytes.
 pub const MAX_LOG_BYTES: usize = 4096;
 /// How much of a guest's stderr is kept to explain a trap (a panic message).
@@ -227,6 +229,28 @@ impl key_value::Host for HostState {
         }
         let max_len = max_len.clamp(1, MAX_LIST_LEN) as usize;
         Ok(self.ctx.store().kv_append(&store, &key, value, max_len).await.map_err(store_failure))
+    }
+
+    async fn append_many(
+        &mut self,
+        store: String,
+        entries: Vec<(String, Vec<u8>)>,
+        max_len: u32,
+    ) -> wasmtime::Result<Result<(), KvError>> {
+        if let Err(e) = self.check_store(&store) {
+            return Ok(Err(e));
+        }
+        if entries.len() > MAX_APPEND_ENTRIES {
+            return Ok(Err(KvError::TooLarge(format!(
+                "{} entries in one append-many to store `{store}`; at most {MAX_APPEND_ENTRIES}",
+                entries.len()
+            ))));
+        }
+        if let Some(e) = entries.iter().find_map(|(key, value)| Self::check_value(&store, key, value).err()) {
+            return Ok(Err(e));
+        }
+        let max_len = max_len.clamp(1, MAX_LIST_LEN) as usize;
+        Ok(self.ctx.store().kv_append_many(&store, entries, max_len).await.map_err(store_failure))
     }
 
     async fn range(

@@ -114,6 +114,28 @@ impl MemoryStore {
         Ok(())
     }
 
+    /// Appends every `(key, value)` in order under one lock. A key that holds a plain value
+    /// fails the call before anything is written.
+    pub fn kv_append_many(
+        &self,
+        store: &str,
+        entries: Vec<(String, Vec<u8>)>,
+        max_len: usize,
+    ) -> Result<(), StoreError> {
+        let mut kv = lock(&self.kv);
+        let lists = kv.entry(store.to_owned()).or_default();
+        if let Some((key, _)) = entries.iter().find(|(k, _)| matches!(lists.get(k), Some(Value::Bytes(_)))) {
+            return Err(StoreError::WrongType { key: key.clone() });
+        }
+        for (key, value) in entries {
+            if let Value::List(list) = lists.entry(key).or_insert_with(|| Value::List(VecDeque::new())) {
+                list.push_front(value);
+                list.truncate(max_len.max(1));
+            }
+        }
+        Ok(())
+    }
+
     pub fn kv_range(
         &self,
         store: &str,
@@ -162,6 +184,19 @@ mod tests {
         assert_eq!(s.kv_range("default", "h", 1, 1).unwrap(), vec![vec![3]]);
         assert_eq!(s.kv_range("default", "h", 5, 9).unwrap(), Vec::<Vec<u8>>::new());
         assert!(s.kv_get("default", "h").is_err());
+    }
+
+    #[test]
+    fn append_many_keeps_order_per_key_and_checks_types_first() {
+        let s = MemoryStore::default();
+        let many = |pairs: &[(&str, u8)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), vec![*v])).collect();
+        s.kv_append_many("default", many(&[("a", 1), ("b", 2), ("a", 3), ("a", 4)]), 2).unwrap();
+        assert_eq!(s.kv_range("default", "a", 0, -1).unwrap(), vec![vec![4], vec![3]]);
+        assert_eq!(s.kv_range("default", "b", 0, -1).unwrap(), vec![vec![2]]);
+        s.kv_set("default", "plain", vec![0]);
+        let err = s.kv_append_many("default", many(&[("b", 5), ("plain", 6)]), 2).unwrap_err();
+        assert!(matches!(err, StoreError::WrongType { key } if key == "plain"));
+        assert_eq!(s.kv_range("default", "b", 0, -1).unwrap(), vec![vec![2]], "nothing was written");
     }
 
     #[test]

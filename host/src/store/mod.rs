@@ -133,6 +133,20 @@ impl Store {
         }
     }
 
+    /// Appends every `(key, value)` in order, as [`Store::kv_append`] would one after another;
+    /// one round trip on Redis. Atomic per key, not across keys.
+    pub async fn kv_append_many(
+        &self,
+        store: &str,
+        entries: Vec<(String, Vec<u8>)>,
+        max_len: usize,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => m.kv_append_many(store, entries, max_len),
+            Store::Redis(r) => r.kv_append_many(store, entries, max_len).await,
+        }
+    }
+
     /// Items `start..=stop` of the list at `key`, newest first; negative indexes count from
     /// the end (like Redis LRANGE).
     pub async fn kv_range(

@@ -366,6 +366,42 @@ impl RedisStore {
             .map_err(|e| store_error("LPUSH", key, e))
     }
 
+    /// Appends every `(key, value)` in order: per key, one `LPUSH key v1 v2 ...` (the last
+    /// value ends up at the head) and `LTRIM` in one transaction; the keys' transactions go
+    /// out together on the multiplexed connection, so the whole batch costs about one round
+    /// trip. Keys may live on different shards of a Redis Cluster.
+    pub async fn kv_append_many(
+        &self,
+        store: &str,
+        entries: Vec<(String, Vec<u8>)>,
+        max_len: usize,
+    ) -> Result<(), StoreError> {
+        let mut by_key: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+        for (key, value) in entries {
+            match by_key.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, values)) => values.push(value),
+                None => by_key.push((key, vec![value])),
+            }
+        }
+        let last = isize::try_from(max_len.max(1) - 1).unwrap_or(isize::MAX);
+        let appends = by_key.into_iter().map(|(key, values)| {
+            let redis_key = self.keys.kv(store, &key);
+            let mut conn = self.conn.clone();
+            async move {
+                redis::pipe()
+                    .atomic()
+                    .lpush(&redis_key, values)
+                    .ignore()
+                    .ltrim(&redis_key, 0, last)
+                    .ignore()
+                    .exec_async(&mut conn)
+                    .await
+                    .map_err(|e| store_error("LPUSH", &key, e))
+            }
+        });
+        futures_util::future::try_join_all(appends).await.map(drop)
+    }
+
     pub async fn kv_range(
         &self,
         store: &str,

@@ -94,6 +94,15 @@ async fn kv_values(t: &TestRedis) {
     s.kv_append("default", "one", vec![2], 0).await.unwrap();
     assert_eq!(s.kv_range("default", "one", 0, -1).await.unwrap(), vec![vec![2]], "max_len 0 keeps one");
 
+    // append-many: per key in order (the last becomes the head), capped, keys independent.
+    let many = |pairs: &[(&str, u8)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), vec![*v])).collect();
+    s.kv_append_many("default", many(&[("m1", 1), ("m2", 2), ("m1", 3), ("m1", 4), ("m1", 5)]), 3)
+        .await
+        .unwrap();
+    assert_eq!(s.kv_range("default", "m1", 0, -1).await.unwrap(), vec![vec![5], vec![4], vec![3]]);
+    assert_eq!(s.kv_range("default", "m2", 0, -1).await.unwrap(), vec![vec![2]]);
+    s.kv_append_many("default", Vec::new(), 3).await.unwrap();
+
     assert!(matches!(s.kv_get("default", "h").await, Err(StoreError::WrongType { key }) if key == "h"));
     s.kv_set("default", "plain", b"x".to_vec()).await.unwrap();
     assert!(matches!(
@@ -101,6 +110,10 @@ async fn kv_values(t: &TestRedis) {
         Err(StoreError::WrongType { key }) if key == "plain"
     ));
     assert!(matches!(s.kv_range("default", "plain", 0, -1).await, Err(StoreError::WrongType { .. })));
+    assert!(matches!(
+        s.kv_append_many("default", many(&[("m2", 9), ("plain", 1)]), 3).await,
+        Err(StoreError::WrongType { key }) if key == "plain"
+    ));
     assert_eq!(
         s.kv_get("default", "plain").await.unwrap(),
         Some(b"x".to_vec()),
