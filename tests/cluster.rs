@@ -480,3 +480,34 @@ fn a_cluster_node_bound_to_a_wildcard_address_must_advertise() {
     assert!(stderr.contains("pass --advertise-tcp HOST:PORT"), "{stderr}");
     assert!(prefix.keys().unwrap().is_empty(), "the refused node left keys behind");
 }
+
+/// A client that sends many private messages to a user on another node without waiting for
+/// the answers: the node carries them out concurrently (their Redis round trips overlap) and
+/// batches them into few publishes, yet they arrive in the order they were sent, each
+/// answered in order with its id.
+#[tokio::test]
+async fn pipelined_sends_across_nodes_arrive_in_order() {
+    let cluster = Cluster::start(&redis_url(), &["node-a", "node-b"], 2, &[]).await;
+    let (a, b) = (cluster.node("node-a"), cluster.node("node-b"));
+    let mut alice = RawClient::login_tcp(a, 1, "alice").await;
+    let mut bob = RawClient::login_tcp(b, 2, "bob").await;
+    wait_online_nodes(a, &[(1, "node-a".to_owned()), (2, "node-b".to_owned())].into()).await;
+    const N: u64 = 300;
+    for i in 0..N {
+        alice.send(Frame::new(100 + i, Body::PrivateSend { to: 2, text: format!("m{i}") })).await;
+    }
+    let mut ids = Vec::new();
+    for i in 0..N {
+        match alice.frame().await {
+            Frame { request_id, body: Body::Ack { message_id } } => {
+                assert_eq!(request_id, 100 + i, "answers out of order");
+                ids.push(message_id);
+            }
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let d = bob.delivery().await;
+        assert_eq!((d.message_id, d.text), (*id, format!("m{i}")), "delivery {i} out of order");
+    }
+}

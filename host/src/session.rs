@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::handlers::{GroupDecision, HandlerError, Message, PrivateRequest, SendDecision};
 use crate::metrics::Metrics;
-use crate::router::{Closer, LocalConn, RouteError, Router};
+use crate::router::{Closer, LocalConn, RouteError, Router, Turn};
 
 /// What a transport yields: a frame, a frame that could not be decoded (the connection can
 /// go on), or a fatal stream error.
@@ -240,18 +240,25 @@ impl Session {
     {
         // Sends waiting for their handler decision, in arrival order. Reading goes on
         // meanwhile, so one client's messages share handler calls (batches) instead of
-        // waiting for each other; they are carried out and answered strictly in order.
+        // waiting for each other.
         let mut in_flight: FuturesOrdered<BoxFuture<'static, Decided>> = FuturesOrdered::new();
+        // Decided sends being carried out, several at once so that their store round trips
+        // overlap; turns keep their deliveries in arrival order, and they are answered in it.
+        let mut finishing: FuturesOrdered<BoxFuture<'static, Frame>> = FuturesOrdered::new();
+        let mut last_turn = None;
         let mut last_inbound = Instant::now();
         loop {
             tokio::select! {
                 biased;
                 _ = self.closer.cancelled() => return End::Closed,
-                Some(decided) = in_flight.next(), if !in_flight.is_empty() => {
-                    let answer = Box::pin(self.finish(decided)).await;
+                Some(answer) = finishing.next(), if !finishing.is_empty() => {
                     if !self.reply(answer).await {
                         return End::Closed;
                     }
+                }
+                Some(decided) = in_flight.next(), if !in_flight.is_empty() => {
+                    let turn = Turn::next(&mut last_turn);
+                    finishing.push_back(Box::pin(finish(self.router.clone(), decided, turn)));
                 }
                 _ = tokio::time::sleep_until(last_inbound + idle) => {
                     Metrics::inc(&self.router.metrics.idle_timeouts_total);
@@ -260,14 +267,16 @@ impl Session {
                     self.closer.close(ErrorCode::Unexpected, reason, true);
                     return End::IdleTimeout;
                 }
-                next = stream.next(), if in_flight.len() < MAX_IN_FLIGHT => {
+                next = stream.next(), if in_flight.len() + finishing.len() < MAX_IN_FLIGHT => {
                     last_inbound = Instant::now();
                     let frame = match next {
                         None => {
                             // The client is gone; what it sent still gets delivered.
                             while let Some(decided) = in_flight.next().await {
-                                Box::pin(self.finish(decided)).await;
+                                let turn = Turn::next(&mut last_turn);
+                                finishing.push_back(Box::pin(finish(self.router.clone(), decided, turn)));
                             }
+                            while finishing.next().await.is_some() {}
                             return End::ClientClosed;
                         }
                         Some(Err(CodecError::Io(e))) => return End::Fatal(e.to_string()),
@@ -355,30 +364,34 @@ impl Session {
         Some(self.answer(id, result))
     }
 
-    /// Carries out a handler decision and builds the sender's answer.
-    async fn finish(&self, decided: Decided) -> Frame {
-        match decided {
-            Decided::Private { id, message, to, decision } => {
-                let r = self.router.finish_private(message, to, decision).await;
-                self.answer(id, r.map(|message_id| Body::Ack { message_id }))
-            }
-            Decided::Group { id, message, decision } => {
-                let r = self.router.finish_group(message, decision).await;
-                self.answer(id, r.map(|(message_id, _)| Body::Ack { message_id }))
-            }
+    fn answer(&self, id: u64, result: Result<Body, RouteError>) -> Frame {
+        answer(&self.router, id, result)
+    }
+}
+
+/// Carries out a handler decision in `turn` and builds the sender's answer.
+async fn finish(router: Arc<Router>, decided: Decided, turn: Turn) -> Frame {
+    match decided {
+        Decided::Private { id, message, to, decision } => {
+            let r = router.finish_private(message, to, decision, turn).await;
+            answer(&router, id, r.map(|message_id| Body::Ack { message_id }))
+        }
+        Decided::Group { id, message, decision } => {
+            let r = router.finish_group(message, decision, turn).await;
+            answer(&router, id, r.map(|(message_id, _)| Body::Ack { message_id }))
         }
     }
+}
 
-    fn answer(&self, id: u64, result: Result<Body, RouteError>) -> Frame {
-        match result {
-            Ok(body) => Frame::new(id, body),
-            Err(e) => {
-                if let RouteError::Handler(h) = &e {
-                    Metrics::inc(&self.router.metrics.handler_failures_total);
-                    warn!(error = %h, "handler failed");
-                }
-                Frame::error(id, e.code(), e.to_string())
+fn answer(router: &Router, id: u64, result: Result<Body, RouteError>) -> Frame {
+    match result {
+        Ok(body) => Frame::new(id, body),
+        Err(e) => {
+            if let RouteError::Handler(h) = &e {
+                Metrics::inc(&router.metrics.handler_failures_total);
+                warn!(error = %h, "handler failed");
             }
+            Frame::error(id, e.code(), e.to_string())
         }
     }
 }

@@ -11,9 +11,10 @@
 //! (down, or between a dropped connection and its resubscription) is lost, and
 //! [`Bus::publish`] says so by returning 0 receivers.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use futures_util::{Stream, StreamExt};
 use redis::aio::PubSub;
 use redis::{PushInfo, PushKind};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -37,6 +38,8 @@ pub const SUBSCRIPTION_QUEUE: usize = 1024;
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
 /// How long that PING may take.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most messages for one node gathered into one publish.
+const MAX_PUBLISH_BATCH: usize = 256;
 /// First and longest wait between resubscription attempts.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -53,6 +56,9 @@ pub enum ClusterMessage {
     Kick { user_id: u64, reason: String },
     /// The component `name` now has the code with this hash; reload it.
     ComponentChanged { name: String, sha256: String },
+    /// Several messages for one node in one publish (sent under load); a [`Subscription`]
+    /// hands them out one by one, in order.
+    Batch { messages: Vec<ClusterMessage> },
 }
 
 /// A [`Delivery`] as it crosses the bus.
@@ -118,7 +124,13 @@ pub struct Bus {
     conn: RedisConn,
     keys: RedisKeys,
     keepalive: Duration,
+    /// One ordered publisher per destination node, made on first use.
+    outboxes: Arc<Mutex<HashMap<String, Outbox>>>,
 }
+
+/// What a node's outbox answers: how many subscribers heard the publish.
+type Published = Result<usize, String>;
+type Outbox = mpsc::UnboundedSender<(ClusterMessage, oneshot::Sender<Published>)>;
 
 impl Bus {
     pub fn new(store: &RedisStore) -> Self {
@@ -127,6 +139,7 @@ impl Bus {
             conn: store.connection(),
             keys: store.keys().clone(),
             keepalive: DEFAULT_KEEPALIVE,
+            outboxes: Arc::default(),
         }
     }
 
@@ -139,8 +152,56 @@ impl Bus {
     /// Sends `msg` to the inbox of `node_id`. Returns how many subscribers received it:
     /// 0 means the node is not listening and the message is lost.
     pub async fn publish(&self, node_id: &str, msg: &ClusterMessage) -> Result<usize, StoreError> {
-        let sharded = self.conn.is_cluster();
-        self.send(if sharded { "SPUBLISH" } else { "PUBLISH" }, self.keys.inbox(node_id), msg).await
+        self.enqueue(node_id, msg.clone()).await
+    }
+
+    /// Queues `msg` for the inbox of `node_id` at once and returns the publish's outcome to
+    /// wait for. Messages for one node go out in the order they were queued; those queued
+    /// while an earlier publish to that node is on the wire go out together as one
+    /// [`ClusterMessage::Batch`], so a node busy with cross-node traffic costs one Redis
+    /// publish per round trip, not one per message. Needs a tokio runtime the first time a
+    /// node is named (its outbox task is spawned there).
+    pub fn enqueue(
+        &self,
+        node_id: &str,
+        msg: ClusterMessage,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send + use<> {
+        let (reply, answer) = oneshot::channel();
+        let mut outboxes = self.outboxes.lock().unwrap_or_else(PoisonError::into_inner);
+        let outbox = outboxes.entry(node_id.to_owned()).or_insert_with(|| self.spawn_outbox(node_id));
+        if let Err(mpsc::error::SendError((msg, reply))) = outbox.send((msg, reply)) {
+            // The outbox task is gone (its runtime shut down): start another.
+            let fresh = self.spawn_outbox(node_id);
+            let _ = fresh.send((msg, reply));
+            *outbox = fresh;
+        }
+        async move {
+            answer
+                .await
+                .map_err(|_| StoreError::Unavailable("cluster bus: the publisher stopped".into()))?
+                .map_err(StoreError::Unavailable)
+        }
+    }
+
+    fn spawn_outbox(&self, node_id: &str) -> Outbox {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(ClusterMessage, oneshot::Sender<Published>)>();
+        let command = if self.conn.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
+        let (conn, channel) = (self.conn.clone(), self.keys.inbox(node_id));
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(MAX_PUBLISH_BATCH);
+            while rx.recv_many(&mut batch, MAX_PUBLISH_BATCH).await > 0 {
+                let (mut messages, replies): (Vec<ClusterMessage>, Vec<_>) = batch.drain(..).unzip();
+                let msg = match messages.len() {
+                    1 => messages.remove(0),
+                    _ => ClusterMessage::Batch { messages },
+                };
+                let heard = send(conn.clone(), command, &channel, &msg).await;
+                for reply in replies {
+                    let _ = reply.send(heard.clone());
+                }
+            }
+        });
+        tx
     }
 
     /// Sends `msg` to every node (including this one). Returns how many subscribers received
@@ -150,14 +211,7 @@ impl Bus {
     }
 
     async fn send(&self, command: &str, channel: String, msg: &ClusterMessage) -> Result<usize, StoreError> {
-        let json = serde_json::to_vec(msg)
-            .map_err(|e| StoreError::Unavailable(format!("encoding a cluster message: {e}")))?;
-        redis::cmd(command)
-            .arg(&channel)
-            .arg(json)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("redis {command} {channel}: {e}")))
+        send(self.conn.clone(), command, &channel, msg).await.map_err(StoreError::Unavailable)
     }
 
     /// Listens on the inbox of `node_id` and on the cluster channel. The first subscription
@@ -200,6 +254,25 @@ impl Bus {
             }
         };
         Ok(Subscription { rx, task, resubscriptions })
+    }
+}
+
+/// `msg` as JSON on `channel` with `command` (`PUBLISH` or `SPUBLISH`); how many heard it.
+async fn send(mut conn: RedisConn, command: &str, channel: &str, msg: &ClusterMessage) -> Published {
+    let json = serde_json::to_vec(msg).map_err(|e| format!("encoding a cluster message: {e}"))?;
+    redis::cmd(command)
+        .arg(channel)
+        .arg(json)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| format!("redis {command} {channel}: {e}"))
+}
+
+/// A received message with its batches opened, in order.
+fn unbatch(msg: ClusterMessage, out: &mut Vec<ClusterMessage>) {
+    match msg {
+        ClusterMessage::Batch { messages } => messages.into_iter().for_each(|m| unbatch(m, out)),
+        other => out.push(other),
     }
 }
 
@@ -302,8 +375,12 @@ impl Pump {
                     let Some(msg) = msg else { return Some("connection closed".to_owned()) };
                     match serde_json::from_slice::<ClusterMessage>(msg.get_payload_bytes()) {
                         Ok(m) => {
-                            if self.tx.send(m).await.is_err() {
-                                return None;
+                            let mut messages = Vec::new();
+                            unbatch(m, &mut messages);
+                            for m in messages {
+                                if self.tx.send(m).await.is_err() {
+                                    return None;
+                                }
                             }
                         }
                         Err(e) => warn!(channel = msg.get_channel_name(), error = %e, "cluster bus: dropping an unreadable message"),
@@ -350,8 +427,12 @@ impl ClusterPump {
                     match push.kind {
                         PushKind::Message | PushKind::SMessage => {
                             let Some(msg) = decode_push(&push) else { continue };
-                            if self.tx.send(msg).await.is_err() {
-                                return;
+                            let mut messages = Vec::new();
+                            unbatch(msg, &mut messages);
+                            for m in messages {
+                                if self.tx.send(m).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                         PushKind::SSubscribe if push_channel(&push).as_deref() == Some(self.inbox.as_str()) => {
@@ -481,6 +562,20 @@ mod tests {
             timestamp_ms: 3,
         };
         assert_eq!(Delivery::from(BusDelivery::from(&d)), d);
+        let batch: ClusterMessage = serde_json::from_str(
+            r#"{"type":"batch","messages":[{"type":"kick","user_id":1,"reason":"a"},{"type":"batch","messages":[{"type":"kick","user_id":2,"reason":"b"}]}]}"#,
+        )
+        .unwrap();
+        let mut flat = Vec::new();
+        unbatch(batch, &mut flat);
+        let ids: Vec<u64> = flat
+            .iter()
+            .map(|m| match m {
+                ClusterMessage::Kick { user_id, .. } => *user_id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, [1, 2]);
     }
 
     #[tokio::test]
@@ -505,6 +600,29 @@ mod tests {
         let kick = ClusterMessage::Kick { user_id: 7, reason: "x".into() };
         assert_eq!(round_trip(&bus, "b", &mut b, &kick).await, kick);
         assert_eq!(a.resubscriptions() + b.resubscriptions(), 0);
+        t.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn messages_queued_for_a_node_arrive_in_order_batched_under_load() {
+        let _serial = SERIAL.lock().await;
+        let t = TestRedis::new();
+        let bus = Bus::new(&t.store().await);
+        let mut sub = bus.subscribe("n").await.unwrap();
+        let first = ClusterMessage::Kick { user_id: 0, reason: "first".into() };
+        assert_eq!(round_trip(&bus, "n", &mut sub, &first).await, first);
+        let answers: Vec<_> = (1..=500u64)
+            .map(|i| bus.enqueue("n", ClusterMessage::Kick { user_id: i, reason: String::new() }))
+            .collect();
+        for answer in answers {
+            assert_eq!(answer.await.unwrap(), 1);
+        }
+        for i in 1..=500u64 {
+            match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await.unwrap() {
+                Some(ClusterMessage::Kick { user_id, .. }) => assert_eq!(user_id, i, "out of order"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
         t.cleanup().await;
     }
 

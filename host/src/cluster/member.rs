@@ -107,5 +107,9 @@ async fn on_message(router: &Router, msg: ClusterMessage) {
         }
         ClusterMessage::Kick { user_id, reason } => router.kick_local(user_id, &reason),
         ClusterMessage::ComponentChanged { name, sha256 } => router.component_changed(&name, &sha256).await,
+        // A subscription opens batches; nodes never nest them.
+        ClusterMessage::Batch { messages } => {
+            warn!(messages = messages.len(), "ignoring a nested cluster message batch")
+        }
     }
 }

@@ -21,8 +21,10 @@ use crate::metrics::Metrics;
 use crate::store::{Claim, OnlineEntry, Store, StoreError};
 
 mod conn;
+mod turn;
 
 pub use conn::{Closer, Closing, LocalConn};
+pub use turn::Turn;
 
 /// Why a request was refused; each maps to one protocol [`ErrorCode`] and HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -313,7 +315,7 @@ impl Router {
     pub async fn send_private(&self, sender: &User, to: u64, text: String) -> Result<u64, RouteError> {
         let message = self.prepare(sender, MessageKind::Private, text)?;
         let decision = self.handlers.private(PrivateRequest { message: message.clone(), to }).await;
-        self.finish_private(message, to, decision).await
+        self.finish_private(message, to, decision, Turn::any()).await
     }
 
     /// Checks a message and gives it its id: the first step of a send. The handler's
@@ -323,12 +325,16 @@ impl Router {
         Ok(self.new_message(sender, kind, text))
     }
 
-    /// Carries out the private-send handler's decision on `message`.
+    /// Carries out the private-send handler's decision on `message`. The delivery is handed
+    /// on (queued locally, or queued for the receiver's node) in `turn`: a session finishes
+    /// several sends at once, overlapping their store round trips, and turns keep its
+    /// deliveries in the order it sent them.
     pub async fn finish_private(
         &self,
         mut message: Message,
         to: u64,
         decision: Result<SendDecision, HandlerError>,
+        mut turn: Turn,
     ) -> Result<u64, RouteError> {
         match decision? {
             SendDecision::Deliver => {}
@@ -339,9 +345,11 @@ impl Router {
         let conn = self.local().get(&to).cloned();
         match (conn, self.cluster.get()) {
             (Some(conn), _) => {
+                turn.wait().await;
                 if !conn.offer(Self::encode_delivery(delivery), &self.metrics) {
                     return Err(RouteError::UserOffline(to));
                 }
+                turn.pass();
             }
             (None, Some(cluster)) => match self.store().lookup(to).await? {
                 Some(e) if e.node_id != self.config.node_id => {
@@ -349,7 +357,10 @@ impl Router {
                         recipients: vec![to],
                         delivery: BusDelivery::from(&delivery),
                     };
-                    if cluster.bus.publish(&e.node_id, &msg).await? == 0 {
+                    turn.wait().await;
+                    let published = cluster.bus.enqueue(&e.node_id, msg);
+                    turn.pass();
+                    if published.await? == 0 {
                         return Err(RouteError::Store(StoreError::Unavailable(format!(
                             "user {to} is on node {} which does not answer",
                             e.node_id
@@ -371,14 +382,16 @@ impl Router {
     pub async fn send_group(&self, sender: &User, text: String) -> Result<(u64, usize), RouteError> {
         let message = self.prepare(sender, MessageKind::Group, text)?;
         let decision = self.handlers.group(message.clone()).await;
-        self.finish_group(message, decision).await
+        self.finish_group(message, decision, Turn::any()).await
     }
 
-    /// Carries out the group-send handler's decision on `message`.
+    /// Carries out the group-send handler's decision on `message`; hands the deliveries on
+    /// in `turn` (see [`Router::finish_private`]).
     pub async fn finish_group(
         &self,
         mut message: Message,
         decision: Result<GroupDecision, HandlerError>,
+        mut turn: Turn,
     ) -> Result<(u64, usize), RouteError> {
         let decision = decision?;
         let sender = message.sender.clone();
@@ -391,6 +404,7 @@ impl Router {
         let frame = Self::encode_delivery(delivery.clone());
         // Remote recipients first: if the store cannot be read, nothing is delivered at all.
         let remote = self.remote_recipients(sender.id, &decision.recipients).await?;
+        turn.wait().await;
         let targets: Vec<LocalConn> = {
             let local = self.local();
             match &decision.recipients {
@@ -409,10 +423,18 @@ impl Router {
         self.metrics.deliveries_total.fetch_add(recipients.len() as u64, Ordering::Relaxed);
         if let Some(cluster) = self.cluster.get() {
             let delivery = BusDelivery::from(&delivery);
-            // One publish per node that holds recipients, not one per user.
-            for (node, ids) in remote {
-                let msg = ClusterMessage::Deliver { recipients: ids.clone(), delivery: delivery.clone() };
-                match cluster.bus.publish(&node, &msg).await {
+            // One message per node that holds recipients, not one per user.
+            let published: Vec<_> = remote
+                .into_iter()
+                .map(|(node, ids)| {
+                    let msg = ClusterMessage::Deliver { recipients: ids.clone(), delivery: delivery.clone() };
+                    let published = cluster.bus.enqueue(&node, msg);
+                    (node, ids, published)
+                })
+                .collect();
+            turn.pass();
+            for (node, ids, published) in published {
+                match published.await {
                     Ok(0) => {
                         warn!(node = %node, users = ids.len(), "node does not answer; group message not delivered there")
                     }
@@ -421,6 +443,7 @@ impl Router {
                 }
             }
         }
+        turn.pass();
         let id = message.id;
         let count = recipients.len();
         debug!(message = id, recipients = count, "group message delivered");
