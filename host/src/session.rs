@@ -247,13 +247,13 @@ impl Session {
         let mut finishing: FuturesOrdered<BoxFuture<'static, Frame>> = FuturesOrdered::new();
         let mut last_turn = None;
         let mut last_inbound = Instant::now();
-        loop {
+        let end = loop {
             tokio::select! {
                 biased;
-                _ = self.closer.cancelled() => return End::Closed,
+                _ = self.closer.cancelled() => break End::Closed,
                 Some(answer) = finishing.next(), if !finishing.is_empty() => {
                     if !self.reply(answer).await {
-                        return End::Closed;
+                        break End::Closed;
                     }
                 }
                 Some(decided) = in_flight.next(), if !in_flight.is_empty() => {
@@ -265,7 +265,7 @@ impl Session {
                     let reason = format!("no frame for {} s (heartbeat missed)", idle.as_secs_f32());
                     info!("{reason}");
                     self.closer.close(ErrorCode::Unexpected, reason, true);
-                    return End::IdleTimeout;
+                    break End::IdleTimeout;
                 }
                 next = stream.next(), if in_flight.len() + finishing.len() < MAX_IN_FLIGHT => {
                     last_inbound = Instant::now();
@@ -277,20 +277,20 @@ impl Session {
                                 finishing.push_back(Box::pin(finish(self.router.clone(), decided, turn)));
                             }
                             while finishing.next().await.is_some() {}
-                            return End::ClientClosed;
+                            break End::ClientClosed;
                         }
-                        Some(Err(CodecError::Io(e))) => return End::Fatal(e.to_string()),
+                        Some(Err(CodecError::Io(e))) => break End::Fatal(e.to_string()),
                         Some(Err(e)) => {
                             Metrics::inc(&self.router.metrics.bad_frames_total);
                             warn!(error = %e, "closing connection");
                             let _ = self.tx.try_send(Encoded::from(Frame::error(0, fatal_code(&e), e.to_string())));
-                            return End::Fatal(e.to_string());
+                            break End::Fatal(e.to_string());
                         }
                         Some(Ok(Err(e))) => {
                             Metrics::inc(&self.router.metrics.bad_frames_total);
                             debug!(error = %e, "bad frame");
                             if !self.reply(Frame::error(0, ErrorCode::BadFrame, e.to_string())).await {
-                                return End::Closed;
+                                break End::Closed;
                             }
                             continue;
                         }
@@ -299,11 +299,15 @@ impl Session {
                     Metrics::inc(&self.router.metrics.frames_in_total);
                     let Some(answer) = Box::pin(self.start(frame, &mut in_flight)).await else { continue };
                     if !self.reply(answer).await {
-                        return End::Closed;
+                        break End::Closed;
                     }
                 }
             }
-        }
+        };
+        // Sends already being carried out finish (their deliveries may be on their way, and
+        // the history must hear of them) even though nobody reads the answers any more.
+        let _ = tokio::time::timeout(CLOSE_FLUSH, async { while finishing.next().await.is_some() {} }).await;
+        end
     }
 
     /// Handles one request: answers it now, or queues a send for its handler decision.
