@@ -88,8 +88,17 @@ impl Endpoint {
         let probe = redis::Client::open(db0).map_err(unreachable)?;
         let mut conn =
             probe.get_multiplexed_async_connection_with_config(&config).await.map_err(unreachable)?;
-        let info: String =
-            redis::cmd("INFO").arg("cluster").query_async(&mut conn).await.map_err(unreachable)?;
+        let info: String = match redis::cmd("INFO").arg("cluster").query_async(&mut conn).await {
+            Ok(info) => info,
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                return Err(unreachable(e));
+            }
+            // A server that refuses INFO (an ACL, a renamed command) is taken as a plain one.
+            Err(e) => {
+                tracing::debug!(error = %e, "INFO cluster refused; assuming a standalone redis");
+                return Ok((self, false));
+            }
+        };
         if !info.lines().any(|l| l.trim() == "cluster_enabled:1") {
             return Ok((self, false));
         }
