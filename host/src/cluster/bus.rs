@@ -40,6 +40,8 @@ pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(30);
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most messages for one node gathered into one publish.
 const MAX_PUBLISH_BATCH: usize = 256;
+/// An outbox with nothing to send for this long stops (the next message starts another).
+const OUTBOX_IDLE: Duration = Duration::from_secs(60);
 /// First and longest wait between resubscription attempts.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -168,13 +170,19 @@ impl Bus {
     ) -> impl Future<Output = Result<usize, StoreError>> + Send + use<> {
         let (reply, answer) = oneshot::channel();
         let mut outboxes = self.outboxes.lock().unwrap_or_else(PoisonError::into_inner);
-        let outbox = outboxes.entry(node_id.to_owned()).or_insert_with(|| self.spawn_outbox(node_id));
-        if let Err(mpsc::error::SendError((msg, reply))) = outbox.send((msg, reply)) {
-            // The outbox task is gone (its runtime shut down): start another.
+        let sent = match outboxes.get(node_id) {
+            Some(outbox) => outbox.send((msg, reply)).map_err(|mpsc::error::SendError(m)| m),
+            None => Err((msg, reply)),
+        };
+        if let Err(queued) = sent {
+            // No outbox yet, or it closed (idle, or its runtime shut down): start one, and
+            // forget the other closed ones (nodes that went away).
+            outboxes.retain(|_, outbox| !outbox.is_closed());
             let fresh = self.spawn_outbox(node_id);
-            let _ = fresh.send((msg, reply));
-            *outbox = fresh;
+            let _ = fresh.send(queued);
+            outboxes.insert(node_id.to_owned(), fresh);
         }
+        drop(outboxes);
         async move {
             answer
                 .await
@@ -189,7 +197,18 @@ impl Bus {
         let (conn, channel) = (self.conn.clone(), self.keys.inbox(node_id));
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MAX_PUBLISH_BATCH);
-            while rx.recv_many(&mut batch, MAX_PUBLISH_BATCH).await > 0 {
+            loop {
+                match tokio::time::timeout(OUTBOX_IDLE, rx.recv_many(&mut batch, MAX_PUBLISH_BATCH)).await {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(_) => {
+                        // Idle: close, then send what raced in before the close.
+                        rx.close();
+                        if rx.recv_many(&mut batch, MAX_PUBLISH_BATCH).await == 0 {
+                            return;
+                        }
+                    }
+                }
                 let (mut messages, replies): (Vec<ClusterMessage>, Vec<_>) = batch.drain(..).unzip();
                 let msg = match messages.len() {
                     1 => messages.remove(0),
