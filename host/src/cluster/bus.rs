@@ -132,6 +132,8 @@ pub struct Bus {
 
 /// What a node's outbox answers: how many subscribers heard the publish.
 type Published = Result<usize, String>;
+/// Unbounded: what waits in an outbox is bounded by its senders, each session having at most
+/// 64 sends in flight.
 type Outbox = mpsc::UnboundedSender<(ClusterMessage, oneshot::Sender<Published>)>;
 
 impl Bus {
