@@ -110,9 +110,14 @@ struct UpArgs {
     /// Enables the admin API (/admin/...) with this bearer token; without it the admin API answers 404.
     #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
-    /// CPU/wall-clock budget of one handler call, in milliseconds.
+    /// Wall-clock budget of one call to a handler on a sender's path (login, private, group,
+    /// online), in milliseconds; a guest past it is stopped and the request fails.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     handler_deadline_ms: u64,
+    /// Wall-clock budget of one message-callback call, in milliseconds. It runs after
+    /// delivery, off the senders' path, so it may wait longer on the store.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    callback_deadline_ms: u64,
     /// Memory cap of one handler instance, in MiB.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     handler_memory_mib: u64,
@@ -219,6 +224,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         let runtime = Arc::new(Runtime::new(RuntimeConfig {
             deadline: Duration::from_millis(args.handler_deadline_ms),
+            callback_deadline: Duration::from_millis(args.callback_deadline_ms),
             memory_cap: usize::try_from(args.handler_memory_mib << 20).unwrap_or(usize::MAX),
             ..RuntimeConfig::with_data_dir(&args.data_dir)
         })?);

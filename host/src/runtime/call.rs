@@ -40,13 +40,13 @@ pub(crate) async fn run(
     input: Input,
 ) -> Result<Output, String> {
     let mut store = engine.new_store(&loaded, ctx);
-    let deadline = engine.config.deadline;
+    let deadline = engine.config.deadline_for(loaded.event);
     // The epoch callback stops a guest that computes past its deadline; this stops one stuck
     // in a host call (a slow store), by dropping the call, which unwinds the guest.
     let result = tokio::time::timeout(deadline, call(&mut store, &loaded.pre, input)).await;
     match result {
         Ok(Ok(output)) => Ok(output),
-        Ok(Err(e)) => Err(explain(store.data(), &e, &engine)),
+        Ok(Err(e)) => Err(explain(store.data(), &e, &engine, deadline)),
         Err(_elapsed) => Err(format!("timed out after {}", duration(deadline))),
     }
 }
@@ -84,9 +84,9 @@ async fn call(store: &mut Store<HostState>, pre: &WorldPre, input: Input) -> was
 }
 
 /// Why a call failed, in words an operator can act on.
-fn explain(state: &HostState, e: &wasmtime::Error, engine: &WasmEngine) -> String {
+fn explain(state: &HostState, e: &wasmtime::Error, engine: &WasmEngine, deadline: Duration) -> String {
     if state.timed_out {
-        return format!("timed out after {}", duration(engine.config.deadline));
+        return format!("timed out after {}", duration(deadline));
     }
     if let Some(asked) = state.limiter.denied {
         return format!(

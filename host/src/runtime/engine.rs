@@ -17,7 +17,7 @@ use wasmtime::{
 use super::bindings::host_api::HostApi;
 use super::component::Loaded;
 use super::host_api::HostState;
-use crate::handlers::Context;
+use crate::handlers::{Context, Event};
 
 /// How often the epoch advances; the granularity of deadlines and of guest yields.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -35,8 +35,13 @@ const TABLES_PER_COMPONENT: u32 = 4;
 /// Settings of the component runtime.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
-    /// Wall-clock budget of one call (instantiation included). A guest past it traps.
+    /// Wall-clock budget of one call (instantiation included) to the handlers on a sender's
+    /// path (login, private, group, online). A guest past it traps.
     pub deadline: Duration,
+    /// The same for the message callback, which runs after delivery, off every sender's
+    /// path: its deadline only stops a runaway guest, so it may be longer and leave room
+    /// for the store round trips of a busy node.
+    pub callback_deadline: Duration,
     /// The largest a guest's linear memory may grow, in bytes.
     pub memory_cap: usize,
     /// Where compiled components are cached (keyed by the wasm's sha256 and the engine
@@ -54,6 +59,7 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             deadline: Duration::from_millis(100),
+            callback_deadline: Duration::from_secs(1),
             memory_cap: 16 << 20,
             cache_dir: None,
             max_instances: 1000,
@@ -64,6 +70,14 @@ impl Default for RuntimeConfig {
 }
 
 impl RuntimeConfig {
+    /// The deadline of one call for `event`.
+    pub fn deadline_for(&self, event: Event) -> Duration {
+        match event {
+            Event::Callback => self.callback_deadline,
+            _ => self.deadline,
+        }
+    }
+
     /// The default configuration with the compile cache in `<data_dir>/cache`.
     pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
         RuntimeConfig { cache_dir: Some(data_dir.into().join("cache")), ..RuntimeConfig::default() }
@@ -88,7 +102,10 @@ impl std::fmt::Debug for WasmEngine {
 
 impl WasmEngine {
     pub(crate) fn new(config: RuntimeConfig) -> anyhow::Result<WasmEngine> {
-        anyhow::ensure!(config.deadline >= EPOCH_TICK, "the deadline must be at least {EPOCH_TICK:?}");
+        anyhow::ensure!(
+            config.deadline.min(config.callback_deadline) >= EPOCH_TICK,
+            "the deadlines must be at least {EPOCH_TICK:?}"
+        );
         anyhow::ensure!(config.memory_cap >= 1 << 16, "the memory cap must be at least one 64 KiB page");
         anyhow::ensure!(config.max_instances > 0, "max_instances must be at least 1");
 
@@ -144,7 +161,7 @@ impl WasmEngine {
         let state = HostState::new(loaded, ctx, self.config.memory_cap);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let deadline = self.config.deadline;
+        let deadline = self.config.deadline_for(loaded.event);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |mut ctx| {
             let state = ctx.data_mut();
@@ -236,5 +253,18 @@ impl Drop for Ticker {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callback_has_its_own_deadline() {
+        let config = RuntimeConfig::default();
+        assert_eq!(config.deadline_for(Event::Group), Duration::from_millis(100));
+        assert_eq!(config.deadline_for(Event::Private), Duration::from_millis(100));
+        assert_eq!(config.deadline_for(Event::Callback), Duration::from_secs(1));
     }
 }
