@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the store and the number of nodes cost: the same p2p workload (cim-bench) against
+# What the store and the number of nodes cost: the same p2p and group workloads (cim-bench) against
 #   1. one cim-host on the embedded in-memory store,
 #   2. one cim-host on Redis,
 #   3. two cim-hosts on one Redis (users placed by consistent hash, so most pairs cross nodes),
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 QUICK=${QUICK:-0}
 RESULTS=${RESULTS:-$(mktemp -d /tmp/cim-cluster-bench.XXXXXX)}
-if [ "$QUICK" = 1 ]; then MSGS=1000; RUNS=1; else MSGS=10000; RUNS=3; fi
+if [ "$QUICK" = 1 ]; then MSGS=1000; RUNS=1; USERS=200; GMSGS=10; else MSGS=10000; RUNS=3; USERS=1000; GMSGS=50; fi
 mkdir -p "$RESULTS"
 log() { printf '\n=== %s\n' "$*" >&2; }
 
@@ -68,7 +68,8 @@ node() { # name store-url: starts a cim-host, prints its HTTP address
 
 measure() { # label route
   log "$1"
-  "$BENCH" --target "cim://$2" --json "$RESULTS/$1.json" p2p --pairs 16 --messages "$MSGS" --runs "$RUNS" >&2
+  "$BENCH" --target "cim://$2" --json "$RESULTS/$1.p2p.json" p2p --pairs 16 --messages "$MSGS" --runs "$RUNS" >&2
+  "$BENCH" --target "cim://$2" --json "$RESULTS/$1.group.json" group --users "$USERS" --messages "$GMSGS" >&2
 }
 
 # 1. memory
@@ -108,18 +109,22 @@ stop_all
 log "results"
 python3 - "$RESULTS" <<'EOF'
 import json, pathlib, sys
-rows = []
-for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
-    r = json.loads(f.read_text())
-    runs = [p for p in r["phases"] if p["mode"] == "max"]
-    best = max(runs, key=lambda p: p["msgs_per_s"])
-    rows.append((f.stem, r["max_msgs_per_s"], [p["msgs_per_s"] for p in runs],
-                 best["latency"]["p50_us"], best["latency"]["p99_us"], sum(p["lost"] + p["errors"] for p in r["phases"])))
-base = rows[0][1]
+d = pathlib.Path(sys.argv[1])
 k = lambda v: f"{v/1000:.1f}k"
-print("| setup | msgs/s (median) | runs | ÷ one node in memory | p50 | p99 | lost + errors |")
-print("|---|---:|---|---:|---:|---:|---:|")
-for name, med, runs, p50, p99, lost in rows:
-    print(f"| {name} | {k(med)} | {' / '.join(k(x) for x in runs)} | {med/base:.2f}× | {p50/1000:.1f} ms | {p99/1000:.1f} ms | {lost} |")
+rows = []
+for f in sorted(d.glob("*.p2p.json")):
+    name = f.name.removesuffix(".p2p.json")
+    p = json.loads(f.read_text())
+    g = json.loads((d / f"{name}.group.json").read_text())
+    runs = [x for x in p["phases"] if x["mode"] == "max"]
+    best = max(runs, key=lambda x: x["msgs_per_s"])
+    lost = sum(x["lost"] + x["errors"] for x in p["phases"]) + g["expected_deliveries"] - g["deliveries"] + g["errors"]
+    rows.append((name, p["max_msgs_per_s"], [x["msgs_per_s"] for x in runs], best["latency"]["p99_us"], lost, g))
+base = rows[0][1]
+users = rows[0][5]["users"]
+print(f"| setup | p2p msgs/s (median) | p2p runs | ÷ one node in memory | p2p p99 | group to {users}: deliveries/s | fan-out p99 | lost + errors |")
+print("|---|---:|---|---:|---:|---:|---:|---:|")
+for name, med, runs, p99, lost, g in rows:
+    print(f"| {name} | {k(med)} | {' / '.join(k(x) for x in runs)} | {med/base:.2f}× | {p99/1000:.1f} ms | {k(g['deliveries_per_s'])} | {g['fanout']['p99_us']/1000:.1f} ms | {lost} |")
 EOF
 log "raw results in $RESULTS"
