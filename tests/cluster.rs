@@ -511,3 +511,42 @@ async fn pipelined_sends_across_nodes_arrive_in_order() {
         assert_eq!((d.message_id, d.text), (*id, format!("m{i}")), "delivery {i} out of order");
     }
 }
+
+/// A group handler that names its members (`recipients: only`) reaches exactly those, on
+/// whichever node they are: the sending node looks up only the members, not the whole
+/// online set.
+#[tokio::test]
+async fn a_member_list_group_reaches_its_members_on_every_node() {
+    let cluster = Cluster::start(&redis_url(), &["node-a", "node-b"], 2, &[]).await;
+    let (a, b) = (cluster.node("node-a"), cluster.node("node-b"));
+    let mut u1 = RawClient::login_tcp(a, 1, "alice").await;
+    let mut u2 = RawClient::login_tcp(b, 2, "bob").await;
+    let mut u3 = RawClient::login_tcp(b, 3, "carol").await;
+    let mut u4 = RawClient::login_tcp(a, 4, "dave").await;
+    let wasm = component("group_members");
+    cim_host_cli(&["push", "group-send", wasm.to_str().unwrap(), "--to", &a.route(), "--token", ADMIN_TOKEN]);
+    let pushed = active_sha(a, "group").await;
+    wait_for("node-b to run the member-list handler", || async {
+        (active_sha(b, "group").await == pushed).then_some(())
+    })
+    .await;
+
+    let Body::Ack { message_id } =
+        u1.request(10, Body::GroupSend { text: "to:2,4,99 members only".into() }).await
+    else {
+        panic!("the group message was not accepted")
+    };
+    for member in [&mut u2, &mut u4] {
+        let d = member.delivery().await;
+        assert_eq!((d.message_id, d.sender.id, d.text.as_str()), (message_id, 1, "members only"));
+    }
+    // Carol is not a member: the next thing she gets is a message that names her.
+    assert!(matches!(
+        u4.request(11, Body::GroupSend { text: "to:3 just you".into() }).await,
+        Body::Ack { .. }
+    ));
+    let d = u3.delivery().await;
+    assert_eq!((d.sender.id, d.text.as_str()), (4, "just you"));
+    let answer = u1.request(12, Body::GroupSend { text: "no list".into() }).await;
+    expect_error(answer, ErrorCode::Rejected);
+}

@@ -1,7 +1,7 @@
 //! The router: carries out what the handlers decide. It binds users to local connections,
 //! keeps routes and the online set in the store, and delivers messages to recipients.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -461,12 +461,16 @@ impl Router {
         if self.cluster.get().is_none() {
             return Ok(by_node);
         }
-        let only: Option<HashSet<u64>> = match recipients {
-            Recipients::AllOnlineExceptSender => None,
-            Recipients::Only(ids) => Some(ids.iter().copied().collect()),
+        // A member list costs its own size; "everyone" costs the whole online set.
+        let candidates = match recipients {
+            Recipients::AllOnlineExceptSender => self.store().online().await?,
+            Recipients::Only(ids) => {
+                let unique: Vec<u64> = ids.iter().copied().collect::<BTreeSet<u64>>().into_iter().collect();
+                self.store().lookup_many(&unique).await?
+            }
         };
-        for e in self.store().online().await? {
-            let wanted = only.as_ref().map_or(e.user.id != sender, |ids| ids.contains(&e.user.id));
+        for e in candidates {
+            let wanted = matches!(recipients, Recipients::Only(_)) || e.user.id != sender;
             if wanted && e.node_id != self.config.node_id {
                 by_node.entry(e.node_id).or_default().push(e.user.id);
             }

@@ -35,6 +35,8 @@ pub const DEFAULT_PREFIX: &str = "cim:";
 
 /// Keys asked of the server per `SCAN` step.
 pub(crate) const SCAN_COUNT: usize = 1000;
+/// Users asked per `HMGET` of the online hash.
+const LOOKUP_CHUNK: usize = 1000;
 
 /// Every key and channel name the cluster uses, derived from one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,6 +277,28 @@ impl RedisStore {
             .await
             .map_err(|e| presence_error("lookup", user_id, e))?;
         json.map(|j| PresenceValue::decode(user_id, &j)).transpose()
+    }
+
+    /// The entries of those of `user_ids` who are online (see [`crate::store::Store::lookup_many`]).
+    /// An entry that cannot be read is logged and skipped.
+    pub async fn lookup_many(&self, user_ids: &[u64]) -> Result<Vec<OnlineEntry>, StoreError> {
+        let mut entries = Vec::new();
+        for chunk in user_ids.chunks(LOOKUP_CHUNK) {
+            let values: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(self.keys.online())
+                .arg(chunk)
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("redis HMGET {}: {e}", self.keys.online())))?;
+            for (&id, json) in chunk.iter().zip(values) {
+                let Some(json) = json else { continue };
+                match PresenceValue::decode(id, &json) {
+                    Ok(entry) => entries.push(entry),
+                    Err(e) => warn!(error = %e, "skipping an online entry"),
+                }
+            }
+        }
+        Ok(entries)
     }
 
     /// Every online user, sorted by id. An entry that cannot be read is logged and skipped,

@@ -71,6 +71,13 @@ async fn online_sorted(t: &TestRedis) {
     }
     let ids: Vec<u64> = s.online().await.unwrap().iter().map(|e| e.user.id).collect();
     assert_eq!(ids, vec![4, 7, 30, 1000]);
+    // lookup_many: only the online ones, across HMGET chunks.
+    let asked: Vec<u64> = (0..2500).collect();
+    let mut found: Vec<u64> = s.lookup_many(&asked).await.unwrap().iter().map(|e| e.user.id).collect();
+    found.sort_unstable();
+    assert_eq!(found, vec![4, 7, 30, 1000]);
+    assert_eq!(s.lookup_many(&[]).await.unwrap(), vec![]);
+    assert_eq!(s.lookup_many(&[7]).await.unwrap(), vec![entry(7, "n", 7)]);
     t.cleanup().await;
 }
 
