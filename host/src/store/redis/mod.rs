@@ -400,11 +400,16 @@ impl RedisStore {
         entries: Vec<(String, Vec<u8>)>,
         max_len: usize,
     ) -> Result<(), StoreError> {
+        // Values grouped by key, keys in first-seen order.
         let mut by_key: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         for (key, value) in entries {
-            match by_key.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, values)) => values.push(value),
-                None => by_key.push((key, vec![value])),
+            match index.get(&key) {
+                Some(&i) => by_key[i].1.push(value),
+                None => {
+                    index.insert(key.clone(), by_key.len());
+                    by_key.push((key, vec![value]));
+                }
             }
         }
         let last = isize::try_from(max_len.max(1) - 1).unwrap_or(isize::MAX);
