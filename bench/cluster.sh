@@ -52,7 +52,8 @@ redis() { # port [extra args...]: a throwaway redis-server
   wait_redis "$port"
 }
 
-node() { # name store-url: starts a cim-host, prints its HTTP address
+node() { # name store-url: starts a cim-host (in this shell, so that stop_all knows it) and
+          # sets HTTP to its HTTP address
   local name=$1 store=$2
   "$HOST" up --tcp 127.0.0.1:0 --http 127.0.0.1:0 --node-id "$name" --store "$store" \
     --data-dir "$RESULTS/data-$name" >"$RESULTS/$name.out" 2>"$RESULTS/$name.log" &
@@ -63,7 +64,7 @@ node() { # name store-url: starts a cim-host, prints its HTTP address
     kill -0 "$pid" 2>/dev/null || { cat "$RESULTS/$name.log" >&2; exit 1; }
     sleep 0.1
   done
-  sed -n 's/^cim-host ready.* http=\([^ ]*\).*/\1/p' "$RESULTS/$name.out"
+  HTTP=$(sed -n 's/^cim-host ready.* http=\([^ ]*\).*/\1/p' "$RESULTS/$name.out")
 }
 
 measure() { # label route
@@ -73,17 +74,20 @@ measure() { # label route
 }
 
 # 1. memory
-measure "1-memory" "$(node solo memory)"
+node solo memory
+measure "1-memory" "$HTTP"
 stop_all
 
 # 2. one node on Redis
 PORT=$(free_port); redis "$PORT"
-measure "2-redis-1-node" "$(node r1 "redis://127.0.0.1:$PORT")"
+node r1 "redis://127.0.0.1:$PORT"
+measure "2-redis-1-node" "$HTTP"
 stop_all
 
 # 3. two nodes on Redis
 PORT=$(free_port); redis "$PORT"
-ROUTE=$(node a "redis://127.0.0.1:$PORT"); node b "redis://127.0.0.1:$PORT" >/dev/null
+node a "redis://127.0.0.1:$PORT"; ROUTE=$HTTP
+node b "redis://127.0.0.1:$PORT"
 measure "3-redis-2-nodes" "$ROUTE"
 stop_all
 
@@ -102,7 +106,9 @@ for s in "${SEEDS[@]}"; do
   done
 done
 URL="redis-cluster://$(IFS=,; echo "${SEEDS[*]}")"
-ROUTE=$(node ca "$URL"); node cb "$URL" >/dev/null; node cc "$URL" >/dev/null
+node ca "$URL"; ROUTE=$HTTP
+node cb "$URL"
+node cc "$URL"
 measure "4-redis-cluster-3-nodes" "$ROUTE"
 stop_all
 
