@@ -1,0 +1,82 @@
+//! What crosses the bus: [`ClusterMessage`]s as JSON, deliveries as [`BusDelivery`].
+
+use cim_proto::{Delivery, MessageKind, User};
+use serde::{Deserialize, Serialize};
+
+/// What one node asks of another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClusterMessage {
+    /// Deliver `delivery` to `recipients`, who are connected to the receiving node.
+    Deliver { recipients: Vec<u64>, delivery: BusDelivery },
+    /// Close the user's connection on the receiving node.
+    Kick { user_id: u64, reason: String },
+    /// The component `name` now has the code with this hash; reload it.
+    ComponentChanged { name: String, sha256: String },
+    /// Several messages for one node in one publish (sent under load); a [`Subscription`]
+    /// hands them out one by one, in order.
+    Batch { messages: Vec<ClusterMessage> },
+}
+
+/// A [`Delivery`] as it crosses the bus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BusDelivery {
+    pub message_id: u64,
+    pub sender_id: u64,
+    pub sender_name: String,
+    #[serde(with = "kind_name")]
+    pub kind: MessageKind,
+    pub text: String,
+    pub timestamp_ms: u64,
+}
+
+impl From<&Delivery> for BusDelivery {
+    fn from(d: &Delivery) -> Self {
+        BusDelivery {
+            message_id: d.message_id,
+            sender_id: d.sender.id,
+            sender_name: d.sender.name.clone(),
+            kind: d.kind,
+            text: d.text.clone(),
+            timestamp_ms: d.timestamp_ms,
+        }
+    }
+}
+
+impl From<BusDelivery> for Delivery {
+    fn from(d: BusDelivery) -> Self {
+        Delivery {
+            message_id: d.message_id,
+            sender: User { id: d.sender_id, name: d.sender_name },
+            kind: d.kind,
+            text: d.text,
+            timestamp_ms: d.timestamp_ms,
+        }
+    }
+}
+
+/// [`MessageKind`] as `"private"` / `"group"`.
+mod kind_name {
+    use cim_proto::MessageKind;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(kind: &MessageKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(kind.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<MessageKind, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "private" => Ok(MessageKind::Private),
+            "group" => Ok(MessageKind::Group),
+            other => Err(serde::de::Error::unknown_variant(other, &["private", "group"])),
+        }
+    }
+}
+
+/// A received message with its batches opened, in order.
+pub(super) fn unbatch(msg: ClusterMessage, out: &mut Vec<ClusterMessage>) {
+    match msg {
+        ClusterMessage::Batch { messages } => messages.into_iter().for_each(|m| unbatch(m, out)),
+        other => out.push(other),
+    }
+}
