@@ -78,9 +78,13 @@ async fn three_nodes_act_as_one_im() {
     assert_eq!((status, body["error"].as_str()), (409, Some("duplicate_login")), "{body}");
     // ...and a LOGIN frame sent straight to that node gets DUPLICATE_LOGIN.
     let mut raw = RawClient::tcp(other).await;
-    raw.send(Frame::new(1, Body::Login { user_id: 1, user_name: "alice-again".into() })).await;
+    raw.send(Frame::new(
+        1,
+        Body::Login { user_id: 1, user_name: "alice-again".into(), token: String::new() },
+    ))
+    .await;
     match raw.frame().await.body {
-        Body::Error { code, message } => {
+        Body::Error { code, message, .. } => {
             assert_eq!(code, ErrorCode::DuplicateLogin, "{message}");
         }
         other => panic!("expected a DUPLICATE_LOGIN error, got {other:?}"),

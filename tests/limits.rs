@@ -28,7 +28,7 @@ async fn connections_beyond_the_limit_are_refused_with_a_reason() {
     let mut c = RawClient::tcp(&host).await;
     let frames = c.closed().await;
     assert!(
-        matches!(&frames[..], [Frame { body: Body::Error { code: ErrorCode::Unavailable, message }, .. }] if message.contains("limit")),
+        matches!(&frames[..], [Frame { body: Body::Error { code: ErrorCode::Unavailable, message, .. }, .. }] if message.contains("limit")),
         "{frames:?}"
     );
     let (status, _) = host.http("GET", "/healthz", None).await;

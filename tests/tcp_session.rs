@@ -61,7 +61,9 @@ async fn duplicate_login_is_refused_and_the_first_session_survives() {
     assert_eq!((status, body["error"].as_str()), (409, Some("duplicate_login")), "{body}");
 
     let mut second = RawClient::tcp(&host).await;
-    second.send(Frame::new(1, Body::Login { user_id: 7, user_name: "dora".into() })).await;
+    second
+        .send(Frame::new(1, Body::Login { user_id: 7, user_name: "dora".into(), token: String::new() }))
+        .await;
     let frames = second.closed().await;
     assert!(
         matches!(&frames[..], [Frame { body: Body::Error { code: ErrorCode::DuplicateLogin, .. }, .. }]),
@@ -102,7 +104,7 @@ async fn first_frame_must_be_login() {
 async fn invalid_login_and_text_are_refused_with_reasons() {
     let host = Host::start(&[]).await.unwrap();
     let mut c = RawClient::tcp(&host).await;
-    c.send(Frame::new(1, Body::Login { user_id: 0, user_name: "zero".into() })).await;
+    c.send(Frame::new(1, Body::Login { user_id: 0, user_name: "zero".into(), token: String::new() })).await;
     let frames = c.closed().await;
     assert!(matches!(&frames[..], [Frame { body: Body::Error { code: ErrorCode::Invalid, .. }, .. }]));
 
@@ -154,7 +156,8 @@ async fn oversized_frame_closes_only_that_connection() {
     prost_varint(1 << 20, &mut bytes);
     alice.send_raw(&bytes).await;
     let frames = alice.closed().await;
-    let [Frame { body: Body::Error { code: ErrorCode::FrameTooLarge, message }, .. }] = &frames[..] else {
+    let [Frame { body: Body::Error { code: ErrorCode::FrameTooLarge, message, .. }, .. }] = &frames[..]
+    else {
         panic!("expected frame_too_large, got {frames:?}")
     };
     assert!(message.contains("1024"), "{message}");

@@ -65,7 +65,9 @@ async fn duplicate_login_over_websocket_is_refused() {
     let host = Host::start(&[]).await.unwrap();
     let _first = RawClient::login_tcp(&host, 1, "alice").await;
     let mut second = RawClient::ws(&host).await;
-    second.send(Frame::new(1, Body::Login { user_id: 1, user_name: "alice".into() })).await;
+    second
+        .send(Frame::new(1, Body::Login { user_id: 1, user_name: "alice".into(), token: String::new() }))
+        .await;
     let frames = second.closed().await;
     assert!(
         matches!(&frames[..], [Frame { body: Body::Error { code: ErrorCode::DuplicateLogin, .. }, .. }]),

@@ -106,7 +106,7 @@ impl Client {
     pub async fn online_users(&self) -> Result<Vec<User>, ClientError> {
         match self.request(Body::OnlineRequest).await? {
             Body::OnlineResponse { users } => Ok(users),
-            Body::Error { code, message } => Err(ClientError::from_server(code, message)),
+            Body::Error { code, message, .. } => Err(ClientError::from_server(code, message)),
             other => Err(unexpected("online_response", &other)),
         }
     }
@@ -182,7 +182,7 @@ impl Drop for Client {
 fn expect_ack(answer: Body) -> Result<u64, ClientError> {
     match answer {
         Body::Ack { message_id } => Ok(message_id),
-        Body::Error { code, message } => Err(ClientError::from_server(code, message)),
+        Body::Error { code, message, .. } => Err(ClientError::from_server(code, message)),
         other => Err(unexpected("ack", &other)),
     }
 }
@@ -222,7 +222,7 @@ mod tests {
             node.accept_login("node-1"),
         );
         let client = client.unwrap();
-        assert_eq!(login.body, Body::Login { user_id: 1, user_name: "alice".into() });
+        assert_eq!(login.body, Body::Login { user_id: 1, user_name: "alice".into(), token: String::new() });
         assert_eq!((client.node_id(), client.user_id()), ("node-1".to_owned(), 1));
         assert!(client.is_connected());
 

@@ -52,7 +52,8 @@ pub(crate) async fn handshake(
     handler: &dyn MessageHandler,
 ) -> Result<LoginAccepted, ClientError> {
     let exchange = async {
-        let login = Body::Login { user_id: who.user_id, user_name: who.user_name.to_owned() };
+        let login =
+            Body::Login { user_id: who.user_id, user_name: who.user_name.to_owned(), token: String::new() };
         sink.send(Frame::new(request_id, login)).await?;
         loop {
             let frame = match stream.next().await {
@@ -71,10 +72,10 @@ pub(crate) async fn handshake(
             };
             let ours = frame.request_id == request_id;
             match frame.body {
-                Body::LoginAck { node_id, heartbeat_secs } if ours => {
+                Body::LoginAck { node_id, heartbeat_secs, .. } if ours => {
                     return Ok(LoginAccepted { node_id, heartbeat_secs });
                 }
-                Body::Error { code, message } if ours || frame.request_id == 0 => {
+                Body::Error { code, message, .. } if ours || frame.request_id == 0 => {
                     return Err(ClientError::from_server(code, message));
                 }
                 Body::Kick { code, reason } => return Err(ClientError::from_server(code, reason)),
@@ -189,7 +190,7 @@ impl Connection<'_> {
                         tracing::trace!(request_id = frame.request_id, kind, "unclaimed answer");
                     }
                 }
-                Body::Error { code, message } => {
+                Body::Error { code, message, .. } => {
                     tracing::warn!(%code, %message, "error from the server");
                 }
                 other => tracing::debug!(kind = other.kind_name(), "ignoring an unexpected push"),
@@ -221,8 +222,16 @@ mod tests {
         let ((mut sink, mut stream), (mut server_sink, mut server_stream)) = pipe();
         let server = tokio::spawn(async move {
             let login = next_frame(&mut server_stream).await;
-            assert_eq!(login.body, Body::Login { user_id: 1, user_name: "alice".into() });
-            let ack = Body::LoginAck { node_id: "node-1".into(), heartbeat_secs: 30 };
+            assert_eq!(
+                login.body,
+                Body::Login { user_id: 1, user_name: "alice".into(), token: String::new() }
+            );
+            let ack = Body::LoginAck {
+                node_id: "node-1".into(),
+                heartbeat_secs: 30,
+                user: cim_proto::User { id: 1, name: "alice".into() },
+                token_expires_at_ms: 0,
+            };
             server_sink.send(Frame::new(login.request_id, ack)).await.unwrap();
         });
         let recorder = Recorder::default();
@@ -388,7 +397,7 @@ mod tests {
         let (tx, shutdown, recorder, task) = start(framed(client, MAX), Duration::from_secs(60));
         let mut bytes = vec![3u8, 0xff, 0xff, 0xff]; // a well-delimited frame of garbage
         bytes.extend(encode_delimited(Frame::new(12345, Body::Pong)));
-        let error = Body::Error { code: ErrorCode::BadFrame, message: "?".into() };
+        let error = Body::Error { code: ErrorCode::BadFrame, message: "?".into(), retry_after_ms: 0 };
         bytes.extend(encode_delimited(Frame::push(error)));
         bytes.extend(encode_delimited(Frame::push(Body::Delivery(delivery(3, "after")))));
         server.write_all(&bytes).await.unwrap();

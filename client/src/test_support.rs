@@ -202,7 +202,12 @@ impl FakeNode {
         let (mut sink, mut stream) = self.accept().await;
         let login = next_frame(&mut stream).await;
         assert!(matches!(login.body, Body::Login { .. }), "{login:?}");
-        let ack = Body::LoginAck { node_id: node_id.into(), heartbeat_secs: 60 };
+        let ack = Body::LoginAck {
+            node_id: node_id.into(),
+            heartbeat_secs: 60,
+            user: cim_proto::User { id: 0, name: String::new() },
+            token_expires_at_ms: 0,
+        };
         sink.send(Frame::new(login.request_id, ack)).await.unwrap();
         (sink, stream, login)
     }

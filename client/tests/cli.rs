@@ -95,8 +95,13 @@ async fn accept_login(listener: &TcpListener) -> Conn {
     let (stream, _) = timeout(PATIENCE, listener.accept()).await.unwrap().unwrap();
     let mut conn = Framed::new(stream, FrameCodec::default());
     let login = next(&mut conn).await;
-    assert_eq!(login.body, Body::Login { user_id: 1, user_name: "alice".into() });
-    let ack = Body::LoginAck { node_id: "node-1".into(), heartbeat_secs: 60 };
+    assert_eq!(login.body, Body::Login { user_id: 1, user_name: "alice".into(), token: String::new() });
+    let ack = Body::LoginAck {
+        node_id: "node-1".into(),
+        heartbeat_secs: 60,
+        user: cim_proto::User { id: 1, name: "alice".into() },
+        token_expires_at_ms: 0,
+    };
     conn.send(Frame::new(login.request_id, ack)).await.unwrap();
     conn
 }

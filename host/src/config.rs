@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::auth::Auth;
+
 /// Everything a node needs to know besides its listeners.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -30,6 +32,8 @@ pub struct Config {
     pub advertise_tcp: Option<String>,
     /// `HOST:PORT` of the HTTP listener as others reach it; `None`: the bound address.
     pub advertise_http: Option<String>,
+    /// User tokens and the service API key; the default is development mode (none).
+    pub auth: Auth,
 }
 
 impl Config {
@@ -53,6 +57,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(5),
             advertise_tcp: None,
             advertise_http: None,
+            auth: Auth::default(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - [`config`]: node identity and every limit (frame size, connections, queues, timeouts).
+//! - [`auth`]: user tokens (JWT) verified at LOGIN, the service API key, secrets.
 //! - [`transport`]: the TCP listener ([`transport::tcp`]) and the WebSocket endpoint
 //!   ([`transport::ws`]); both start a [`session`].
 //! - [`session`]: one connection — login handshake, reader loop with heartbeat/idle
@@ -25,6 +26,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod build;
 pub mod cluster;
 pub mod config;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use cim_host::admin::Admin;
+use cim_host::auth::{Auth, Secret, Verifier, token};
 use cim_host::cluster::{Cluster, Strategy};
 use cim_host::deploy::{Deployments, Shared};
 use cim_host::handlers::Backend;
@@ -16,7 +17,7 @@ use cim_host::runtime::{Runtime, RuntimeConfig};
 use cim_host::store::Store;
 use cim_host::{Config, Node};
 use clap::{Args, Parser, Subcommand};
-use tracing::info;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// cim-host: a node of the cim instant-messaging system, whose business logic runs in
@@ -51,6 +52,9 @@ enum Command {
         #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
         token: String,
     },
+    /// Mint a user token (HS256) for trying cim out with authentication on. Prints only the
+    /// token. In production, the operator's own login service issues tokens.
+    Token(TokenArgs),
     /// Roll a component on a running host back to its previous version.
     Rollback {
         /// The component's id in the manifest.
@@ -65,7 +69,67 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
+struct TokenArgs {
+    /// The user the token is for (its `sub`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    user_id: u64,
+    /// The display name (the `name` claim).
+    #[arg(long)]
+    name: Option<String>,
+    /// How long the token is valid: `90s`, `30m`, `1h`, `7d`.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// The HS256 secret, the same file the host was started with (raw bytes; one trailing
+    /// newline is ignored).
+    #[arg(long, env = "CIM_AUTH_HMAC_SECRET_FILE")]
+    secret_file: PathBuf,
+    /// The `iss` claim (needed when the host checks --auth-issuer).
+    #[arg(long)]
+    issuer: Option<String>,
+    /// The `aud` claim (needed when the host checks --auth-audience).
+    #[arg(long)]
+    audience: Option<String>,
+    /// Extra claims as one JSON object, e.g. '{"role":"admin"}', for login handlers that
+    /// authorize on them.
+    #[arg(long, value_parser = parse_claims)]
+    claims: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// How the host authenticates users and services.
+#[derive(Debug, Args)]
+struct AuthArgs {
+    /// Verify user tokens signed with HS256 with the secret in this file (raw bytes; one
+    /// trailing newline is ignored). LOGIN and `POST /login` then need a token whose `sub`
+    /// is the user id.
+    #[arg(long, env = "CIM_AUTH_HMAC_SECRET_FILE", value_name = "FILE", conflicts_with = "auth_public_key")]
+    auth_hmac_secret_file: Option<PathBuf>,
+    /// Verify user tokens signed with RS256/ES256/EdDSA (or another algorithm of the key's
+    /// family) with this public key: a PEM file, or a JWKS (JSON) whose keys are picked by `kid`.
+    #[arg(long, env = "CIM_AUTH_PUBLIC_KEY", value_name = "FILE")]
+    auth_public_key: Option<PathBuf>,
+    /// Refuse tokens whose `iss` is not this.
+    #[arg(long, value_name = "ISS")]
+    auth_issuer: Option<String>,
+    /// Refuse tokens whose `aud` does not include this.
+    #[arg(long, value_name = "AUD")]
+    auth_audience: Option<String>,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=300))]
+    auth_leeway_secs: u64,
+    /// The key backend services send (`Authorization: Bearer <key>`) to the service endpoints
+    /// (`/send/*`, `/offline`, `/online`, anyone's `/history`): a file with the raw key.
+    #[arg(long, env = "CIM_API_KEY_FILE", value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Serve without authentication on non-loopback addresses anyway. Anyone who can reach
+    /// the ports can then log in as anyone: for isolated test networks only.
+    #[arg(long)]
+    insecure_no_auth: bool,
+}
+
+#[derive(Debug, Args)]
 struct UpArgs {
+    #[command(flatten)]
+    auth: AuthArgs,
     /// The application manifest: which component handles which event.
     #[arg(long, default_value = "spin.toml")]
     manifest: PathBuf,
@@ -156,6 +220,10 @@ fn main() -> anyhow::Result<()> {
             println!("{}", runtime.block_on(cim_host::push::push(&to, &token, &name, &file))?);
             Ok(())
         }
+        Command::Token(args) => {
+            println!("{}", mint(&args)?);
+            Ok(())
+        }
         Command::Rollback { name, to, token } => {
             println!("{}", runtime.block_on(cim_host::push::rollback(&to, &token, &name))?);
             Ok(())
@@ -178,12 +246,89 @@ fn parse_host_port(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+fn parse_claims(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err("expected a JSON object, e.g. '{\"role\":\"admin\"}'".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
+fn mint(args: &TokenArgs) -> anyhow::Result<String> {
+    let secret = Secret::from_file(&args.secret_file)?;
+    let req = token::MintRequest {
+        user_id: args.user_id,
+        name: args.name.clone(),
+        ttl: args.ttl,
+        issuer: args.issuer.clone(),
+        audience: args.audience.clone(),
+        extra: args.claims.clone().unwrap_or_default(),
+    };
+    token::mint(&secret, &req).context("signing the token")
+}
+
+/// The node's authentication from the flags. Without user tokens, every listener must be
+/// on loopback unless `--insecure-no-auth` says otherwise.
+fn auth(args: &AuthArgs, listeners: &[(&str, SocketAddr)]) -> anyhow::Result<Auth> {
+    let expect = token::Expectations {
+        issuer: args.auth_issuer.clone(),
+        audience: args.auth_audience.clone(),
+        leeway: Duration::from_secs(args.auth_leeway_secs),
+    };
+    let users = match (&args.auth_hmac_secret_file, &args.auth_public_key) {
+        (Some(file), _) => {
+            let secret = Secret::from_file(file).context("--auth-hmac-secret-file")?;
+            if secret.expose().len() < 32 {
+                warn!("the HMAC secret is {} bytes; use at least 32 random bytes", secret.expose().len());
+            }
+            Some(Verifier::hmac(&secret, expect)?)
+        }
+        (None, Some(file)) => Some(Verifier::public_key_file(file, expect).context("--auth-public-key")?),
+        (None, None) => None,
+    };
+    let api_key = match &args.api_key_file {
+        Some(file) => Some(Arc::new(Secret::from_file(file).context("--api-key-file")?)),
+        None => None,
+    };
+    match &users {
+        Some(v) => info!(keys = v.describe(), "user tokens required"),
+        None => {
+            let exposed: Vec<String> = listeners
+                .iter()
+                .filter(|(_, a)| !a.ip().is_loopback())
+                .map(|(name, a)| format!("{name} {a}"))
+                .collect();
+            if !exposed.is_empty() && !args.insecure_no_auth {
+                anyhow::bail!(
+                    "refusing to serve without authentication on {}: anyone reaching it could log in as \
+                     anyone. Pass --auth-hmac-secret-file FILE or --auth-public-key FILE (and \
+                     --api-key-file FILE for the service endpoints), bind to 127.0.0.1, or pass \
+                     --insecure-no-auth to insist",
+                    exposed.join(", ")
+                );
+            }
+            warn!(
+                "authentication is OFF (no --auth-hmac-secret-file or --auth-public-key): any client \
+                 can log in as any user; fine on loopback for development only"
+            );
+        }
+    }
+    if users.is_some() && api_key.is_none() {
+        info!(
+            "no --api-key-file: the service endpoints (/send/*, /offline, /online, others' /history) are closed"
+        );
+    }
+    Ok(Auth { users: users.map(Arc::new), api_key })
+}
+
 fn load_manifest(path: &Path) -> anyhow::Result<Manifest> {
     Manifest::load(path).with_context(|| format!("loading the manifest {}", path.display()))
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let auth = auth(&args.auth, &[("tcp", args.tcp), ("http", args.http)])?;
     let mut config = Config {
+        auth,
         heartbeat: Duration::from_secs(args.heartbeat),
         max_frame: args.max_frame,
         max_connections: args.max_connections,

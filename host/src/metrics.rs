@@ -37,7 +37,8 @@ metrics! {
     connections_total: "counter", "Client connections accepted.";
     connections_refused_total: "counter", "Connections refused because the limit was reached.";
     logins_total: "counter", "Successful logins.";
-    login_failures_total: "counter", "Logins refused (duplicate, rejected, invalid).";
+    login_failures_total: "counter", "Logins refused (bad token, duplicate, rejected, invalid).";
+    token_expiries_total: "counter", "Connections closed because their token expired without a refresh.";
     frames_in_total: "counter", "Frames received from clients.";
     bad_frames_total: "counter", "Frames that could not be decoded.";
     messages_total: "counter", "Messages accepted (private and group).";

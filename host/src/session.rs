@@ -30,6 +30,7 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 enum End {
     ClientClosed,
     IdleTimeout,
+    TokenExpired,
     Closed,
     Fatal(String),
 }
@@ -39,6 +40,7 @@ impl std::fmt::Display for End {
         match self {
             End::ClientClosed => f.write_str("client closed the connection"),
             End::IdleTimeout => f.write_str("heartbeat missed"),
+            End::TokenExpired => f.write_str("token expired without a refresh"),
             End::Closed => f.write_str("closed by the server"),
             End::Fatal(e) => write!(f, "connection error: {e}"),
         }
@@ -78,9 +80,9 @@ async fn run_inner<St, Si>(
         first = tokio::time::timeout(config.login_timeout, stream.next()) => first,
         _ = shutdown.cancelled() => return,
     };
-    let (request_id, user) = match first {
-        Ok(Some(Ok(Ok(Frame { request_id, body: Body::Login { user_id, user_name } })))) => {
-            (request_id, User { id: user_id, name: user_name })
+    let (request_id, user_id, user_name, token) = match first {
+        Ok(Some(Ok(Ok(Frame { request_id, body: Body::Login { user_id, user_name, token } })))) => {
+            (request_id, user_id, user_name, token)
         }
         Ok(Some(Ok(Ok(frame)))) => {
             let msg = format!("the first frame must be login, got {}", frame.body.kind_name());
@@ -97,6 +99,21 @@ async fn run_inner<St, Si>(
             return refuse(&mut sink, 0, ErrorCode::NotLoggedIn, msg).await;
         }
     };
+    // The token is checked before any handler runs; its `sub` is the user and its `name`,
+    // when present, the display name.
+    let verified = match config.auth.login(&token, user_id) {
+        Ok(v) => v,
+        Err(e) => {
+            Metrics::inc(&router.metrics.login_failures_total);
+            info!(user = user_id, error = %e, "login refused: bad token");
+            return refuse(&mut sink, request_id, e.code(), e.to_string()).await;
+        }
+    };
+    let user = match &verified {
+        Some(v) => User { id: v.user_id, name: v.name.clone().unwrap_or(user_name) },
+        None => User { id: user_id, name: user_name },
+    };
+    let expiry = verified.as_ref().map(|v| Expiry::new(v.expires_at_ms, &config));
     tracing::Span::current().record("user", user.id);
 
     let (tx, rx) = mpsc::channel(config.outbound_queue);
@@ -108,11 +125,13 @@ async fn run_inner<St, Si>(
     let ack = Body::LoginAck {
         node_id: config.node_id.clone(),
         heartbeat_secs: config.heartbeat.as_secs().try_into().unwrap_or(u32::MAX),
+        user: user.clone(),
+        token_expires_at_ms: expiry.map_or(0, |e| e.at_ms),
     };
     let _ = tx.try_send(Encoded::from(Frame::new(request_id, ack)));
     // Boxed, like the other rare or deep awaits below: their state would otherwise be part of
     // every idle connection's task.
-    if let Err(e) = Box::pin(router.login(conn)).await {
+    if let Err(e) = Box::pin(router.login(conn, verified)).await {
         Metrics::inc(&router.metrics.login_failures_total);
         info!(error = %e, "login refused");
         return refuse(&mut sink, request_id, e.code(), e.to_string()).await;
@@ -120,7 +139,7 @@ async fn run_inner<St, Si>(
     info!(name = %user.name, "logged in");
 
     let writer = tokio::spawn(write_loop(sink, rx, closer.clone()).in_current_span());
-    let mut session = Session { router: router.clone(), user, tx, closer: closer.clone() };
+    let mut session = Session { router: router.clone(), user, tx, closer: closer.clone(), expiry };
     let end = session.read_loop(&mut stream, config.idle_timeout()).await;
     router.logout(session.user.id, conn_id).await;
     info!(reason = %end, "logged out");
@@ -221,6 +240,25 @@ struct Session {
     user: User,
     tx: mpsc::Sender<Encoded>,
     closer: Closer,
+    /// When the connection's token runs out; `None` in development mode (no tokens).
+    expiry: Option<Expiry>,
+}
+
+/// When a connection's token expires.
+#[derive(Debug, Clone, Copy)]
+struct Expiry {
+    /// The token's `exp`, in Unix milliseconds, as told to the client.
+    at_ms: u64,
+    /// When the connection is closed: `exp` plus the clock leeway.
+    deadline: Instant,
+}
+
+impl Expiry {
+    fn new(exp_ms: u64, config: &crate::Config) -> Self {
+        let leeway = config.auth.users.as_ref().map(|u| u.leeway()).unwrap_or_default();
+        let left = Duration::from_millis(exp_ms.saturating_sub(crate::message_id::now_ms()));
+        Expiry { at_ms: exp_ms, deadline: Instant::now() + left + leeway }
+    }
 }
 
 impl Session {
@@ -259,6 +297,13 @@ impl Session {
                 Some(decided) = in_flight.next(), if !in_flight.is_empty() => {
                     let turn = Turn::next(&mut last_turn);
                     finishing.push_back(Box::pin(finish(self.router.clone(), decided, turn)));
+                }
+                _ = sleep_until_some(self.expiry.map(|e| e.deadline)) => {
+                    Metrics::inc(&self.router.metrics.token_expiries_total);
+                    let reason = "the token expired; send REFRESH with a new token before it expires";
+                    info!("{reason}");
+                    self.closer.close(ErrorCode::TokenExpired, reason, true);
+                    break End::TokenExpired;
                 }
                 _ = tokio::time::sleep_until(last_inbound + idle) => {
                     Metrics::inc(&self.router.metrics.idle_timeouts_total);
@@ -312,13 +357,14 @@ impl Session {
 
     /// Handles one request: answers it now, or queues a send for its handler decision.
     async fn start(
-        &self,
+        &mut self,
         frame: Frame,
         in_flight: &mut FuturesOrdered<BoxFuture<'static, Decided>>,
     ) -> Option<Frame> {
         let id = frame.request_id;
         let result: Result<Body, RouteError> = match frame.body {
             Body::Ping => Ok(Body::Pong),
+            Body::Refresh { token } => return Some(self.refresh(id, &token)),
             Body::PrivateSend { to, text } => {
                 let submitted = async {
                     let message = self.router.prepare(&self.user, MessageKind::Private, text)?;
@@ -370,6 +416,32 @@ impl Session {
 
     fn answer(&self, id: u64, result: Result<Body, RouteError>) -> Frame {
         answer(&self.router, id, result)
+    }
+
+    /// A new token for this connection: same user, a later expiry. A refused one leaves the
+    /// current expiry in place.
+    fn refresh(&mut self, id: u64, token: &str) -> Frame {
+        match self.router.config().auth.login(token, self.user.id) {
+            Ok(Some(v)) => {
+                self.expiry = Some(Expiry::new(v.expires_at_ms, self.router.config()));
+                debug!(expires_at_ms = v.expires_at_ms, "token refreshed");
+                Frame::new(id, Body::Ack { message_id: 0 })
+            }
+            // Development mode: tokens are not checked and connections do not expire.
+            Ok(None) => Frame::new(id, Body::Ack { message_id: 0 }),
+            Err(e) => {
+                info!(error = %e, "token refresh refused");
+                Frame::error(id, e.code(), e.to_string())
+            }
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

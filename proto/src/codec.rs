@@ -262,14 +262,25 @@ mod tests {
             Just(ErrorCode::DuplicateLogin),
             Just(ErrorCode::UserOffline),
             Just(ErrorCode::HandlerFailed),
+            Just(ErrorCode::Unauthenticated),
+            Just(ErrorCode::TokenExpired),
+            Just(ErrorCode::RateLimited),
         ]
     }
 
     fn arb_body() -> impl Strategy<Value = Body> {
         prop_oneof![
-            (any::<u64>(), ".{0,32}").prop_map(|(user_id, user_name)| Body::Login { user_id, user_name }),
-            (".{0,16}", any::<u32>())
-                .prop_map(|(node_id, heartbeat_secs)| Body::LoginAck { node_id, heartbeat_secs }),
+            (any::<u64>(), ".{0,32}", "[A-Za-z0-9._-]{0,64}")
+                .prop_map(|(user_id, user_name, token)| Body::Login { user_id, user_name, token }),
+            (".{0,16}", any::<u32>(), arb_user(), any::<u64>()).prop_map(
+                |(node_id, heartbeat_secs, user, token_expires_at_ms)| Body::LoginAck {
+                    node_id,
+                    heartbeat_secs,
+                    user,
+                    token_expires_at_ms
+                }
+            ),
+            "[A-Za-z0-9._-]{0,64}".prop_map(|token| Body::Refresh { token }),
             Just(Body::Ping),
             Just(Body::Pong),
             (any::<u64>(), ".{0,64}").prop_map(|(to, text)| Body::PrivateSend { to, text }),
@@ -288,7 +299,11 @@ mod tests {
                 }
             ),
             any::<u64>().prop_map(|message_id| Body::Ack { message_id }),
-            (arb_code(), ".{0,32}").prop_map(|(code, message)| Body::Error { code, message }),
+            (arb_code(), ".{0,32}", any::<u64>()).prop_map(|(code, message, retry_after_ms)| Body::Error {
+                code,
+                message,
+                retry_after_ms
+            }),
             (arb_code(), ".{0,32}").prop_map(|(code, reason)| Body::Kick { code, reason }),
         ]
     }

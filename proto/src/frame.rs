@@ -53,6 +53,9 @@ pub enum ErrorCode {
     Unavailable,
     Unexpected,
     SlowConsumer,
+    Unauthenticated,
+    TokenExpired,
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -71,6 +74,9 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unexpected => "unexpected",
             ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }
@@ -84,18 +90,51 @@ impl std::fmt::Display for ErrorCode {
 /// What a frame carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
-    Login { user_id: u64, user_name: String },
-    LoginAck { node_id: String, heartbeat_secs: u32 },
+    /// `token` is empty when the client has none.
+    Login {
+        user_id: u64,
+        user_name: String,
+        token: String,
+    },
+    /// `user` is the user as the server bound them; `token_expires_at_ms` is 0 when the
+    /// server verifies no tokens.
+    LoginAck {
+        node_id: String,
+        heartbeat_secs: u32,
+        user: User,
+        token_expires_at_ms: u64,
+    },
+    /// A new token for the open connection.
+    Refresh {
+        token: String,
+    },
     Ping,
     Pong,
-    PrivateSend { to: u64, text: String },
-    GroupSend { text: String },
+    PrivateSend {
+        to: u64,
+        text: String,
+    },
+    GroupSend {
+        text: String,
+    },
     OnlineRequest,
-    OnlineResponse { users: Vec<User> },
+    OnlineResponse {
+        users: Vec<User>,
+    },
     Delivery(Delivery),
-    Ack { message_id: u64 },
-    Error { code: ErrorCode, message: String },
-    Kick { code: ErrorCode, reason: String },
+    Ack {
+        message_id: u64,
+    },
+    /// `retry_after_ms` is set for [`ErrorCode::RateLimited`], 0 otherwise.
+    Error {
+        code: ErrorCode,
+        message: String,
+        retry_after_ms: u64,
+    },
+    Kick {
+        code: ErrorCode,
+        reason: String,
+    },
 }
 
 impl Body {
@@ -104,6 +143,7 @@ impl Body {
         match self {
             Body::Login { .. } => "login",
             Body::LoginAck { .. } => "login_ack",
+            Body::Refresh { .. } => "refresh",
             Body::Ping => "ping",
             Body::Pong => "pong",
             Body::PrivateSend { .. } => "private_send",
@@ -137,7 +177,13 @@ impl Frame {
     }
 
     pub fn error(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Self {
-        Frame { request_id, body: Body::Error { code, message: message.into() } }
+        Frame { request_id, body: Body::Error { code, message: message.into(), retry_after_ms: 0 } }
+    }
+
+    /// A [`ErrorCode::RateLimited`] answer: try again after `retry_after_ms`.
+    pub fn rate_limited(request_id: u64, retry_after_ms: u64, message: impl Into<String>) -> Self {
+        let body = Body::Error { code: ErrorCode::RateLimited, message: message.into(), retry_after_ms };
+        Frame { request_id, body }
     }
 }
 
@@ -171,6 +217,9 @@ fn code_from_pb(code: i32) -> ErrorCode {
         pb::ErrorCode::Unavailable => ErrorCode::Unavailable,
         pb::ErrorCode::Unexpected => ErrorCode::Unexpected,
         pb::ErrorCode::SlowConsumer => ErrorCode::SlowConsumer,
+        pb::ErrorCode::Unauthenticated => ErrorCode::Unauthenticated,
+        pb::ErrorCode::TokenExpired => ErrorCode::TokenExpired,
+        pb::ErrorCode::RateLimited => ErrorCode::RateLimited,
     }
 }
 
@@ -188,6 +237,9 @@ fn code_to_pb(code: ErrorCode) -> pb::ErrorCode {
         ErrorCode::Unavailable => pb::ErrorCode::Unavailable,
         ErrorCode::Unexpected => pb::ErrorCode::Unexpected,
         ErrorCode::SlowConsumer => pb::ErrorCode::SlowConsumer,
+        ErrorCode::Unauthenticated => pb::ErrorCode::Unauthenticated,
+        ErrorCode::TokenExpired => pb::ErrorCode::TokenExpired,
+        ErrorCode::RateLimited => pb::ErrorCode::RateLimited,
     }
 }
 
@@ -214,6 +266,7 @@ fn payload_kind(payload: &Payload) -> (pb::Kind, &'static str) {
         Payload::Ack(_) => (pb::Kind::Ack, "ack"),
         Payload::Error(_) => (pb::Kind::Error, "error"),
         Payload::Kick(_) => (pb::Kind::Kick, "kick"),
+        Payload::Refresh(_) => (pb::Kind::Refresh, "refresh"),
     }
 }
 
@@ -228,8 +281,17 @@ impl TryFrom<pb::Envelope> for Frame {
             return Err(FrameError::KindMismatch { kind: env.kind, payload: name });
         }
         let body = match payload {
-            Payload::Login(p) => Body::Login { user_id: p.user_id, user_name: p.user_name },
-            Payload::LoginAck(p) => Body::LoginAck { node_id: p.node_id, heartbeat_secs: p.heartbeat_secs },
+            Payload::Login(p) => Body::Login { user_id: p.user_id, user_name: p.user_name, token: p.token },
+            Payload::LoginAck(p) => Body::LoginAck {
+                node_id: p.node_id,
+                heartbeat_secs: p.heartbeat_secs,
+                user: p
+                    .user
+                    .map(|u| User { id: u.id, name: u.name })
+                    .unwrap_or(User { id: 0, name: String::new() }),
+                token_expires_at_ms: p.token_expires_at_ms,
+            },
+            Payload::Refresh(p) => Body::Refresh { token: p.token },
             Payload::Ping(_) => Body::Ping,
             Payload::Pong(_) => Body::Pong,
             Payload::PrivateSend(p) => Body::PrivateSend { to: p.to_user_id, text: p.text },
@@ -253,7 +315,11 @@ impl TryFrom<pb::Envelope> for Frame {
                 })
             }
             Payload::Ack(p) => Body::Ack { message_id: p.message_id },
-            Payload::Error(p) => Body::Error { code: code_from_pb(p.code), message: p.message },
+            Payload::Error(p) => Body::Error {
+                code: code_from_pb(p.code),
+                message: p.message,
+                retry_after_ms: p.retry_after_ms,
+            },
             Payload::Kick(p) => Body::Kick { code: code_from_pb(p.code), reason: p.reason },
         };
         Ok(Frame { request_id: env.request_id, body })
@@ -263,10 +329,18 @@ impl TryFrom<pb::Envelope> for Frame {
 impl From<Frame> for pb::Envelope {
     fn from(frame: Frame) -> Self {
         let payload = match frame.body {
-            Body::Login { user_id, user_name } => Payload::Login(pb::Login { user_id, user_name }),
-            Body::LoginAck { node_id, heartbeat_secs } => {
-                Payload::LoginAck(pb::LoginAck { node_id, heartbeat_secs })
+            Body::Login { user_id, user_name, token } => {
+                Payload::Login(pb::Login { user_id, user_name, token })
             }
+            Body::LoginAck { node_id, heartbeat_secs, user, token_expires_at_ms } => {
+                Payload::LoginAck(pb::LoginAck {
+                    node_id,
+                    heartbeat_secs,
+                    user: Some(user_to_pb(user)),
+                    token_expires_at_ms,
+                })
+            }
+            Body::Refresh { token } => Payload::Refresh(pb::Refresh { token }),
             Body::Ping => Payload::Ping(pb::Ping {}),
             Body::Pong => Payload::Pong(pb::Pong {}),
             Body::PrivateSend { to, text } => Payload::PrivateSend(pb::PrivateSend { to_user_id: to, text }),
@@ -286,8 +360,8 @@ impl From<Frame> for pb::Envelope {
                 timestamp_ms: d.timestamp_ms,
             }),
             Body::Ack { message_id } => Payload::Ack(pb::Ack { message_id }),
-            Body::Error { code, message } => {
-                Payload::Error(pb::Error { code: code_to_pb(code) as i32, message })
+            Body::Error { code, message, retry_after_ms } => {
+                Payload::Error(pb::Error { code: code_to_pb(code) as i32, message, retry_after_ms })
             }
             Body::Kick { code, reason } => Payload::Kick(pb::Kick { reason, code: code_to_pb(code) as i32 }),
         };

@@ -257,7 +257,8 @@ impl RawClient {
     }
 
     pub async fn login(&mut self, id: u64, name: &str) {
-        self.send(Frame::new(1, Body::Login { user_id: id, user_name: name.into() })).await;
+        self.send(Frame::new(1, Body::Login { user_id: id, user_name: name.into(), token: String::new() }))
+            .await;
         match self.recv().await {
             Some(Ok(Frame { request_id: 1, body: Body::LoginAck { .. } })) => {}
             other => panic!("expected login ack for {id}, got {other:?}"),
@@ -357,7 +358,7 @@ impl RawClient {
 /// Expects an error frame with `code`.
 pub fn expect_error(body: Body, code: ErrorCode) -> String {
     match body {
-        Body::Error { code: c, message } if c == code => message,
+        Body::Error { code: c, message, .. } if c == code => message,
         other => panic!("expected error {code}, got {other:?}"),
     }
 }

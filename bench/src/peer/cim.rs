@@ -107,12 +107,15 @@ impl Conn {
         let (read, mut writer) = stream.into_split();
         let mut codec = FrameCodec::default();
         let mut buf = BytesMut::with_capacity(4096);
-        codec.encode(Frame::new(1, Body::Login { user_id: id, user_name: name }), &mut buf)?;
+        codec.encode(
+            Frame::new(1, Body::Login { user_id: id, user_name: name, token: String::new() }),
+            &mut buf,
+        )?;
         writer.write_all_buf(&mut buf).await?;
         let mut frames = FramedRead::new(read, FrameCodec::default());
         match frames.next().await {
             Some(Ok(Ok(Frame { body: Body::LoginAck { .. }, .. }))) => {}
-            Some(Ok(Ok(Frame { body: Body::Error { code, message }, .. }))) => {
+            Some(Ok(Ok(Frame { body: Body::Error { code, message, .. }, .. }))) => {
                 bail!("user {id}: login refused: {code}: {message}")
             }
             other => bail!("user {id}: expected LOGIN_ACK, got {other:?}"),
@@ -167,7 +170,7 @@ async fn read_loop(
                         f(d.text.as_bytes());
                     }
                 }
-                Body::Error { code, message } => {
+                Body::Error { code, message, .. } => {
                     hooks.errors.push(format!("user {id}: request {}: {code}: {message}", frame.request_id));
                     if let Some(f) = &hooks.on_failed {
                         f();

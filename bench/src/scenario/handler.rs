@@ -101,7 +101,8 @@ async fn call(rt: &Runtime, ctx: &Context, event: Event, n: usize, i: u64) -> an
     let msgs = || (0..n as u64).map(move |j| message(i * 1000 + j));
     match event {
         Event::Login => {
-            rt.login(ctx, LoginRequest { user: user(100 + i % 1000), node_id: "bench".into() }).await?;
+            rt.login(ctx, LoginRequest { user: user(100 + i % 1000), node_id: "bench".into(), claims: None })
+                .await?;
         }
         Event::Private => {
             rt.private(ctx, msgs().map(|message| PrivateRequest { message, to: 2 }).collect()).await?;

@@ -59,6 +59,8 @@ pub struct Message {
 pub struct LoginRequest {
     pub user: User,
     pub node_id: String,
+    /// The verified token; `None` in development mode.
+    pub claims: Option<crate::auth::Verified>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -211,10 +211,15 @@ impl Router {
 
     /// Binds `conn.user` to this connection: asks the login handler, then claims the user
     /// in the online set (refusing duplicates) and registers the connection.
-    pub async fn login(&self, conn: LocalConn) -> Result<(), RouteError> {
+    /// `claims` is the verified token (`None` in development mode).
+    pub async fn login(
+        &self,
+        conn: LocalConn,
+        claims: Option<crate::auth::Verified>,
+    ) -> Result<(), RouteError> {
         let user = conn.user.clone();
         validate_user(&self.config, user.id, &user.name)?;
-        let req = LoginRequest { user: user.clone(), node_id: self.config.node_id.clone() };
+        let req = LoginRequest { user: user.clone(), node_id: self.config.node_id.clone(), claims };
         if let LoginDecision::Reject(reason) = self.handlers.login(req).await? {
             return Err(RouteError::Rejected(reason));
         }

@@ -19,7 +19,7 @@ use super::host_api::{Capabilities, HostState};
 use crate::handlers::{Context, Event};
 
 /// The WIT package every handler world belongs to.
-pub const WIT_PACKAGE: &str = "cim:im@0.1.0";
+pub const WIT_PACKAGE: &str = "cim:im@0.2.0";
 
 /// Why a `.wasm` was refused. Nothing is installed when loading fails.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -41,11 +41,11 @@ pub enum LoadError {
 /// The world and the export an event's component must have.
 pub fn world_of(event: Event) -> (&'static str, &'static str) {
     match event {
-        Event::Login => ("cim:im/login@0.1.0", "cim:im/login-handler@0.1.0"),
-        Event::Private => ("cim:im/private-send@0.1.0", "cim:im/private-handler@0.1.0"),
-        Event::Group => ("cim:im/group-send@0.1.0", "cim:im/group-handler@0.1.0"),
-        Event::Online => ("cim:im/online-list@0.1.0", "cim:im/online-handler@0.1.0"),
-        Event::Callback => ("cim:im/message-callback@0.1.0", "cim:im/callback-handler@0.1.0"),
+        Event::Login => ("cim:im/login@0.2.0", "cim:im/login-handler@0.2.0"),
+        Event::Private => ("cim:im/private-send@0.2.0", "cim:im/private-handler@0.2.0"),
+        Event::Group => ("cim:im/group-send@0.2.0", "cim:im/group-handler@0.2.0"),
+        Event::Online => ("cim:im/online-list@0.2.0", "cim:im/online-handler@0.2.0"),
+        Event::Callback => ("cim:im/message-callback@0.2.0", "cim:im/callback-handler@0.2.0"),
     }
 }
 

@@ -26,7 +26,16 @@ pub(crate) fn message(m: Message) -> wit::Message {
 }
 
 pub(crate) fn login_request(r: LoginRequest) -> wit::LoginRequest {
-    wit::LoginRequest { user: user(r.user), node_id: r.node_id }
+    wit::LoginRequest {
+        user: user(r.user),
+        node_id: r.node_id,
+        claims: r.claims.map(|c| wit::TokenClaims {
+            subject: c.user_id.to_string(),
+            expires_at_ms: c.expires_at_ms,
+            issuer: c.issuer,
+            json: c.claims_json,
+        }),
+    }
 }
 
 pub(crate) fn private_request(r: PrivateRequest) -> wit::PrivateRequest {

@@ -15,7 +15,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::host_api::cim::im::key_value::{self, Error as KvError};
+use super::bindings::host_api::cim::im::key_value::{self, Error as KvError, KeyPage};
 use super::bindings::host_api::cim::im::log::{self, Level};
 use super::bindings::host_api::cim::im::types::{User, UserId};
 use super::bindings::host_api::cim::im::{clock, presence, types, variables};
@@ -210,11 +210,23 @@ impl key_value::Host for HostState {
         &mut self,
         store: String,
         prefix: String,
-    ) -> wasmtime::Result<Result<Vec<String>, KvError>> {
+        cursor: Option<String>,
+        limit: u32,
+    ) -> wasmtime::Result<Result<KeyPage, KvError>> {
         if let Err(e) = self.check_store(&store) {
             return Ok(Err(e));
         }
-        Ok(self.ctx.store().kv_list_keys(&store, &prefix).await.map_err(store_failure))
+        // TODO(paging in the store): bounded pages straight from the backend.
+        let keys = match self.ctx.store().kv_list_keys(&store, &prefix).await {
+            Ok(keys) => keys,
+            Err(e) => return Ok(Err(store_failure(e))),
+        };
+        let limit = limit.clamp(1, 1000) as usize;
+        let start = cursor.map_or(0, |c| keys.partition_point(|k| k.as_str() <= c.as_str()));
+        let page: Vec<String> = keys[start..].iter().take(limit).cloned().collect();
+        let more = start + page.len() < keys.len();
+        let cursor = if more { page.last().cloned() } else { None };
+        Ok(Ok(KeyPage { keys: page, cursor }))
     }
 
     async fn append(

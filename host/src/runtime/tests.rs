@@ -116,7 +116,7 @@ async fn default_private_login_and_online_pass_through() {
         [SendDecision::Deliver, SendDecision::Deliver]
     );
 
-    let req = LoginRequest { user: user(9), node_id: "n1".into() };
+    let req = LoginRequest { user: user(9), node_id: "n1".into(), claims: None };
     assert_eq!(rt.login(&ctx, req).await.expect("login"), LoginDecision::Accept);
 
     let online = vec![user(1), user(2)];
@@ -140,14 +140,23 @@ async fn login_allowlist_accepts_listed_and_rejects_others() {
     let rt = runtime();
     install(&rt, Event::Login, "login_allowlist", caps(&[], &[("allowed_ids", "1,2")])).await;
     let ctx = context_with_online(&[]).await;
-    let ok = rt.login(&ctx, LoginRequest { user: user(2), node_id: "n1".into() }).await.expect("login");
+    let ok = rt
+        .login(&ctx, LoginRequest { user: user(2), node_id: "n1".into(), claims: None })
+        .await
+        .expect("login");
     assert_eq!(ok, LoginDecision::Accept);
-    let no = rt.login(&ctx, LoginRequest { user: user(3), node_id: "n1".into() }).await.expect("login");
+    let no = rt
+        .login(&ctx, LoginRequest { user: user(3), node_id: "n1".into(), claims: None })
+        .await
+        .expect("login");
     assert_eq!(no, LoginDecision::Reject("user 3 is not on the allow list".into()));
 
     // Without its variable it fails closed: the variable import says which one is missing.
     install(&rt, Event::Login, "login_allowlist", Capabilities::default()).await;
-    let no = rt.login(&ctx, LoginRequest { user: user(1), node_id: "n1".into() }).await.expect("login");
+    let no = rt
+        .login(&ctx, LoginRequest { user: user(1), node_id: "n1".into(), claims: None })
+        .await
+        .expect("login");
     assert!(matches!(no, LoginDecision::Reject(_)));
 }
 
@@ -219,11 +228,11 @@ async fn bad_uploads_are_refused_with_the_reason() {
     let err = rt.load(Event::Group, "login", wasm("login"), none(), "upload").await.expect_err("wrong world");
     let text = err.to_string();
     assert!(
-        matches!(&err, LoadError::WrongWorld { expected, .. } if expected == "cim:im/group-send@0.1.0"),
+        matches!(&err, LoadError::WrongWorld { expected, .. } if expected == "cim:im/group-send@0.2.0"),
         "{text}"
     );
     assert!(
-        text.contains("cim:im/login-handler@0.1.0") && text.contains("cim:im/group-handler@0.1.0"),
+        text.contains("cim:im/login-handler@0.2.0") && text.contains("cim:im/group-handler@0.2.0"),
         "{text}"
     );
 
@@ -422,7 +431,10 @@ key_value_stores = ["default"]
     let ctx = context_with_online(&[1, 2]).await;
     let d = rt.group(&ctx, vec![message(1, 1, MessageKind::Group, "oh heck")]).await.expect("group");
     assert_eq!(d[0].decision, SendDecision::Rewrite("oh ****".into()));
-    let login = rt.login(&ctx, LoginRequest { user: user(5), node_id: "n".into() }).await.expect("login");
+    let login = rt
+        .login(&ctx, LoginRequest { user: user(5), node_id: "n".into(), claims: None })
+        .await
+        .expect("login");
     assert_eq!(login, LoginDecision::Accept);
 
     // A manifest whose component is of the wrong world installs nothing.
