@@ -1,8 +1,10 @@
 //! Node configuration: identity and every limit the host enforces.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::Auth;
+use crate::limits::RateLimits;
 
 /// Everything a node needs to know besides its listeners.
 #[derive(Debug, Clone)]
@@ -34,6 +36,8 @@ pub struct Config {
     pub advertise_http: Option<String>,
     /// User tokens and the service API key; the default is development mode (none).
     pub auth: Auth,
+    /// Rate limits on sends, online requests and logins, per user and per address.
+    pub rate_limits: Arc<RateLimits>,
 }
 
 impl Config {
@@ -58,6 +62,7 @@ impl Default for Config {
             advertise_tcp: None,
             advertise_http: None,
             auth: Auth::default(),
+            rate_limits: Arc::new(RateLimits::default()),
         }
     }
 }

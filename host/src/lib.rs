@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //! - [`config`]: node identity and every limit (frame size, connections, queues, timeouts).
-//! - [`auth`]: user tokens (JWT) verified at LOGIN, the service API key, secrets.
+//! - [`auth`]: user tokens (JWT) verified at LOGIN, the service API key, secrets;
+//!   [`limits`]: rate limits per user and per address.
 //! - [`transport`]: the TCP listener ([`transport::tcp`]) and the WebSocket endpoint
 //!   ([`transport::ws`]); both start a [`session`].
 //! - [`session`]: one connection — login handshake, reader loop with heartbeat/idle
@@ -32,6 +33,7 @@ pub mod cluster;
 pub mod config;
 pub mod deploy;
 pub mod handlers;
+pub mod limits;
 pub mod manifest;
 pub mod message_id;
 pub mod metrics;
