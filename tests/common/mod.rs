@@ -7,6 +7,8 @@
 #[path = "../../host/src/store/redis/test_cluster.rs"]
 pub mod redis_cluster;
 
+pub mod auth;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
