@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::handlers::builtin::{GROUP_HISTORY_KEY, HISTORY_LEN, HISTORY_STORE, history_key};
 use crate::router::RouteError;
+use crate::store::MAX_PAGE;
 use crate::transport::Sessions;
 use crate::transport::ws::{self, UpgradeError};
 
@@ -155,10 +156,14 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, s: &Sessions) -> Result
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "expected /history/<user id>")
             })?;
             let store = router.store();
-            let mine =
-                store.kv_range(HISTORY_STORE, &history_key(id), 0, -1).await.map_err(RouteError::from)?;
-            let group =
-                store.kv_range(HISTORY_STORE, GROUP_HISTORY_KEY, 0, -1).await.map_err(RouteError::from)?;
+            let mine = store
+                .kv_range(HISTORY_STORE, &history_key(id), 0, -1, MAX_PAGE)
+                .await
+                .map_err(RouteError::from)?;
+            let group = store
+                .kv_range(HISTORY_STORE, GROUP_HISTORY_KEY, 0, -1, MAX_PAGE)
+                .await
+                .map_err(RouteError::from)?;
             // Entries are JSON written by the message callback; anything else is shown as text.
             let mut messages: Vec<serde_json::Value> = mine
                 .iter()

@@ -21,6 +21,7 @@ use super::bindings::host_api::cim::im::types::{User, UserId};
 use super::bindings::host_api::cim::im::{clock, presence, types, variables};
 use super::component::Loaded;
 use crate::handlers::{Context, Event};
+use crate::store::MAX_PAGE;
 
 /// The largest key a guest may use, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -216,17 +217,9 @@ impl key_value::Host for HostState {
         if let Err(e) = self.check_store(&store) {
             return Ok(Err(e));
         }
-        // TODO(paging in the store): bounded pages straight from the backend.
-        let keys = match self.ctx.store().kv_list_keys(&store, &prefix).await {
-            Ok(keys) => keys,
-            Err(e) => return Ok(Err(store_failure(e))),
-        };
-        let limit = limit.clamp(1, 1000) as usize;
-        let start = cursor.map_or(0, |c| keys.partition_point(|k| k.as_str() <= c.as_str()));
-        let page: Vec<String> = keys[start..].iter().take(limit).cloned().collect();
-        let more = start + page.len() < keys.len();
-        let cursor = if more { page.last().cloned() } else { None };
-        Ok(Ok(KeyPage { keys: page, cursor }))
+        let limit = usize::try_from(limit).unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+        let page = self.ctx.store().kv_list_keys(&store, &prefix, cursor.as_deref(), limit).await;
+        Ok(page.map(|p| KeyPage { keys: p.keys, cursor: p.cursor }).map_err(store_failure))
     }
 
     async fn append(
@@ -275,7 +268,7 @@ impl key_value::Host for HostState {
         if let Err(e) = self.check_store(&store).and_then(|()| Self::check_key(&store, &key)) {
             return Ok(Err(e));
         }
-        let items = match self.ctx.store().kv_range(&store, &key, start, stop).await {
+        let items = match self.ctx.store().kv_range(&store, &key, start, stop, MAX_PAGE).await {
             Ok(items) => items,
             Err(e) => return Ok(Err(store_failure(e))),
         };

@@ -3,7 +3,9 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
-use super::{Claim, OnlineEntry, StoreError};
+use std::ops::Bound;
+
+use super::{Claim, KeyPage, OnlineEntry, StoreError};
 
 #[derive(Debug)]
 enum Value {
@@ -25,12 +27,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Resolves LRANGE-style indexes against a list of `len` items.
-fn range_bounds(len: usize, start: i64, stop: i64) -> Option<(usize, usize)> {
-    let len = len as i64;
-    let norm = |i: i64| if i < 0 { len + i } else { i };
+/// Resolves LRANGE-style indexes against a list of `len` items, keeping at most `max`
+/// (at least 1) from the start.
+fn range_bounds(len: usize, start: i64, stop: i64, max: usize) -> Option<(usize, usize)> {
+    let len = i64::try_from(len).unwrap_or(i64::MAX);
+    let norm = |i: i64| if i < 0 { len.saturating_add(i) } else { i };
     let start = norm(start).max(0);
-    let stop = norm(stop).min(len - 1);
+    let last = start.saturating_add(i64::try_from(max.max(1)).unwrap_or(i64::MAX) - 1);
+    let stop = norm(stop).min(len - 1).min(last);
     (start <= stop && start < len).then_some((start as usize, stop as usize))
 }
 
@@ -81,16 +85,24 @@ impl MemoryStore {
         }
     }
 
-    pub fn kv_list_keys(&self, store: &str, prefix: &str) -> Vec<String> {
-        lock(&self.kv)
-            .get(store)
-            .map(|s| {
-                s.range(prefix.to_owned()..)
-                    .take_while(|(k, _)| k.starts_with(prefix))
-                    .map(|(k, _)| k.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// Up to `limit` keys starting with `prefix`, in order, after `cursor` (the last key of
+    /// the previous page). The cursor is a position, not a snapshot: keys added or removed
+    /// meanwhile do not shift it.
+    pub fn kv_list_keys(&self, store: &str, prefix: &str, cursor: Option<&str>, limit: usize) -> KeyPage {
+        let kv = lock(&self.kv);
+        let Some(map) = kv.get(store) else { return KeyPage::default() };
+        let from = match cursor {
+            Some(c) if c >= prefix => Bound::Excluded(c),
+            _ => Bound::Included(prefix),
+        };
+        let mut matching = map
+            .range::<str, _>((from, Bound::Unbounded))
+            .map(|(k, _)| k)
+            .take_while(|k| k.starts_with(prefix));
+        let keys: Vec<String> = matching.by_ref().take(limit.max(1)).cloned().collect();
+        let more = matching.next().is_some();
+        let cursor = if more { keys.last().cloned() } else { None };
+        KeyPage { keys, cursor }
     }
 
     pub fn kv_append(
@@ -142,12 +154,13 @@ impl MemoryStore {
         key: &str,
         start: i64,
         stop: i64,
+        max: usize,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
         let kv = lock(&self.kv);
         match kv.get(store).and_then(|s| s.get(key)) {
             None => Ok(Vec::new()),
             Some(Value::Bytes(_)) => Err(StoreError::WrongType { key: key.to_owned() }),
-            Some(Value::List(list)) => Ok(match range_bounds(list.len(), start, stop) {
+            Some(Value::List(list)) => Ok(match range_bounds(list.len(), start, stop, max) {
                 Some((a, b)) => list.range(a..=b).cloned().collect(),
                 None => Vec::new(),
             }),
@@ -180,9 +193,9 @@ mod tests {
         for i in 0..5u8 {
             s.kv_append("default", "h", vec![i], 3).unwrap();
         }
-        assert_eq!(s.kv_range("default", "h", 0, -1).unwrap(), vec![vec![4], vec![3], vec![2]]);
-        assert_eq!(s.kv_range("default", "h", 1, 1).unwrap(), vec![vec![3]]);
-        assert_eq!(s.kv_range("default", "h", 5, 9).unwrap(), Vec::<Vec<u8>>::new());
+        assert_eq!(s.kv_range("default", "h", 0, -1, 1000).unwrap(), vec![vec![4], vec![3], vec![2]]);
+        assert_eq!(s.kv_range("default", "h", 1, 1, 1000).unwrap(), vec![vec![3]]);
+        assert_eq!(s.kv_range("default", "h", 5, 9, 1000).unwrap(), Vec::<Vec<u8>>::new());
         assert!(s.kv_get("default", "h").is_err());
     }
 
@@ -191,12 +204,12 @@ mod tests {
         let s = MemoryStore::default();
         let many = |pairs: &[(&str, u8)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), vec![*v])).collect();
         s.kv_append_many("default", many(&[("a", 1), ("b", 2), ("a", 3), ("a", 4)]), 2).unwrap();
-        assert_eq!(s.kv_range("default", "a", 0, -1).unwrap(), vec![vec![4], vec![3]]);
-        assert_eq!(s.kv_range("default", "b", 0, -1).unwrap(), vec![vec![2]]);
+        assert_eq!(s.kv_range("default", "a", 0, -1, 1000).unwrap(), vec![vec![4], vec![3]]);
+        assert_eq!(s.kv_range("default", "b", 0, -1, 1000).unwrap(), vec![vec![2]]);
         s.kv_set("default", "plain", vec![0]);
         let err = s.kv_append_many("default", many(&[("b", 5), ("plain", 6)]), 2).unwrap_err();
         assert!(matches!(err, StoreError::WrongType { key } if key == "plain"));
-        assert_eq!(s.kv_range("default", "b", 0, -1).unwrap(), vec![vec![2]], "nothing was written");
+        assert_eq!(s.kv_range("default", "b", 0, -1, 1000).unwrap(), vec![vec![2]], "nothing was written");
     }
 
     #[test]
@@ -206,6 +219,63 @@ mod tests {
         s.kv_set("a", "history:2", vec![]);
         s.kv_set("a", "other", vec![]);
         s.kv_set("b", "history:3", vec![]);
-        assert_eq!(s.kv_list_keys("a", "history:"), vec!["history:1", "history:2"]);
+        assert_eq!(s.kv_list_keys("a", "history:", None, 10).keys, vec!["history:1", "history:2"]);
+    }
+
+    #[test]
+    fn range_is_bounded_at_the_start_of_the_asked_range() {
+        let s = MemoryStore::default();
+        s.kv_append_many(
+            "d",
+            (0..5000u32).map(|i| ("big".to_owned(), i.to_be_bytes().to_vec())).collect(),
+            10_000,
+        )
+        .unwrap();
+        let newest = |i: u32| (4999 - i).to_be_bytes().to_vec();
+        let page = s.kv_range("d", "big", 0, -1, 1000).unwrap();
+        assert_eq!(page.len(), 1000);
+        assert_eq!((page[0].clone(), page[999].clone()), (newest(0), newest(999)));
+        let page = s.kv_range("d", "big", 4500, i64::MAX, 1000).unwrap();
+        assert_eq!((page.len(), page[0].clone()), (500, newest(4500)));
+        let page = s.kv_range("d", "big", -1500, -1, 1000).unwrap();
+        assert_eq!((page.len(), page[0].clone(), page[999].clone()), (1000, newest(3500), newest(4499)));
+        assert!(s.kv_range("d", "big", i64::MIN, i64::MIN, 1000).unwrap().is_empty());
+        assert_eq!(s.kv_range("d", "big", i64::MIN, 0, 1000).unwrap(), vec![newest(0)]);
+        assert!(s.kv_range("d", "big", i64::MAX, -1, 1000).unwrap().is_empty());
+        assert_eq!(s.kv_range("d", "big", 10, 12, 2).unwrap(), vec![newest(10), newest(11)]);
+    }
+
+    #[test]
+    fn list_keys_pages_after_the_cursor() {
+        let s = MemoryStore::default();
+        for i in 0..25 {
+            s.kv_set("a", &format!("k:{i:02}"), vec![]);
+        }
+        s.kv_set("a", "j", vec![]);
+        s.kv_set("a", "l", vec![]);
+        let (mut listed, mut cursor, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let page = s.kv_list_keys("a", "k:", cursor.as_deref(), 10);
+            assert!(page.keys.len() <= 10);
+            listed.extend(page.keys);
+            pages += 1;
+            // A key added behind the cursor is not listed; one ahead of it is.
+            if pages == 1 {
+                s.kv_set("a", "k:00a", vec![]);
+                s.kv_set("a", "k:99", vec![]);
+            }
+            match page.cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let mut expected: Vec<String> = (0..25).map(|i| format!("k:{i:02}")).collect();
+        expected.push("k:99".into());
+        assert_eq!((listed, pages), (expected, 3));
+        let last = s.kv_list_keys("a", "k:", Some("k:24"), 10);
+        assert_eq!(last, KeyPage { keys: vec!["k:99".into()], cursor: None });
+        assert_eq!(s.kv_list_keys("a", "k:", Some("a"), 1).keys, vec!["k:00"], "a cursor before the prefix");
+        assert_eq!(s.kv_list_keys("a", "k:", Some("z"), 1), KeyPage::default());
+        assert_eq!(s.kv_list_keys("none", "", None, 1), KeyPage::default());
     }
 }

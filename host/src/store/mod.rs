@@ -35,6 +35,23 @@ pub enum StoreError {
     Unavailable(String),
     #[error("value at {key} is not a list")]
     WrongType { key: String },
+    /// A `list-keys` cursor this store did not make, or one that no longer applies (the
+    /// Redis Cluster node it was scanning is gone).
+    #[error("invalid list-keys cursor: {0}")]
+    BadCursor(String),
+}
+
+/// The most entries one `kv_range` call returns and the most keys one `kv_list_keys` page
+/// holds: what a guest may get from one call, whatever it asked for.
+pub const MAX_PAGE: usize = 1000;
+
+/// One page of [`Store::kv_list_keys`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyPage {
+    /// At most the limit asked for, sorted.
+    pub keys: Vec<String>,
+    /// Opaque: pass it back for the next page; `None` once every key has been listed.
+    pub cursor: Option<String>,
 }
 
 /// The store backend in use. Cheap to clone.
@@ -122,10 +139,20 @@ impl Store {
         }
     }
 
-    pub async fn kv_list_keys(&self, store: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
+    /// One page of at most `limit` (1..=[`MAX_PAGE`]) keys of `store` that start with
+    /// `prefix`, after `cursor` (`None`: from the start). The work per call is bounded: the
+    /// memory store walks its sorted map from the cursor, Redis runs a few `SCAN` steps.
+    pub async fn kv_list_keys(
+        &self,
+        store: &str,
+        prefix: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, StoreError> {
+        let limit = limit.clamp(1, MAX_PAGE);
         match self {
-            Store::Memory(m) => Ok(m.kv_list_keys(store, prefix)),
-            Store::Redis(r) => r.kv_list_keys(store, prefix).await,
+            Store::Memory(m) => Ok(m.kv_list_keys(store, prefix, cursor, limit)),
+            Store::Redis(r) => r.kv_list_keys(store, prefix, cursor, limit).await,
         }
     }
 
@@ -158,17 +185,20 @@ impl Store {
     }
 
     /// Items `start..=stop` of the list at `key`, newest first; negative indexes count from
-    /// the end (like Redis LRANGE).
+    /// the end (like Redis LRANGE). At most `max` (1..=[`MAX_PAGE`]) items, the first ones
+    /// of the range: the backend itself stops there, so a long list is never read whole.
     pub async fn kv_range(
         &self,
         store: &str,
         key: &str,
         start: i64,
         stop: i64,
+        max: usize,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let max = max.clamp(1, MAX_PAGE);
         match self {
-            Store::Memory(m) => m.kv_range(store, key, start, stop),
-            Store::Redis(r) => r.kv_range(store, key, start, stop).await,
+            Store::Memory(m) => m.kv_range(store, key, start, stop, max),
+            Store::Redis(r) => r.kv_range(store, key, start, stop, max).await,
         }
     }
 }

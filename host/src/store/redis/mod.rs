@@ -27,8 +27,8 @@ use redis::{AsyncCommands, RedisError, Script};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-pub use self::conn::{CLUSTER_SCHEME, Endpoint, RedisConn, redacted};
-use super::{Claim, OnlineEntry, StoreError};
+pub use self::conn::{CLUSTER_SCHEME, Endpoint, RedisConn, ScanPosition, redacted};
+use super::{Claim, KeyPage, OnlineEntry, StoreError};
 
 /// The key prefix used when none is configured (`--redis-prefix`).
 pub const DEFAULT_PREFIX: &str = "cim:";
@@ -37,6 +37,9 @@ pub const DEFAULT_PREFIX: &str = "cim:";
 pub(crate) const SCAN_COUNT: usize = 1000;
 /// Users asked per `HMGET` of the online hash.
 const LOOKUP_CHUNK: usize = 1000;
+/// `SCAN` steps one `list-keys` page may take before it returns what it has (perhaps
+/// nothing, with a cursor), so a sparse prefix on a large keyspace costs bounded work per call.
+const MAX_SCAN_STEPS: usize = 8;
 
 /// Every key and channel name the cluster uses, derived from one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +173,38 @@ return 1
 ",
     )
 });
+
+/// KEYS: the list. ARGV: start, stop (LRANGE indexes, maybe negative), max.
+/// `LRANGE` of at most `max` items from the resolved start. Lua numbers are doubles: the
+/// extremes of an i64 lose precision, but only in comparisons against the list's length,
+/// and only indexes within the list reach `LRANGE`.
+static BOUNDED_RANGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local len = redis.call('LLEN', KEYS[1])
+local s, e, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if s < 0 then s = len + s end
+if e < 0 then e = len + e end
+if s < 0 then s = 0 end
+if s >= len then return {} end
+if e > s + max - 1 then e = s + max - 1 end
+if e >= len then e = len - 1 end
+if e < s then return {} end
+return redis.call('LRANGE', KEYS[1], s, e)
+",
+    )
+});
+
+/// A `list-keys` cursor on Redis, as JSON (opaque to guests).
+#[derive(Debug, Serialize, Deserialize)]
+struct ListCursor {
+    /// Where `SCAN` goes on; `None` once it has been everywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next: Option<ScanPosition>,
+    /// Keys a step returned beyond the last page's room, listed first next time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pending: Vec<String>,
+}
 
 /// Maps a Redis error on `key` (the caller's key, not the Redis one) to a [`StoreError`].
 pub(crate) fn store_error(op: &str, key: &str, e: RedisError) -> StoreError {
@@ -361,12 +396,48 @@ impl RedisStore {
         self.conn.clone().del::<_, ()>(self.keys.kv(store, key)).await.map_err(|e| store_error("DEL", key, e))
     }
 
-    /// Keys of `store` that start with `prefix`, without the Redis prefix, sorted.
-    pub async fn kv_list_keys(&self, store: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
+    /// One page of at most `limit` keys of `store` that start with `prefix` (without the
+    /// Redis prefix, sorted within the page), from at most [`MAX_SCAN_STEPS`] `SCAN` steps
+    /// of about the room left on the page each.
+    ///
+    /// The cursor carries the `SCAN` position (and on a cluster, which primary it is on) and
+    /// the few keys a step returned beyond the page's room (`SCAN`'s `COUNT` is a hint), so
+    /// no key is skipped and a page never exceeds `limit`. `SCAN` itself may return a key
+    /// twice (while Redis resizes its table); a listing may then repeat it.
+    pub async fn kv_list_keys(
+        &self,
+        store: &str,
+        prefix: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, StoreError> {
+        let limit = limit.max(1);
         let base = self.keys.kv_store(store);
         let pattern = format!("{}*", glob_escape(&format!("{base}{prefix}")));
-        let keys = self.conn.scan(&pattern).await.map_err(|e| store_error("SCAN", prefix, e))?;
-        Ok(keys.into_iter().filter_map(|k| k.strip_prefix(&base).map(str::to_owned)).collect())
+        let mut at = match cursor {
+            None => ListCursor { next: Some(ScanPosition::default()), pending: Vec::new() },
+            Some(c) => serde_json::from_str(c).map_err(|e| StoreError::BadCursor(e.to_string()))?,
+        };
+        let take = at.pending.len().min(limit);
+        let mut keys: Vec<String> = at.pending.drain(..take).collect();
+        let mut steps = 0;
+        while keys.len() < limit && steps < MAX_SCAN_STEPS {
+            let Some(from) = at.next.take() else { break };
+            let (batch, next) = self.conn.scan_step(&pattern, &from, limit - keys.len()).await?;
+            at.next = next;
+            steps += 1;
+            for key in batch.into_iter().filter_map(|k| k.strip_prefix(&base).map(str::to_owned)) {
+                if keys.len() < limit { keys.push(key) } else { at.pending.push(key) }
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        let cursor = if at.next.is_none() && at.pending.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_string(&at).map_err(|e| StoreError::BadCursor(e.to_string()))?)
+        };
+        Ok(KeyPage { keys, cursor })
     }
 
     /// `LPUSH` then `LTRIM` to `max_len` (at least 1) in one transaction.
@@ -431,18 +502,36 @@ impl RedisStore {
         futures_util::future::try_join_all(appends).await.map(drop)
     }
 
+    /// At most `max` items from `start..=stop`: `LRANGE` with the stop clamped to
+    /// `start + max - 1`; when an index counts from the end, a script resolves it with
+    /// `LLEN` first (atomically, one round trip). Redis never sends more than `max` items.
     pub async fn kv_range(
         &self,
         store: &str,
         key: &str,
         start: i64,
         stop: i64,
+        max: usize,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
-        redis::cmd("LRANGE")
-            .arg(self.keys.kv(store, key))
+        let max = i64::try_from(max.max(1)).unwrap_or(i64::MAX);
+        let redis_key = self.keys.kv(store, key);
+        let mut conn = self.conn.clone();
+        if start >= 0 && stop >= 0 {
+            let stop = stop.min(start.saturating_add(max - 1));
+            return redis::cmd("LRANGE")
+                .arg(redis_key)
+                .arg(start)
+                .arg(stop)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| store_error("LRANGE", key, e));
+        }
+        BOUNDED_RANGE
+            .key(redis_key)
             .arg(start)
             .arg(stop)
-            .query_async(&mut self.conn.clone())
+            .arg(max)
+            .invoke_async(&mut conn)
             .await
             .map_err(|e| store_error("LRANGE", key, e))
     }
