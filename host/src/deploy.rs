@@ -19,7 +19,7 @@ use crate::cluster::{Bus, ClusterMessage};
 use crate::handlers::Event;
 use crate::manifest::Manifest;
 use crate::runtime::{Capabilities, LoadError, Loaded, Runtime};
-use crate::store::Store;
+use crate::store::{Quota, Store};
 
 /// The key-value store holding cluster-wide component versions (not granted to handlers).
 pub const SHARED_STORE: &str = "cim-components";
@@ -142,7 +142,10 @@ impl Deployments {
         persist().map_err(|source| DeployError::Persist { name: name.to_owned(), source })?;
         if let Some(shared) = &self.shared {
             let publish = async {
-                shared.store.kv_set(SHARED_STORE, &format!("wasm:{}", loaded.sha256), bytes.clone()).await?;
+                shared
+                    .store
+                    .kv_set(SHARED_STORE, &format!("wasm:{}", loaded.sha256), bytes.clone(), Quota::NONE)
+                    .await?;
                 let mut stack = self.shared_stack(shared, name).await?;
                 stack.push(loaded.sha256.clone());
                 self.set_shared_stack(shared, name, &stack).await
@@ -201,7 +204,10 @@ impl Deployments {
     async fn set_shared_stack(&self, shared: &Shared, name: &str, stack: &[String]) -> anyhow::Result<()> {
         let keep = self.runtime.config().history.max(1);
         let stack = &stack[stack.len().saturating_sub(keep)..];
-        shared.store.kv_set(SHARED_STORE, &format!("stack:{name}"), serde_json::to_vec(stack)?).await?;
+        shared
+            .store
+            .kv_set(SHARED_STORE, &format!("stack:{name}"), serde_json::to_vec(stack)?, Quota::NONE)
+            .await?;
         Ok(())
     }
 

@@ -18,6 +18,7 @@ use super::bindings::host_api::HostApi;
 use super::component::Loaded;
 use super::host_api::HostState;
 use crate::handlers::{Context, Event};
+use crate::store::Quota;
 
 /// How often the epoch advances; the granularity of deadlines and of guest yields.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -53,6 +54,10 @@ pub struct RuntimeConfig {
     pub worker_threads: usize,
     /// How many replaced versions of each component are kept for rollback.
     pub history: usize,
+    /// The most keys and bytes each key-value store may hold, checked on every guest write
+    /// (`set`, `append`, `append-many` get `too-large` past it). Exact on the memory store;
+    /// on Redis, counted by the hosts in `<prefix>kv-usage:<store>` (see `store::redis::kv`).
+    pub kv_quota: Quota,
 }
 
 impl Default for RuntimeConfig {
@@ -65,6 +70,7 @@ impl Default for RuntimeConfig {
             max_instances: 1000,
             worker_threads: 2,
             history: 5,
+            kv_quota: Quota::default(),
         }
     }
 }
@@ -158,7 +164,7 @@ impl WasmEngine {
     /// deadline. The epoch callback yields to the executor on every tick (so one long guest
     /// shares the worker threads) and traps once the deadline has passed.
     pub(crate) fn new_store(&self, loaded: &Loaded, ctx: Context) -> Store<HostState> {
-        let state = HostState::new(loaded, ctx, self.config.memory_cap);
+        let state = HostState::new(loaded, ctx, self.config.memory_cap, self.config.kv_quota);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         let deadline = self.config.deadline_for(loaded.event);

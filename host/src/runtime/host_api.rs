@@ -21,7 +21,7 @@ use super::bindings::host_api::cim::im::types::{User, UserId};
 use super::bindings::host_api::cim::im::{clock, presence, types, variables};
 use super::component::Loaded;
 use crate::handlers::{Context, Event};
-use crate::store::MAX_PAGE;
+use crate::store::{MAX_PAGE, Quota, StoreError};
 
 /// The largest key a guest may use, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -71,6 +71,8 @@ pub(crate) struct HostState {
     table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
     caps: Arc<Capabilities>,
+    /// The most each key-value store may hold ([`RuntimeConfig::kv_quota`](super::RuntimeConfig)).
+    quota: Quota,
     ctx: Context,
     component: Arc<str>,
     event: Event,
@@ -83,7 +85,7 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(loaded: &Loaded, ctx: Context, memory_cap: usize) -> HostState {
+    pub(crate) fn new(loaded: &Loaded, ctx: Context, memory_cap: usize, quota: Quota) -> HostState {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE_BYTES);
         // No preopened directories, no environment, no network: WASI is linked only because a
         // std guest imports it.
@@ -93,6 +95,7 @@ impl HostState {
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(memory_cap),
             caps: loaded.caps.clone(),
+            quota,
             ctx,
             component: loaded.name.clone(),
             event: loaded.event,
@@ -143,8 +146,11 @@ impl HostState {
     }
 }
 
-fn store_failure(e: crate::store::StoreError) -> KvError {
-    KvError::StoreFailure(e.to_string())
+fn store_failure(e: StoreError) -> KvError {
+    match e {
+        StoreError::OverQuota { .. } => KvError::TooLarge(e.to_string()),
+        _ => KvError::StoreFailure(e.to_string()),
+    }
 }
 
 impl WasiView for HostState {
@@ -197,7 +203,7 @@ impl key_value::Host for HostState {
         if let Err(e) = self.check_store(&store).and_then(|()| Self::check_value(&store, &key, &value)) {
             return Ok(Err(e));
         }
-        Ok(self.ctx.store().kv_set(&store, &key, value).await.map_err(store_failure))
+        Ok(self.ctx.store().kv_set(&store, &key, value, self.quota).await.map_err(store_failure))
     }
 
     async fn delete(&mut self, store: String, key: String) -> wasmtime::Result<Result<(), KvError>> {
@@ -233,7 +239,7 @@ impl key_value::Host for HostState {
             return Ok(Err(e));
         }
         let max_len = max_len.clamp(1, MAX_LIST_LEN) as usize;
-        Ok(self.ctx.store().kv_append(&store, &key, value, max_len).await.map_err(store_failure))
+        Ok(self.ctx.store().kv_append(&store, &key, value, max_len, self.quota).await.map_err(store_failure))
     }
 
     async fn append_many(
@@ -255,7 +261,7 @@ impl key_value::Host for HostState {
             return Ok(Err(e));
         }
         let max_len = max_len.clamp(1, MAX_LIST_LEN) as usize;
-        Ok(self.ctx.store().kv_append_many(&store, entries, max_len).await.map_err(store_failure))
+        Ok(self.ctx.store().kv_append_many(&store, entries, max_len, self.quota).await.map_err(store_failure))
     }
 
     async fn range(

@@ -9,7 +9,7 @@ use cim_proto::{MessageKind, User};
 
 use super::*;
 use crate::handlers::{Recipients, SendDecision};
-use crate::store::{MAX_PAGE, OnlineEntry, Store};
+use crate::store::{MAX_PAGE, OnlineEntry, Quota, Store};
 
 fn components_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../components")
@@ -302,7 +302,7 @@ async fn a_guest_gets_bounded_pages(store: Store) {
     let ctx = Context::new(store.clone());
     // Longer than a guest could make it (appends are capped at MAX_LIST_LEN).
     let entries = (0..20_000u32).map(|i| ("huge".to_owned(), i.to_be_bytes().to_vec())).collect();
-    store.kv_append_many("default", entries, 100_000).await.expect("fill the list");
+    store.kv_append_many("default", entries, 100_000, Quota::NONE).await.expect("fill the list");
     assert_eq!(probe(&rt, &ctx, "range huge 0 -1").await, "entries=1000");
     assert_eq!(probe(&rt, &ctx, "range huge 0 9223372036854775807").await, "entries=1000");
     assert_eq!(probe(&rt, &ctx, "range huge -1500 -1").await, "entries=1000");
@@ -311,7 +311,7 @@ async fn a_guest_gets_bounded_pages(store: Store) {
 
     let keys: Vec<String> = (0..2500).map(|i| format!("k:{i}")).collect();
     for chunk in keys.chunks(250) {
-        let sets = chunk.iter().map(|k| ctx.store().kv_set("default", k, Vec::new()));
+        let sets = chunk.iter().map(|k| ctx.store().kv_set("default", k, Vec::new(), Quota::NONE));
         futures_util::future::try_join_all(sets).await.expect("set keys");
     }
     for (limit, most) in [(1000, 1000), (5000, 1000), (300, 300)] {
@@ -335,6 +335,26 @@ async fn a_guest_gets_bounded_pages_from_redis() {
     let redis = crate::store::redis::test_support::TestRedis::new();
     a_guest_gets_bounded_pages(Store::Redis(Arc::new(redis.store().await))).await;
     redis.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_guest_past_the_store_quota_gets_too_large() {
+    let quota = Quota { max_keys: 2, max_bytes: 1000 };
+    let rt = Runtime::new(RuntimeConfig { kv_quota: quota, ..config() }).expect("runtime");
+    install(&rt, Event::Group, "kv_probe", caps(&["default"], &[])).await;
+    let ctx = Context::new(Store::memory());
+    assert_eq!(probe(&rt, &ctx, "set a 10").await, "ok");
+    assert_eq!(probe(&rt, &ctx, "set b 10").await, "ok");
+    assert_eq!(
+        probe(&rt, &ctx, "set c 10").await,
+        "error: too-large: key-value store `default` would go over its quota of 2 keys"
+    );
+    assert_eq!(
+        probe(&rt, &ctx, "set b 990").await,
+        "error: too-large: key-value store `default` would go over its quota of 1000 bytes"
+    );
+    assert_eq!(probe(&rt, &ctx, "set b 900").await, "ok");
+    assert_eq!(ctx.store().kv_usage("default").await.expect("usage"), (2, 912));
 }
 
 #[tokio::test]

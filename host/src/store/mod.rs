@@ -39,6 +39,46 @@ pub enum StoreError {
     /// Redis Cluster node it was scanning is gone).
     #[error("invalid list-keys cursor: {0}")]
     BadCursor(String),
+    /// The write would take the store over its [`Quota`]; nothing was written.
+    #[error("key-value store `{store}` would go over its quota of {limit}")]
+    OverQuota { store: String, limit: String },
+}
+
+/// The most one key-value store may hold, checked on every guest write (`set`, `append`,
+/// `append-many`). A store's size is its number of keys and its bytes: each key's length
+/// plus its value's (a list's: the sum of its entries). A write that would take either over
+/// the quota is refused whole, unless it does not grow that measure (so a store over a
+/// lowered quota can still be overwritten and shrunk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub max_keys: u64,
+    pub max_bytes: u64,
+}
+
+impl Quota {
+    /// No limit: the host's own writes (pushed components, built-in history).
+    pub const NONE: Quota = Quota { max_keys: u64::MAX, max_bytes: u64::MAX };
+
+    /// Why `usage` moved by `(keys, bytes)` breaks this quota, if it does.
+    pub(crate) fn check(&self, store: &str, usage: (u64, u64), growth: (i64, i64)) -> Result<(), StoreError> {
+        let over =
+            |used: u64, delta: i64, max: u64| delta > 0 && used.saturating_add(delta.unsigned_abs()) > max;
+        let limit = if over(usage.0, growth.0, self.max_keys) {
+            format!("{} keys", self.max_keys)
+        } else if over(usage.1, growth.1, self.max_bytes) {
+            format!("{} bytes", self.max_bytes)
+        } else {
+            return Ok(());
+        };
+        Err(StoreError::OverQuota { store: store.to_owned(), limit })
+    }
+}
+
+impl Default for Quota {
+    /// 100,000 keys and 64 MiB per store.
+    fn default() -> Self {
+        Quota { max_keys: 100_000, max_bytes: 64 << 20 }
+    }
 }
 
 /// The most entries one `kv_range` call returns and the most keys one `kv_list_keys` page
@@ -119,13 +159,17 @@ impl Store {
         }
     }
 
-    pub async fn kv_set(&self, store: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+    /// Stores `value` under `key` unless that would take `store` over `quota`.
+    pub async fn kv_set(
+        &self,
+        store: &str,
+        key: &str,
+        value: Vec<u8>,
+        quota: Quota,
+    ) -> Result<(), StoreError> {
         match self {
-            Store::Memory(m) => {
-                m.kv_set(store, key, value);
-                Ok(())
-            }
-            Store::Redis(r) => r.kv_set(store, key, value).await,
+            Store::Memory(m) => m.kv_set(store, key, value, quota),
+            Store::Redis(r) => r.kv_set(store, key, value, quota).await,
         }
     }
 
@@ -156,31 +200,44 @@ impl Store {
         }
     }
 
-    /// Pushes `value` at the head of the list at `key`, keeping at most `max_len` items.
+    /// Pushes `value` at the head of the list at `key`, keeping at most `max_len` items,
+    /// unless that would take `store` over `quota`.
     pub async fn kv_append(
         &self,
         store: &str,
         key: &str,
         value: Vec<u8>,
         max_len: usize,
+        quota: Quota,
     ) -> Result<(), StoreError> {
         match self {
-            Store::Memory(m) => m.kv_append(store, key, value, max_len),
-            Store::Redis(r) => r.kv_append(store, key, value, max_len).await,
+            Store::Memory(m) => m.kv_append(store, key, value, max_len, quota),
+            Store::Redis(r) => r.kv_append(store, key, value, max_len, quota).await,
         }
     }
 
     /// Appends every `(key, value)` in order, as [`Store::kv_append`] would one after another;
-    /// one round trip on Redis. Atomic per key, not across keys.
+    /// one round trip on Redis (plus the quota's). Atomic per key, not across keys; a call
+    /// that would take `store` over `quota` writes nothing.
     pub async fn kv_append_many(
         &self,
         store: &str,
         entries: Vec<(String, Vec<u8>)>,
         max_len: usize,
+        quota: Quota,
     ) -> Result<(), StoreError> {
         match self {
-            Store::Memory(m) => m.kv_append_many(store, entries, max_len),
-            Store::Redis(r) => r.kv_append_many(store, entries, max_len).await,
+            Store::Memory(m) => m.kv_append_many(store, entries, max_len, quota),
+            Store::Redis(r) => r.kv_append_many(store, entries, max_len, quota).await,
+        }
+    }
+
+    /// How many keys and bytes `store` holds, as its quota counts them (exact in memory;
+    /// the host's counters on Redis, see [`RedisStore::kv_usage`]).
+    pub async fn kv_usage(&self, store: &str) -> Result<(u64, u64), StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.kv_usage(store)),
+            Store::Redis(r) => r.kv_usage(store).await,
         }
     }
 

@@ -13,12 +13,14 @@
 //! | `{cim:presence}:node:<node>` | string, TTL | the node's registry entry (JSON `NodeInfo`) |
 //! | `{cim:presence}:nodes` | set | node ids that have registered |
 //! | `cim:kv:<store>:<key>` | string or list | handler key-value data |
+//! | `cim:kv-usage:<store>` | hash | `keys`, `bytes`: the store's size as its quota counts it |
 //!
 //! Every presence and registry key carries the same hash tag, so in Redis Cluster they live
 //! in one slot and a Lua script may change several of them atomically (claim, release, reap
 //! a dead node). Key-value keys carry no tag and spread over the cluster.
 
 mod conn;
+mod kv;
 
 use std::sync::LazyLock;
 
@@ -28,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub use self::conn::{CLUSTER_SCHEME, Endpoint, RedisConn, ScanPosition, redacted};
-use super::{Claim, KeyPage, OnlineEntry, StoreError};
+use super::{Claim, OnlineEntry, StoreError};
 
 /// The key prefix used when none is configured (`--redis-prefix`).
 pub const DEFAULT_PREFIX: &str = "cim:";
@@ -37,9 +39,6 @@ pub const DEFAULT_PREFIX: &str = "cim:";
 pub(crate) const SCAN_COUNT: usize = 1000;
 /// Users asked per `HMGET` of the online hash.
 const LOOKUP_CHUNK: usize = 1000;
-/// `SCAN` steps one `list-keys` page may take before it returns what it has (perhaps
-/// nothing, with a cursor), so a sparse prefix on a large keyspace costs bounded work per call.
-const MAX_SCAN_STEPS: usize = 8;
 
 /// Every key and channel name the cluster uses, derived from one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,11 +93,15 @@ impl RedisKeys {
         format!("{}{key}", self.kv_store(store))
     }
 
+    /// Hash: the size of the handler store `store` (`keys`, `bytes`), kept by the hosts.
+    pub fn kv_usage(&self, store: &str) -> String {
+        format!("{}kv-usage:{}", self.prefix, encode_store(store))
+    }
+
     /// The prefix of every key of the handler store `store`. `:` and `%` in the store name
     /// are percent-encoded so that store `a:b` never sees the keys of store `a`.
     pub fn kv_store(&self, store: &str) -> String {
-        let store = store.replace('%', "%25").replace(':', "%3A");
-        format!("{}kv:{store}:", self.prefix)
+        format!("{}kv:{}:", self.prefix, encode_store(store))
     }
 
     /// Pub/sub channel on which `node_id` receives messages for its users.
@@ -110,6 +113,11 @@ impl RedisKeys {
     pub fn cluster_channel(&self) -> String {
         format!("{}cluster", self.prefix)
     }
+}
+
+/// `:` and `%` of a store name percent-encoded.
+fn encode_store(store: &str) -> String {
+    store.replace('%', "%25").replace(':', "%3A")
 }
 
 /// An online entry as stored in the `online` hash. `conn_id` is a string so that the Lua
@@ -173,38 +181,6 @@ return 1
 ",
     )
 });
-
-/// KEYS: the list. ARGV: start, stop (LRANGE indexes, maybe negative), max.
-/// `LRANGE` of at most `max` items from the resolved start. Lua numbers are doubles: the
-/// extremes of an i64 lose precision, but only in comparisons against the list's length,
-/// and only indexes within the list reach `LRANGE`.
-static BOUNDED_RANGE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local len = redis.call('LLEN', KEYS[1])
-local s, e, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-if s < 0 then s = len + s end
-if e < 0 then e = len + e end
-if s < 0 then s = 0 end
-if s >= len then return {} end
-if e > s + max - 1 then e = s + max - 1 end
-if e >= len then e = len - 1 end
-if e < s then return {} end
-return redis.call('LRANGE', KEYS[1], s, e)
-",
-    )
-});
-
-/// A `list-keys` cursor on Redis, as JSON (opaque to guests).
-#[derive(Debug, Serialize, Deserialize)]
-struct ListCursor {
-    /// Where `SCAN` goes on; `None` once it has been everywhere.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    next: Option<ScanPosition>,
-    /// Keys a step returned beyond the last page's room, listed first next time.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pending: Vec<String>,
-}
 
 /// Maps a Redis error on `key` (the caller's key, not the Redis one) to a [`StoreError`].
 pub(crate) fn store_error(op: &str, key: &str, e: RedisError) -> StoreError {
@@ -378,162 +354,6 @@ impl RedisStore {
             .scard(&key)
             .await
             .map_err(|e| StoreError::Unavailable(format!("redis SCARD {key}: {e}")))
-    }
-
-    pub async fn kv_get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.conn.clone().get(self.keys.kv(store, key)).await.map_err(|e| store_error("GET", key, e))
-    }
-
-    pub async fn kv_set(&self, store: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        self.conn
-            .clone()
-            .set::<_, _, ()>(self.keys.kv(store, key), value)
-            .await
-            .map_err(|e| store_error("SET", key, e))
-    }
-
-    pub async fn kv_delete(&self, store: &str, key: &str) -> Result<(), StoreError> {
-        self.conn.clone().del::<_, ()>(self.keys.kv(store, key)).await.map_err(|e| store_error("DEL", key, e))
-    }
-
-    /// One page of at most `limit` keys of `store` that start with `prefix` (without the
-    /// Redis prefix, sorted within the page), from at most [`MAX_SCAN_STEPS`] `SCAN` steps
-    /// of about the room left on the page each.
-    ///
-    /// The cursor carries the `SCAN` position (and on a cluster, which primary it is on) and
-    /// the few keys a step returned beyond the page's room (`SCAN`'s `COUNT` is a hint), so
-    /// no key is skipped and a page never exceeds `limit`. `SCAN` itself may return a key
-    /// twice (while Redis resizes its table); a listing may then repeat it.
-    pub async fn kv_list_keys(
-        &self,
-        store: &str,
-        prefix: &str,
-        cursor: Option<&str>,
-        limit: usize,
-    ) -> Result<KeyPage, StoreError> {
-        let limit = limit.max(1);
-        let base = self.keys.kv_store(store);
-        let pattern = format!("{}*", glob_escape(&format!("{base}{prefix}")));
-        let mut at = match cursor {
-            None => ListCursor { next: Some(ScanPosition::default()), pending: Vec::new() },
-            Some(c) => serde_json::from_str(c).map_err(|e| StoreError::BadCursor(e.to_string()))?,
-        };
-        let take = at.pending.len().min(limit);
-        let mut keys: Vec<String> = at.pending.drain(..take).collect();
-        let mut steps = 0;
-        while keys.len() < limit && steps < MAX_SCAN_STEPS {
-            let Some(from) = at.next.take() else { break };
-            let (batch, next) = self.conn.scan_step(&pattern, &from, limit - keys.len()).await?;
-            at.next = next;
-            steps += 1;
-            for key in batch.into_iter().filter_map(|k| k.strip_prefix(&base).map(str::to_owned)) {
-                if keys.len() < limit { keys.push(key) } else { at.pending.push(key) }
-            }
-        }
-        keys.sort_unstable();
-        keys.dedup();
-        let cursor = if at.next.is_none() && at.pending.is_empty() {
-            None
-        } else {
-            Some(serde_json::to_string(&at).map_err(|e| StoreError::BadCursor(e.to_string()))?)
-        };
-        Ok(KeyPage { keys, cursor })
-    }
-
-    /// `LPUSH` then `LTRIM` to `max_len` (at least 1) in one transaction.
-    pub async fn kv_append(
-        &self,
-        store: &str,
-        key: &str,
-        value: Vec<u8>,
-        max_len: usize,
-    ) -> Result<(), StoreError> {
-        let redis_key = self.keys.kv(store, key);
-        let last = isize::try_from(max_len.max(1) - 1).unwrap_or(isize::MAX);
-        redis::pipe()
-            .atomic()
-            .lpush(&redis_key, value)
-            .ignore()
-            .ltrim(&redis_key, 0, last)
-            .ignore()
-            .exec_async(&mut self.conn.clone())
-            .await
-            .map_err(|e| store_error("LPUSH", key, e))
-    }
-
-    /// Appends every `(key, value)` in order: per key, one `LPUSH key v1 v2 ...` (the last
-    /// value ends up at the head) and `LTRIM` in one transaction; the keys' transactions go
-    /// out together on the multiplexed connection, so the whole batch costs about one round
-    /// trip. Keys may live on different shards of a Redis Cluster.
-    pub async fn kv_append_many(
-        &self,
-        store: &str,
-        entries: Vec<(String, Vec<u8>)>,
-        max_len: usize,
-    ) -> Result<(), StoreError> {
-        // Values grouped by key, keys in first-seen order.
-        let mut by_key: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
-        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-        for (key, value) in entries {
-            match index.get(&key) {
-                Some(&i) => by_key[i].1.push(value),
-                None => {
-                    index.insert(key.clone(), by_key.len());
-                    by_key.push((key, vec![value]));
-                }
-            }
-        }
-        let last = isize::try_from(max_len.max(1) - 1).unwrap_or(isize::MAX);
-        let appends = by_key.into_iter().map(|(key, values)| {
-            let redis_key = self.keys.kv(store, &key);
-            let mut conn = self.conn.clone();
-            async move {
-                redis::pipe()
-                    .atomic()
-                    .lpush(&redis_key, values)
-                    .ignore()
-                    .ltrim(&redis_key, 0, last)
-                    .ignore()
-                    .exec_async(&mut conn)
-                    .await
-                    .map_err(|e| store_error("LPUSH", &key, e))
-            }
-        });
-        futures_util::future::try_join_all(appends).await.map(drop)
-    }
-
-    /// At most `max` items from `start..=stop`: `LRANGE` with the stop clamped to
-    /// `start + max - 1`; when an index counts from the end, a script resolves it with
-    /// `LLEN` first (atomically, one round trip). Redis never sends more than `max` items.
-    pub async fn kv_range(
-        &self,
-        store: &str,
-        key: &str,
-        start: i64,
-        stop: i64,
-        max: usize,
-    ) -> Result<Vec<Vec<u8>>, StoreError> {
-        let max = i64::try_from(max.max(1)).unwrap_or(i64::MAX);
-        let redis_key = self.keys.kv(store, key);
-        let mut conn = self.conn.clone();
-        if start >= 0 && stop >= 0 {
-            let stop = stop.min(start.saturating_add(max - 1));
-            return redis::cmd("LRANGE")
-                .arg(redis_key)
-                .arg(start)
-                .arg(stop)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| store_error("LRANGE", key, e));
-        }
-        BOUNDED_RANGE
-            .key(redis_key)
-            .arg(start)
-            .arg(stop)
-            .arg(max)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| store_error("LRANGE", key, e))
     }
 }
 
