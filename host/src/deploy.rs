@@ -21,7 +21,9 @@ use crate::manifest::Manifest;
 use crate::runtime::{Capabilities, LoadError, Loaded, Runtime};
 use crate::store::{Quota, Store};
 
-/// The key-value store holding cluster-wide component versions (not granted to handlers).
+/// The key-value store holding cluster-wide component versions. Its name is in the host's
+/// reserved `cim-` namespace ([`crate::store::RESERVED_STORE_PREFIX`]): no manifest may grant it
+/// and no guest may touch it, so a component cannot read or replace pushed versions.
 pub const SHARED_STORE: &str = "cim-components";
 
 /// Where a cluster keeps its component versions.

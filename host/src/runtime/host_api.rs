@@ -114,6 +114,13 @@ impl HostState {
     }
 
     fn check_store(&self, store: &str) -> Result<(), KvError> {
+        if crate::store::is_reserved_store(store) {
+            return Err(KvError::AccessDenied(format!(
+                "key-value store `{store}` is reserved for the host (names beginning `{}` are); component `{}` may not use it",
+                crate::store::RESERVED_STORE_PREFIX,
+                self.component
+            )));
+        }
         if self.caps.key_value_stores.iter().any(|s| s == store) {
             Ok(())
         } else {

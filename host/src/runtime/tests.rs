@@ -338,6 +338,22 @@ async fn a_guest_gets_bounded_pages_from_redis() {
 }
 
 #[tokio::test]
+async fn a_reserved_store_is_denied_even_if_granted() {
+    let rt = runtime();
+    // A manifest cannot grant it (refused at load); capabilities built by hand still do not.
+    install(&rt, Event::Group, "kv_probe", caps(&["default", "cim-components"], &[])).await;
+    let ctx = Context::new(Store::memory());
+    ctx.store().kv_set("cim-components", "k", vec![1], Quota::NONE).await.expect("the host's own write");
+    for command in ["@cim-components range k 0 -1", "@cim-components set k 1", "@cim-x list k 10"] {
+        let answer = probe(&rt, &ctx, command).await;
+        assert!(answer.starts_with("error: access-denied: key-value store `cim-"), "{command}: {answer}");
+        assert!(answer.contains("is reserved for the host"), "{answer}");
+    }
+    assert_eq!(probe(&rt, &ctx, "@default set k 1").await, "ok");
+    assert_eq!(ctx.store().kv_get("cim-components", "k").await.expect("get"), Some(vec![1]), "unchanged");
+}
+
+#[tokio::test]
 async fn a_guest_past_the_store_quota_gets_too_large() {
     let quota = Quota { max_keys: 2, max_bytes: 1000 };
     let rt = Runtime::new(RuntimeConfig { kv_quota: quota, ..config() }).expect("runtime");

@@ -81,6 +81,15 @@ impl Default for Quota {
     }
 }
 
+/// Key-value stores whose names begin with this belong to the host (pushed components live
+/// in `cim-components`): a manifest may not grant one, and a guest asking for one is denied.
+pub const RESERVED_STORE_PREFIX: &str = "cim-";
+
+/// Whether `store` is one of the host's own (see [`RESERVED_STORE_PREFIX`]).
+pub fn is_reserved_store(store: &str) -> bool {
+    store.starts_with(RESERVED_STORE_PREFIX)
+}
+
 /// The most entries one `kv_range` call returns and the most keys one `kv_list_keys` page
 /// holds: what a guest may get from one call, whatever it asked for.
 pub const MAX_PAGE: usize = 1000;
