@@ -6,12 +6,17 @@
 //! In a cluster the stack and the `.wasm` bytes also live in Redis (key-value store
 //! [`SHARED_STORE`]) and every push or rollback is announced on the cluster channel, so
 //! every node follows it ([`Deployments::sync`]); Redis is then the source of truth.
+//!
+//! Bytes read back (from disk at a restart, from the shared store when following the
+//! cluster) are named by their sha256 and checked against it before they are compiled: a
+//! mismatch ([`Corrupt`]) is logged and refused, and the version running stays.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
@@ -54,6 +59,35 @@ pub enum DeployError {
     NothingToRollBack(String),
     #[error("could not persist component `{name}`: {source:#}")]
     Persist { name: String, source: anyhow::Error },
+}
+
+/// Stored component bytes whose sha256 is not the one they were stored under (a corrupt
+/// disk, a tampered store): never compiled.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "version {expected} of `{component}` read from {from} has sha256 {actual}: corrupt or tampered, not loaded"
+)]
+pub struct Corrupt {
+    pub component: String,
+    pub expected: String,
+    pub actual: String,
+    pub from: String,
+}
+
+/// `wasm` if its sha256 is `expected`, else [`Corrupt`] (logged here, with what stays).
+fn verified(component: &str, expected: &str, from: &str, wasm: Vec<u8>) -> Result<Vec<u8>, Corrupt> {
+    let actual = hex::encode(Sha256::digest(&wasm));
+    if actual.eq_ignore_ascii_case(expected) {
+        return Ok(wasm);
+    }
+    let e = Corrupt {
+        component: component.to_owned(),
+        expected: expected.to_owned(),
+        actual,
+        from: from.to_owned(),
+    };
+    warn!(component, error = %e, "stored component bytes refused; the running version stays");
+    Err(e)
 }
 
 /// Pushes and rollbacks of components, applied to the runtime and persisted.
@@ -237,7 +271,7 @@ impl Deployments {
                     shared.store.kv_get(SHARED_STORE, &format!("wasm:{sha}")).await?.with_context(|| {
                         format!("version {sha} of `{name}` is missing from the shared store")
                     })?;
-                (wasm, "upload".to_owned())
+                (verified(name, sha, "the shared store", wasm)?, "upload".to_owned())
             }
             _ => {
                 let spec =
@@ -286,7 +320,12 @@ impl Deployments {
     pub async fn restore(&self) -> anyhow::Result<()> {
         if self.shared.is_some() {
             for name in self.manifest.triggers.values() {
-                self.sync(name).await.with_context(|| format!("syncing `{name}` with the cluster"))?;
+                match self.sync(name).await {
+                    Ok(()) => {}
+                    // Logged by `verified`; the manifest's version serves meanwhile.
+                    Err(e) if e.downcast_ref::<Corrupt>().is_some() => {}
+                    Err(e) => return Err(e.context(format!("syncing `{name}` with the cluster"))),
+                }
             }
             return Ok(());
         }
@@ -302,6 +341,8 @@ impl Deployments {
                         continue;
                     }
                 };
+                // Logged by `verified`; the version before it stays active.
+                let Ok(wasm) = verified(name, sha, &path.display().to_string(), wasm) else { continue };
                 let loaded = self
                     .runtime
                     .load(event, name, wasm, caps.clone(), "upload")
@@ -314,5 +355,26 @@ impl Deployments {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_must_match_the_sha256_they_are_stored_under() {
+        let sha = hex::encode(Sha256::digest(b"wasm"));
+        assert_eq!(verified("c", &sha, "disk", b"wasm".to_vec()).unwrap(), b"wasm");
+        assert!(verified("c", &sha.to_uppercase(), "disk", b"wasm".to_vec()).is_ok());
+        let e = verified("c", &sha, "the shared store", b"wasm!".to_vec()).unwrap_err();
+        assert_eq!(e.expected, sha);
+        let shown = e.to_string();
+        assert!(
+            shown.contains("`c`") && shown.contains("the shared store") && shown.contains("not loaded"),
+            "{shown}"
+        );
+        let wrapped = anyhow::Error::from(e).context("syncing");
+        assert!(wrapped.downcast_ref::<Corrupt>().is_some(), "restore tells it from other failures");
     }
 }
