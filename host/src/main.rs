@@ -11,6 +11,7 @@ use cim_host::auth::{Auth, Secret, Verifier, token};
 use cim_host::cluster::{Cluster, Strategy};
 use cim_host::deploy::{Deployments, Shared};
 use cim_host::handlers::Backend;
+use cim_host::limits::Rate;
 use cim_host::manifest::Manifest;
 use cim_host::node::Services;
 use cim_host::runtime::{Runtime, RuntimeConfig};
@@ -194,6 +195,11 @@ struct UpArgs {
     /// entries); counted like --kv-max-keys.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     kv_max_mib: u64,
+    /// Log lines each handler component may write: `RATE` per second or `RATE:BURST`; `0`
+    /// turns the limit off. Lines over it are dropped, and the next line written is preceded
+    /// by one saying how many were.
+    #[arg(long, default_value = "100:200")]
+    handler_log_rate: Rate,
     /// Use the built-in native handlers instead of the manifest's components (for comparisons).
     #[arg(long)]
     builtin_handlers: bool,
@@ -381,6 +387,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             callback_deadline: Duration::from_millis(args.callback_deadline_ms),
             memory_cap: usize::try_from(args.handler_memory_mib << 20).unwrap_or(usize::MAX),
             kv_quota: Quota { max_keys: args.kv_max_keys, max_bytes: args.kv_max_mib << 20 },
+            log_rate: args.handler_log_rate,
             ..RuntimeConfig::with_data_dir(&args.data_dir)
         })?);
         runtime.install_manifest(&manifest).await.with_context(|| {

@@ -20,6 +20,7 @@ use super::bindings::host_api::cim::im::log::{self, Level};
 use super::bindings::host_api::cim::im::types::{User, UserId};
 use super::bindings::host_api::cim::im::{clock, presence, types, variables};
 use super::component::Loaded;
+use super::log_limit::{Admit, LogLimiter};
 use crate::handlers::{Context, Event};
 use crate::store::{MAX_PAGE, Quota, StoreError};
 
@@ -73,6 +74,8 @@ pub(crate) struct HostState {
     caps: Arc<Capabilities>,
     /// The most each key-value store may hold ([`RuntimeConfig::kv_quota`](super::RuntimeConfig)).
     quota: Quota,
+    /// The runtime's per-component log buckets.
+    log_limiter: Arc<LogLimiter>,
     ctx: Context,
     component: Arc<str>,
     event: Event,
@@ -85,7 +88,13 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(loaded: &Loaded, ctx: Context, memory_cap: usize, quota: Quota) -> HostState {
+    pub(crate) fn new(
+        loaded: &Loaded,
+        ctx: Context,
+        memory_cap: usize,
+        quota: Quota,
+        log_limiter: Arc<LogLimiter>,
+    ) -> HostState {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE_BYTES);
         // No preopened directories, no environment, no network: WASI is linked only because a
         // std guest imports it.
@@ -96,6 +105,7 @@ impl HostState {
             limiter: MemoryLimiter::new(memory_cap),
             caps: loaded.caps.clone(),
             quota,
+            log_limiter,
             ctx,
             component: loaded.name.clone(),
             event: loaded.event,
@@ -309,9 +319,21 @@ impl variables::Host for HostState {
 
 impl log::Host for HostState {
     async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        let dropped = match self.log_limiter.admit(&self.component) {
+            Admit::Drop => return Ok(()),
+            Admit::Write { dropped } => dropped,
+        };
         let message = truncate(&message, MAX_LOG_BYTES);
         let component = &*self.component;
         let event = self.event.as_str();
+        if dropped > 0 {
+            tracing::warn!(
+                component,
+                event,
+                dropped,
+                "{dropped} log lines of the component dropped (over its log rate limit)"
+            );
+        }
         match level {
             Level::Trace => tracing::trace!(component, event, "{message}"),
             Level::Debug => tracing::debug!(component, event, "{message}"),

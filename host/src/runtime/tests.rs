@@ -354,6 +354,24 @@ async fn a_reserved_store_is_denied_even_if_granted() {
 }
 
 #[tokio::test]
+async fn a_guest_logging_in_a_loop_is_rate_limited() {
+    let rt = Runtime::new(RuntimeConfig { log_rate: crate::limits::Rate::new(10, 10), ..config() })
+        .expect("runtime");
+    let loaded = install(&rt, Event::Group, "kv_probe", Capabilities::default()).await;
+    let ctx = Context::new(Store::memory());
+    assert_eq!(probe(&rt, &ctx, "log 1000").await, "ok");
+    // 10 lines written (the burst), the rest counted: the next line let through says so.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let dropped = loop {
+        match rt.engine.log_limiter.admit(&loaded.name) {
+            log_limit::Admit::Write { dropped } => break dropped,
+            log_limit::Admit::Drop => assert!(Instant::now() < deadline, "the bucket never refilled"),
+        }
+    };
+    assert!(dropped >= 900, "{dropped} dropped");
+}
+
+#[tokio::test]
 async fn a_guest_past_the_store_quota_gets_too_large() {
     let quota = Quota { max_keys: 2, max_bytes: 1000 };
     let rt = Runtime::new(RuntimeConfig { kv_quota: quota, ..config() }).expect("runtime");
