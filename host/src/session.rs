@@ -9,14 +9,14 @@ use cim_proto::{Body, CodecError, Encoded, ErrorCode, Frame, FrameError, Message
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::handlers::{GroupDecision, HandlerError, Message, PrivateRequest, SendDecision};
+use crate::limits::Action;
 use crate::metrics::Metrics;
-use crate::router::{Closer, LocalConn, RouteError, Router, Turn};
+use crate::router::{Closer, LocalConn, Outbox, OutboxRx, RouteError, Router, Turn};
 
 /// What a transport yields: a frame, a frame that could not be decoded (the connection can
 /// go on), or a fatal stream error.
@@ -61,7 +61,7 @@ pub async fn run<St, Si>(
 {
     let conn_id = router.next_conn_id();
     let span = info_span!("session", conn = conn_id, %peer, user = tracing::field::Empty);
-    run_inner(router, stream, sink, conn_id, shutdown).instrument(span).await;
+    run_inner(router, stream, sink, conn_id, peer, shutdown).instrument(span).await;
 }
 
 async fn run_inner<St, Si>(
@@ -69,6 +69,7 @@ async fn run_inner<St, Si>(
     mut stream: St,
     mut sink: Si,
     conn_id: u64,
+    peer: SocketAddr,
     shutdown: CancellationToken,
 ) where
     St: Stream<Item = Inbound> + Unpin + Send,
@@ -99,6 +100,17 @@ async fn run_inner<St, Si>(
             return refuse(&mut sink, 0, ErrorCode::NotLoggedIn, msg).await;
         }
     };
+    // Logins are limited per address before anything costly (token check, handler) runs.
+    if let Err(limited) = config.rate_limits.check(Action::Login, None, Some(peer.ip())) {
+        Metrics::inc(&router.metrics.rate_limited_total);
+        let frame = Frame::rate_limited(request_id, limited.retry_after_ms(), limited.to_string());
+        let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+            sink.send(Encoded::from(frame)).await?;
+            sink.close().await
+        })
+        .await;
+        return;
+    }
     // The token is checked before any handler runs; its `sub` is the user and its `name`,
     // when present, the display name.
     let verified = match config.auth.login(&token, user_id) {
@@ -116,7 +128,7 @@ async fn run_inner<St, Si>(
     let expiry = verified.as_ref().map(|v| Expiry::new(v.expires_at_ms, &config));
     tracing::Span::current().record("user", user.id);
 
-    let (tx, rx) = mpsc::channel(config.outbound_queue);
+    let (tx, rx) = Outbox::new(config.outbound_queue, config.outbound_queue_bytes);
     let closer = Closer::child_of(&shutdown);
     let conn = LocalConn { conn_id, user: user.clone(), tx: tx.clone(), closer: closer.clone() };
     // The ack goes into the queue before the user is reachable, so it is the first frame the
@@ -138,8 +150,11 @@ async fn run_inner<St, Si>(
     }
     info!(name = %user.name, "logged in");
 
-    let writer = tokio::spawn(write_loop(sink, rx, closer.clone()).in_current_span());
-    let mut session = Session { router: router.clone(), user, tx, closer: closer.clone(), expiry };
+    let writer = tokio::spawn(
+        write_loop(sink, rx, closer.clone(), config.write_timeout, router.clone()).in_current_span(),
+    );
+    let mut session =
+        Session { router: router.clone(), user, tx, closer: closer.clone(), expiry, ip: peer.ip() };
     let end = session.read_loop(&mut stream, config.idle_timeout()).await;
     router.logout(session.user.id, conn_id).await;
     info!(reason = %end, "logged out");
@@ -190,11 +205,18 @@ fn fatal_code(e: &CodecError) -> ErrorCode {
 }
 
 /// Sends queued frames until the queue closes or the connection is closed; on close,
-/// flushes what is already queued (a last error or kick) first.
-async fn write_loop<Si>(mut sink: Si, mut rx: mpsc::Receiver<Encoded>, closer: Closer)
-where
+/// flushes what is already queued (a last error or kick) first. A write that makes no
+/// progress for `write_timeout` (the client stopped reading) closes the connection.
+async fn write_loop<Si>(
+    mut sink: Si,
+    mut rx: OutboxRx,
+    closer: Closer,
+    write_timeout: Duration,
+    router: Arc<Router>,
+) where
     Si: Sink<Encoded, Error = CodecError> + Unpin,
 {
+    let metrics = &router.metrics;
     let result: Result<(), CodecError> = async {
         loop {
             tokio::select! {
@@ -202,25 +224,41 @@ where
                 biased;
                 _ = closer.cancelled() => {
                     let reason = closer.reason();
-                    if reason.is_none_or(|r| r.drain) {
-                        while let Ok(frame) = rx.try_recv() {
-                            sink.feed(frame).await?;
+                    let last = async {
+                        if reason.is_none_or(|r| r.drain) {
+                            while let Some(frame) = rx.try_recv() {
+                                sink.feed(frame).await?;
+                            }
                         }
-                    }
-                    if let Some(r) = reason {
-                        sink.feed(r.frame.clone()).await?;
+                        if let Some(r) = reason {
+                            sink.feed(r.frame.clone()).await?;
+                        }
+                        Ok::<_, CodecError>(())
+                    };
+                    if tokio::time::timeout(write_timeout.min(CLOSE_FLUSH), last).await.is_err() {
+                        return Ok(());
                     }
                     break;
                 }
                 frame = rx.recv() => {
                     let Some(frame) = frame else { break };
-                    sink.feed(frame).await?;
-                    // Batch whatever else is ready into one flush.
-                    while !closer.is_cancelled() {
-                        let Ok(frame) = rx.try_recv() else { break };
+                    let batch = async {
                         sink.feed(frame).await?;
+                        // Batch whatever else is ready into one flush.
+                        while !closer.is_cancelled() {
+                            let Some(frame) = rx.try_recv() else { break };
+                            sink.feed(frame).await?;
+                        }
+                        sink.flush().await
+                    };
+                    match tokio::time::timeout(write_timeout, batch).await {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            warn!(timeout = ?write_timeout, "write timed out: the client is not reading; closing");
+                            Metrics::inc(&metrics.write_timeouts_total);
+                            return Ok(());
+                        }
                     }
-                    sink.flush().await?;
                 }
             }
         }
@@ -238,10 +276,12 @@ where
 struct Session {
     router: Arc<Router>,
     user: User,
-    tx: mpsc::Sender<Encoded>,
+    tx: Outbox,
     closer: Closer,
     /// When the connection's token runs out; `None` in development mode (no tokens).
     expiry: Option<Expiry>,
+    /// The client's address, for per-address rate limits.
+    ip: std::net::IpAddr,
 }
 
 /// When a connection's token expires.
@@ -362,6 +402,19 @@ impl Session {
         in_flight: &mut FuturesOrdered<BoxFuture<'static, Decided>>,
     ) -> Option<Frame> {
         let id = frame.request_id;
+        let action = match &frame.body {
+            Body::PrivateSend { .. } | Body::GroupSend { .. } => Some(Action::Send),
+            Body::OnlineRequest => Some(Action::Online),
+            _ => None,
+        };
+        if let Some(action) = action {
+            let limits = &self.router.config().rate_limits;
+            if let Err(limited) = limits.check(action, Some(self.user.id), Some(self.ip)) {
+                Metrics::inc(&self.router.metrics.rate_limited_total);
+                debug!(error = %limited, "rate limited");
+                return Some(Frame::rate_limited(id, limited.retry_after_ms(), limited.to_string()));
+            }
+        }
         let result: Result<Body, RouteError> = match frame.body {
             Body::Ping => Ok(Body::Pong),
             Body::Refresh { token } => return Some(self.refresh(id, &token)),
