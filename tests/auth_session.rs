@@ -123,3 +123,29 @@ async fn a_connection_lives_no_longer_than_its_token_unless_refreshed() {
     let (_again, answer) = login(&host, 1, &token_for(1, "short")).await;
     assert!(matches!(answer, Body::LoginAck { .. }), "{answer:?}");
 }
+
+#[tokio::test]
+async fn a_login_component_authorizes_on_the_verified_claims() {
+    let host = Host::start_with_auth(&[]).await.unwrap();
+    let wasm = common::component("login_roles");
+    let status = tokio::process::Command::new(common::binary("cim-host"))
+        .args(["push", "login"])
+        .arg(&wasm)
+        .args(["--to", &host.route(), "--token", common::ADMIN_TOKEN])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "cim-host push login_roles.wasm");
+    let with_role = |id: u64, role: &str| {
+        let t = now();
+        sign(&json!({"sub": id.to_string(), "iss": ISSUER, "exp": t + 600, "role": role}))
+    };
+    // spin.toml allows the roles admin and member.
+    let (_admin, answer) = login(&host, 1, &with_role(1, "admin")).await;
+    assert!(matches!(answer, Body::LoginAck { .. }), "{answer:?}");
+    let msg = refused(&host, 2, &with_role(2, "guest"), ErrorCode::Rejected).await;
+    assert!(msg.contains("\"guest\" may not log in"), "{msg}");
+    let msg = refused(&host, 3, &token_for(3, "no role"), ErrorCode::Rejected).await;
+    assert!(msg.contains("no `role` claim"), "{msg}");
+}
