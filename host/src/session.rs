@@ -104,12 +104,7 @@ async fn run_inner<St, Si>(
     if let Err(limited) = config.rate_limits.check(Action::Login, None, Some(peer.ip())) {
         Metrics::inc(&router.metrics.rate_limited_total);
         let frame = Frame::rate_limited(request_id, limited.retry_after_ms(), limited.to_string());
-        let _ = tokio::time::timeout(CLOSE_FLUSH, async {
-            sink.send(Encoded::from(frame)).await?;
-            sink.close().await
-        })
-        .await;
-        return;
+        return refuse_frame(&mut sink, frame).await;
     }
     // The token is checked before any handler runs; its `sub` is the user and its `name`,
     // when present, the display name.
@@ -125,6 +120,11 @@ async fn run_inner<St, Si>(
         Some(v) => User { id: v.user_id, name: v.name.clone().unwrap_or(user_name) },
         None => User { id: user_id, name: user_name },
     };
+    if let Err(limited) = config.rate_limits.check(Action::Login, Some(user.id), None) {
+        Metrics::inc(&router.metrics.rate_limited_total);
+        let frame = Frame::rate_limited(request_id, limited.retry_after_ms(), limited.to_string());
+        return refuse_frame(&mut sink, frame).await;
+    }
     let expiry = verified.as_ref().map(|v| Expiry::new(v.expires_at_ms, &config));
     tracing::Span::current().record("user", user.id);
 
@@ -174,7 +174,14 @@ where
     Si: Sink<Encoded, Error = CodecError> + Unpin,
 {
     debug!(%code, %message, "refusing connection");
-    let frame = Frame::error(request_id, code, message);
+    refuse_frame(sink, Frame::error(request_id, code, message)).await;
+}
+
+/// Sends a last frame before login, then closes the connection.
+async fn refuse_frame<Si>(sink: &mut Si, frame: Frame)
+where
+    Si: Sink<Encoded, Error = CodecError> + Unpin,
+{
     let _ = tokio::time::timeout(CLOSE_FLUSH, async {
         sink.send(Encoded::from(frame)).await?;
         sink.close().await
