@@ -149,3 +149,74 @@ async fn a_login_component_authorizes_on_the_verified_claims() {
     let msg = refused(&host, 3, &token_for(3, "no role"), ErrorCode::Rejected).await;
     assert!(msg.contains("no `role` claim"), "{msg}");
 }
+
+/// Runs `cim-host` with `args` to completion (it must exit by itself) and returns its exit
+/// status, stdout and stderr.
+async fn run_host(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    common::components();
+    let out = tokio::time::timeout(
+        common::DEADLINE,
+        tokio::process::Command::new(common::binary("cim-host")).args(args).kill_on_drop(true).output(),
+    )
+    .await
+    .expect("cim-host did not exit")
+    .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn without_auth_a_non_loopback_bind_refuses_to_start_and_names_the_flags() {
+    let manifest = common::root().join("spin.toml");
+    let data = tempfile::tempdir().unwrap();
+    let (status, stdout, stderr) = run_host(&[
+        "up",
+        "--tcp",
+        "0.0.0.0:0",
+        "--http",
+        "127.0.0.1:0",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--data-dir",
+        data.path().to_str().unwrap(),
+    ])
+    .await;
+    assert!(!status.success());
+    assert!(stdout.is_empty(), "{stdout}");
+    for flag in
+        ["--auth-hmac-secret-file", "--auth-public-key", "--api-key-file", "--insecure-no-auth", "0.0.0.0"]
+    {
+        assert!(stderr.contains(flag), "{flag} not named in: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn cim_host_token_prints_only_a_token_the_host_accepts() {
+    let host = Host::start_with_auth(&[]).await.unwrap();
+    let secret = host.data_dir.path().join("auth-secret");
+    let (status, stdout, stderr) = run_host(&[
+        "token",
+        "--user-id",
+        "5",
+        "--name",
+        "eve",
+        "--ttl",
+        "10m",
+        "--issuer",
+        ISSUER,
+        "--secret-file",
+        secret.to_str().unwrap(),
+    ])
+    .await;
+    assert!(status.success(), "{stderr}");
+    let token = stdout.strip_suffix('\n').expect("one line");
+    assert_eq!(token.split('.').count(), 3, "{stdout:?}");
+    let (_c, answer) = login(&host, 5, token).await;
+    let Body::LoginAck { user, token_expires_at_ms, .. } = answer else { panic!("{answer:?}") };
+    assert_eq!(user, User { id: 5, name: "eve".into() });
+    let left = token_expires_at_ms / 1000 - now();
+    assert!((590..=600).contains(&left), "{left}");
+}
