@@ -117,7 +117,14 @@ async fn run_inner<St, Si>(
         }
     };
     let user = match &verified {
-        Some(v) => User { id: v.user_id, name: v.name.clone().unwrap_or(user_name) },
+        // Neither a `name` claim nor a name in the frame: the id is the name.
+        Some(v) => {
+            let name = v.name.clone().filter(|n| !n.is_empty());
+            let name = name
+                .or((!user_name.is_empty()).then_some(user_name))
+                .unwrap_or_else(|| v.user_id.to_string());
+            User { id: v.user_id, name }
+        }
         None => User { id: user_id, name: user_name },
     };
     if let Err(limited) = config.rate_limits.check(Action::Login, Some(user.id), None) {
