@@ -14,7 +14,8 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::limits::Action;
+use crate::auth::Verified;
+use crate::limits::{Action, Limited};
 use crate::metrics::Metrics;
 use crate::router::{Closer, LocalConn, Outbox, Router};
 use requests::{Expiry, Session};
@@ -102,38 +103,10 @@ async fn run_inner<St, Si>(
             return refuse(&mut sink, 0, ErrorCode::NotLoggedIn, msg).await;
         }
     };
-    // Logins are limited per address before anything costly (token check, handler) runs.
-    if let Err(limited) = config.rate_limits.check(Action::Login, None, Some(peer.ip())) {
-        Metrics::inc(&router.metrics.rate_limited_total);
-        let frame = Frame::rate_limited(request_id, limited.retry_after_ms(), limited.to_string());
-        return refuse_frame(&mut sink, frame).await;
-    }
-    // The token is checked before any handler runs; its `sub` is the user and its `name`,
-    // when present, the display name.
-    let verified = match config.auth.login(&token, user_id) {
-        Ok(v) => v,
-        Err(e) => {
-            Metrics::inc(&router.metrics.login_failures_total);
-            info!(user = user_id, error = %e, "login refused: bad token");
-            return refuse(&mut sink, request_id, e.code(), e.to_string()).await;
-        }
+    let (user, verified) = match admit(&router, peer, request_id, user_id, user_name, &token) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refuse_frame(&mut sink, refusal).await,
     };
-    let user = match &verified {
-        // Neither a `name` claim nor a name in the frame: the id is the name.
-        Some(v) => {
-            let name = v.name.clone().filter(|n| !n.is_empty());
-            let name = name
-                .or((!user_name.is_empty()).then_some(user_name))
-                .unwrap_or_else(|| v.user_id.to_string());
-            User { id: v.user_id, name }
-        }
-        None => User { id: user_id, name: user_name },
-    };
-    if let Err(limited) = config.rate_limits.check(Action::Login, Some(user.id), None) {
-        Metrics::inc(&router.metrics.rate_limited_total);
-        let frame = Frame::rate_limited(request_id, limited.retry_after_ms(), limited.to_string());
-        return refuse_frame(&mut sink, frame).await;
-    }
     let expiry = verified.as_ref().map(|v| Expiry::new(v.expires_at_ms, &config));
     tracing::Span::current().record("user", user.id);
 
@@ -175,6 +148,44 @@ async fn run_inner<St, Si>(
     if tokio::time::timeout(CLOSE_FLUSH, &mut writer).await.is_err() {
         writer.abort();
     }
+}
+
+/// Checks a LOGIN before any handler runs: the per-address and per-user rate limits, and the
+/// token, whose `sub` is the user and whose `name`, when present, the display name. `Err` is
+/// the frame that refuses it.
+fn admit(
+    router: &Router,
+    peer: SocketAddr,
+    request_id: u64,
+    user_id: u64,
+    user_name: String,
+    token: &str,
+) -> Result<(User, Option<Verified>), Frame> {
+    let config = router.config();
+    let limited = |l: Limited| {
+        Metrics::inc(&router.metrics.rate_limited_total);
+        Frame::rate_limited(request_id, l.retry_after_ms(), l.to_string())
+    };
+    // Per address first: it is checked before anything costly (token, handler) runs.
+    config.rate_limits.check(Action::Login, None, Some(peer.ip())).map_err(limited)?;
+    let verified = config.auth.login(token, user_id).map_err(|e| {
+        Metrics::inc(&router.metrics.login_failures_total);
+        info!(user = user_id, error = %e, "login refused: bad token");
+        Frame::error(request_id, e.code(), e.to_string())
+    })?;
+    let user = match &verified {
+        // Neither a `name` claim nor a name in the frame: the id is the name.
+        Some(v) => {
+            let name = v.name.clone().filter(|n| !n.is_empty());
+            let name = name
+                .or((!user_name.is_empty()).then_some(user_name))
+                .unwrap_or_else(|| v.user_id.to_string());
+            User { id: v.user_id, name }
+        }
+        None => User { id: user_id, name: user_name },
+    };
+    config.rate_limits.check(Action::Login, Some(user.id), None).map_err(limited)?;
+    Ok((user, verified))
 }
 
 /// Answers a connection that failed before login, then closes it.
