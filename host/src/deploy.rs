@@ -377,4 +377,46 @@ mod tests {
         let wrapped = anyhow::Error::from(e).context("syncing");
         assert!(wrapped.downcast_ref::<Corrupt>().is_some(), "restore tells it from other failures");
     }
+
+    /// A node following the cluster reads a pushed version whose bytes in the shared store no
+    /// longer match their sha256: it refuses it and keeps serving what it had, and a restart
+    /// on such a store still comes up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tampered_version_in_the_shared_store_is_not_followed() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let manifest = Arc::new(Manifest::load(root.join("spin.toml")).expect("spin.toml"));
+        let redis = crate::store::redis::test_support::TestRedis::new();
+        let node = |data: &std::path::Path| {
+            let (manifest, data) = (manifest.clone(), data.to_owned());
+            let redis = &redis;
+            async move {
+                let redis_store = redis.store().await;
+                let shared =
+                    Shared { bus: Bus::new(&redis_store), store: Store::Redis(Arc::new(redis_store)) };
+                let config = crate::runtime::RuntimeConfig { max_instances: 16, ..Default::default() };
+                let runtime = Arc::new(Runtime::new(config).expect("runtime"));
+                runtime.install_manifest(&manifest).await.expect("install the manifest");
+                Deployments::new(&data, manifest, runtime, Some(shared))
+            }
+        };
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (node(dir_a.path()).await, node(dir_b.path()).await);
+        let manifest_version = b.runtime().current(Event::Group).expect("group").sha256.clone();
+
+        let wasm =
+            std::fs::read(root.join("components/target/wasm32-wasip2/release/word_filter.wasm")).unwrap();
+        let pushed = a.push("group-send", wasm).await.expect("push").sha256.clone();
+        // Another valid component under the pushed version's key.
+        let other =
+            std::fs::read(root.join("components/target/wasm32-wasip2/release/group_members.wasm")).unwrap();
+        let store = &a.shared.as_ref().unwrap().store;
+        store.kv_set(SHARED_STORE, &format!("wasm:{pushed}"), other, Quota::NONE).await.unwrap();
+
+        let err = b.sync("group-send").await.expect_err("tampered bytes");
+        assert!(err.downcast_ref::<Corrupt>().is_some(), "{err:#}");
+        assert_eq!(b.runtime().current(Event::Group).unwrap().sha256, manifest_version, "b kept its version");
+        b.restore().await.expect("a restart still comes up");
+        assert_eq!(b.runtime().current(Event::Group).unwrap().sha256, manifest_version);
+        redis.cleanup().await;
+    }
 }
