@@ -286,13 +286,15 @@ impl RedisConn {
             let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply).map_err(|e| failed(&e))?;
             return Ok((keys, (next != 0).then_some(ScanPosition { node: None, cursor: next })));
         }
-        let primaries: Vec<String> = self
+        // Sorted as the strings the cursor carries, so "the next one" is well defined.
+        let mut primaries: Vec<String> = self
             .primaries()
             .await
             .map_err(|e| failed(&e))?
             .into_iter()
             .map(|(h, p)| format!("{h}:{p}"))
             .collect();
+        primaries.sort_unstable();
         let node = match &at.node {
             None => primaries.first().cloned().ok_or_else(|| {
                 StoreError::Unavailable("redis cluster: CLUSTER SLOTS lists no primary".to_owned())
