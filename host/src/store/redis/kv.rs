@@ -7,10 +7,11 @@
 //! (`keys`, `bytes`). Every write runs as a script on its own key that measures what it adds
 //! and frees (a value's old length, the list entries its trim drops) and, for `set` and
 //! `append`, refuses itself if the counters as read just before plus that growth would pass
-//! the quota; the host then adds the growth to the counters (`HINCRBY`). The counters are
+//! the quota (`append-many` measures its whole batch by a dry run of the same script first);
+//! the host then adds the growth to the counters (`HINCRBY`, logged if it fails). The counters are
 //! another key (another slot on a cluster), so this is not one atomic step: concurrent
-//! writers may together overshoot by what they write at once, a host that dies between a
-//! write and its `HINCRBY` leaves the counters off by that write, and data written before
+//! writers may together overshoot by what they write at once, a host that dies (or a
+//! `HINCRBY` that fails) between a write and its count leaves the counters off by that write, and data written before
 //! the counters existed (by a 0.1 host) is not counted. Deleting the hash restarts the count.
 
 use std::collections::HashMap;
@@ -174,20 +175,24 @@ impl RedisStore {
         if quota == Quota::NONE { Ok((0, 0)) } else { self.kv_usage(store).await }
     }
 
-    /// Adds a write's growth to the counters of `store`.
-    async fn count(&self, store: &str, (keys, bytes): (i64, i64)) -> Result<(), StoreError> {
+    /// Adds a write's growth to the counters of `store`. The write itself has happened, so a
+    /// failure here is logged (the counters drift by that write), not reported: an append
+    /// the guest retried would land twice.
+    async fn count(&self, store: &str, (keys, bytes): (i64, i64)) {
         if keys == 0 && bytes == 0 {
-            return Ok(());
+            return;
         }
         let key = self.keys.kv_usage(store);
-        redis::pipe()
+        let counted = redis::pipe()
             .hincr(&key, "keys", keys)
             .ignore()
             .hincr(&key, "bytes", bytes)
             .ignore()
             .exec_async(&mut self.conn.clone())
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("redis HINCRBY {key}: {e}")))
+            .await;
+        if let Err(e) = counted {
+            tracing::warn!(store, keys, bytes, error = %e, "a key-value write was not counted towards the store's quota");
+        }
     }
 
     pub async fn kv_get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -216,7 +221,8 @@ impl RedisStore {
             .await
             .map_err(|e| store_error("SET", key, e))?;
         let growth = outcome(store, quota, reply)?;
-        self.count(store, growth).await
+        self.count(store, growth).await;
+        Ok(())
     }
 
     pub async fn kv_delete(&self, store: &str, key: &str) -> Result<(), StoreError> {
@@ -226,7 +232,8 @@ impl RedisStore {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| store_error("DEL", key, e))?;
-        self.count(store, (-keys, -bytes)).await
+        self.count(store, (-keys, -bytes)).await;
+        Ok(())
     }
 
     /// One page of at most `limit` keys of `store` that start with `prefix` (without the
@@ -286,7 +293,8 @@ impl RedisStore {
         let usage = self.usage_for(store, quota).await?;
         let reply = self.append_script(store, key, vec![value], max_len, usage, quota).await?;
         let growth = outcome(store, quota, reply)?;
-        self.count(store, growth).await
+        self.count(store, growth).await;
+        Ok(())
     }
 
     /// One [`APPEND`] of `values` to `key`, checked against `quota` from `usage`.
@@ -374,7 +382,7 @@ impl RedisStore {
                 Err(e) => failed = failed.or(Some(e)),
             }
         }
-        self.count(store, growth).await?;
+        self.count(store, growth).await;
         failed.map_or(Ok(()), Err)
     }
 
