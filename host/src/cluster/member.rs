@@ -1,17 +1,29 @@
-//! This node as a member of a cluster: it keeps its registry entry fresh, reaps the users of
-//! nodes that died, restores its own presence entries when Redis lost them, and delivers what
-//! other nodes publish to its inbox.
+//! This node as a member of a cluster, as four tasks that never wait for each other:
+//! - the **heartbeat** refreshes the registry entry every `ttl / 3` (every 250 ms while Redis
+//!   does not answer) and nothing else, so a slow rebuild or compile never lets it expire;
+//! - the **inbox** hands what other nodes publish to local sessions at once;
+//! - **housekeeping** puts this node's users back when Redis lost them (the heartbeat found
+//!   the node's own entry gone), releases entries left by sessions that closed while Redis was
+//!   away, and reaps nodes that died;
+//! - **components** follows pushes made on other nodes (a compile may take a while).
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::lb::{Balancer, Strategy};
+use super::reconcile::{reconcile, release_leftovers};
 use super::{Bus, ClusterMessage, NodeInfo, Registry, Subscription};
 use crate::router::Router;
 use crate::store::{RedisStore, StoreError};
+
+/// How soon a failed registry refresh or rebuild is tried again (at most `ttl / 3`).
+const RETRY: Duration = Duration::from_millis(250);
 
 /// What a node needs to take part in a cluster. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -36,80 +48,247 @@ impl Cluster {
     }
 
     /// Subscribes to this node's inbox and registers it: call before serving clients.
+    /// Online entries that a previous run under the same node id left behind are removed
+    /// first: this node has no session yet, so they are all stale.
     pub async fn join(&self, me: &NodeInfo) -> Result<Subscription, StoreError> {
         let sub = self.bus.subscribe(&me.id).await?;
+        let stale = self.registry.forget_users(&me.id).await?;
+        if stale > 0 {
+            info!(users = stale, "removed online entries a previous run of this node left behind");
+        }
         self.registry.register(me, self.ttl).await?;
         Ok(sub)
     }
 }
 
-/// Runs until shutdown: the registry heartbeat and the inbox.
+/// Set by the heartbeat when this node's entries may be gone from Redis; taken by
+/// housekeeping, which rebuilds them.
+#[derive(Debug, Default)]
+struct Lost {
+    pending: AtomicBool,
+    wake: Notify,
+}
+
+impl Lost {
+    fn raise(&self) {
+        self.pending.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> bool {
+        self.pending.swap(false, Ordering::SeqCst)
+    }
+}
+
+/// Runs until shutdown (or until the inbox subscription ends): the heartbeat, the inbox,
+/// housekeeping and component sync, each its own task. Removes this node from the registry
+/// on the way out.
 pub async fn run(
     cluster: Cluster,
     router: Arc<Router>,
-    mut me: NodeInfo,
-    mut inbox: Subscription,
+    me: NodeInfo,
+    inbox: Subscription,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(cluster.ttl / 3);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut healthy = true;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            msg = inbox.recv() => match msg {
-                Some(msg) => on_message(&router, msg).await,
-                None => break,
-            },
-            _ = tick.tick() => {
-                me.connections = router.local_connections() as u64;
-                healthy = heartbeat(&cluster, &router, &me, healthy).await;
-            }
+    let stop = shutdown.child_token();
+    let lost = Arc::new(Lost::default());
+    let (changes, changed) = mpsc::unbounded_channel();
+    let node_id = me.id.clone();
+    let tasks = [
+        tokio::spawn(heartbeat(cluster.clone(), router.clone(), me, lost.clone(), stop.clone())),
+        tokio::spawn(deliver(router.clone(), inbox, changes, stop.clone())),
+        tokio::spawn(housekeeping(cluster.clone(), router.clone(), node_id.clone(), lost, stop.clone())),
+        tokio::spawn(follow_components(router, changed, cluster.ttl / 3, stop.clone())),
+    ];
+    for task in tasks {
+        if let Err(e) = task.await {
+            warn!(error = %e, "a cluster member task failed");
+            stop.cancel();
         }
     }
-    if let Err(e) = cluster.registry.remove(&me.id).await {
+    if let Err(e) = cluster.registry.remove(&node_id).await {
         warn!(error = %e, "could not remove this node from the registry");
     }
 }
 
-/// One registry refresh. Returns whether Redis answered.
-async fn heartbeat(cluster: &Cluster, router: &Router, me: &NodeInfo, was_healthy: bool) -> bool {
-    if let Err(e) = cluster.registry.register(me, cluster.ttl).await {
-        if was_healthy {
-            warn!(error = %e, "redis unreachable: cannot refresh this node's registry entry; will retry");
+/// Refreshes the registry entry every `ttl / 3`, and raises `lost` when the refresh finds the
+/// entry gone: Redis restarted empty, or this node stalled past its TTL and may have been
+/// reaped. Never waits for anything but the refresh itself.
+async fn heartbeat(
+    cluster: Cluster,
+    router: Arc<Router>,
+    mut me: NodeInfo,
+    lost: Arc<Lost>,
+    stop: CancellationToken,
+) {
+    let period = cluster.ttl / 3;
+    let mut healthy = true;
+    let mut wait = period;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
         }
-        return false;
+        me.connections = router.local_connections() as u64;
+        wait = match cluster.registry.register(&me, cluster.ttl).await {
+            Ok(was_there) => {
+                if !healthy {
+                    info!("redis reachable again");
+                    healthy = true;
+                }
+                if !was_there {
+                    warn!(
+                        "this node's registry entry was gone (redis lost it, or the node stalled past its ttl): registered again; putting its users back"
+                    );
+                    lost.raise();
+                }
+                period
+            }
+            Err(e) => {
+                if healthy {
+                    warn!(error = %e, "redis unreachable: cannot refresh this node's registry entry; will retry");
+                    healthy = false;
+                }
+                RETRY.min(period)
+            }
+        };
     }
-    if !was_healthy {
-        info!("redis reachable again");
-    }
-    // Redis restarted empty, or this node was reaped while it stalled: put our users back.
-    let local = router.local_connections();
-    match cluster.store.node_user_count(&me.id).await {
-        Ok(n) if n != local || !was_healthy => router.resync_presence().await,
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "could not count this node's users"),
-    }
-    match cluster.registry.reap_dead_nodes().await {
-        Ok(0) => {}
-        Ok(n) => info!(users = n, "removed the users of nodes that stopped refreshing their registry entry"),
-        Err(e) => warn!(error = %e, "could not reap dead nodes"),
-    }
-    // Announcements of pushes are fire-and-forget pub/sub: catch up on any this node missed.
-    router.sync_components().await;
-    true
 }
 
-async fn on_message(router: &Router, msg: ClusterMessage) {
-    match msg {
-        ClusterMessage::Deliver { recipients, delivery } => {
-            router.deliver_local(&recipients, delivery.into());
+/// Hands inbox messages to local sessions as they come; component changes go to
+/// [`follow_components`] so that a compile never holds up a delivery.
+async fn deliver(
+    router: Arc<Router>,
+    mut inbox: Subscription,
+    changes: mpsc::UnboundedSender<(String, String)>,
+    stop: CancellationToken,
+) {
+    // A closed inbox ends the member: this node can no longer hear other nodes.
+    let _end_all = stop.clone().drop_guard();
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => break,
+            msg = inbox.recv() => msg,
+        };
+        match msg {
+            Some(ClusterMessage::Deliver { recipients, delivery }) => {
+                router.deliver_local(&recipients, delivery.into());
+            }
+            Some(ClusterMessage::Kick { user_id, reason }) => router.kick_local(user_id, &reason),
+            Some(ClusterMessage::ComponentChanged { name, sha256 }) => {
+                // Only fails once the components task has stopped, i.e. at shutdown.
+                let _ = changes.send((name, sha256));
+            }
+            // A subscription opens batches; nodes never nest them.
+            Some(ClusterMessage::Batch { messages }) => {
+                warn!(messages = messages.len(), "ignoring a nested cluster message batch")
+            }
+            None => break,
         }
-        ClusterMessage::Kick { user_id, reason } => router.kick_local(user_id, &reason),
-        ClusterMessage::ComponentChanged { name, sha256 } => router.component_changed(&name, &sha256).await,
-        // A subscription opens batches; nodes never nest them.
-        ClusterMessage::Batch { messages } => {
-            warn!(messages = messages.len(), "ignoring a nested cluster message batch")
+    }
+}
+
+/// Rebuilds this node's entries when `lost` is raised, releases what closed sessions left,
+/// and reaps dead nodes. Runs every `ttl / 6` and whenever `lost` is raised.
+///
+/// A node found without a registry entry is reaped only once it has stayed so for `ttl / 2`:
+/// after Redis restarts empty, every live node's entry is missing until its next refresh
+/// (within `ttl / 3`), and reaping it then would drop users it had just put back.
+async fn housekeeping(
+    cluster: Cluster,
+    router: Arc<Router>,
+    me: String,
+    lost: Arc<Lost>,
+    stop: CancellationToken,
+) {
+    let period = cluster.ttl / 6;
+    let grace = cluster.ttl / 2;
+    let mut suspects: HashMap<String, Instant> = HashMap::new();
+    let mut wait = period;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = lost.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = period;
+        if lost.take() {
+            let started = Instant::now();
+            match reconcile(&cluster.store, &router).await {
+                Ok(r) => info!(
+                    restored = r.restored,
+                    already_there = r.held,
+                    closed_as_duplicates = r.kicked,
+                    released = r.released,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "put this node's users back into redis"
+                ),
+                Err(e) => {
+                    warn!(error = %e, "could not put this node's users back into redis; will retry");
+                    lost.pending.store(true, Ordering::SeqCst);
+                    wait = RETRY.min(period);
+                    continue;
+                }
+            }
+        }
+        release_leftovers(&cluster.store, &router).await;
+        reap_dead(&cluster.registry, &me, &mut suspects, grace).await;
+    }
+}
+
+/// Reaps the nodes (never `me`) whose registry entry has been gone for at least `grace`,
+/// as far as this node has seen; `suspects` remembers when each was first seen gone.
+async fn reap_dead(registry: &Registry, me: &str, suspects: &mut HashMap<String, Instant>, grace: Duration) {
+    let dead = match registry.dead_nodes(me).await {
+        Ok(dead) => dead,
+        Err(e) => {
+            warn!(error = %e, "could not list dead nodes");
+            return;
+        }
+    };
+    suspects.retain(|id, _| dead.contains(id));
+    let now = Instant::now();
+    for id in dead {
+        let since = *suspects.entry(id.clone()).or_insert(now);
+        if now.duration_since(since) < grace {
+            continue;
+        }
+        match registry.reap(&id).await {
+            Ok(Some(n)) => {
+                info!(node = %id, users = n, "reaped a dead node");
+                suspects.remove(&id);
+            }
+            // It registered again meanwhile.
+            Ok(None) => {
+                suspects.remove(&id);
+            }
+            Err(e) => {
+                warn!(error = %e, node = %id, "could not reap a dead node");
+                return;
+            }
+        }
+    }
+}
+
+/// Follows component pushes announced on the bus, one at a time and in order, and every
+/// `period` checks every component against the cluster's versions (announcements are
+/// fire-and-forget pub/sub: this catches up on any this node missed).
+async fn follow_components(
+    router: Arc<Router>,
+    mut changed: mpsc::UnboundedReceiver<(String, String)>,
+    period: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            change = changed.recv() => match change {
+                Some((name, sha256)) => router.component_changed(&name, &sha256).await,
+                None => break,
+            },
+            _ = tick.tick() => router.sync_components().await,
         }
     }
 }

@@ -2,7 +2,9 @@
 //! expired is dead, and [`Registry::reap_dead_nodes`] takes its users offline.
 //!
 //! A node must [`register`](Registry::register) before it claims users: a node that has
-//! users but no registry key looks dead and is reaped.
+//! users but no registry key looks dead and is reaped — by its peers, never by itself. A node
+//! whose refresh finds its own key gone (Redis lost it, or the node stalled past its TTL)
+//! re-registers and puts its users back instead (see `cluster::member`).
 
 use std::collections::BTreeSet;
 use std::sync::LazyLock;
@@ -30,13 +32,14 @@ pub struct NodeInfo {
     pub connections: u64,
 }
 
-/// KEYS: online, node-users, nodes-with-users, node, nodes. ARGV: node id.
-/// If the node's registry key is gone, removes the online entries it still owns and its
-/// bookkeeping, and returns how many entries it removed; returns -1 if the node is alive.
+/// KEYS: online, node-users, nodes-with-users, node, nodes. ARGV: node id, and `force`.
+/// If the node's registry key is gone (or ARGV[2] is `1`), removes the online entries it
+/// still owns and its bookkeeping, and returns how many entries it removed; returns -1 if
+/// the node is alive.
 static REAP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+if ARGV[2] ~= '1' and redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
 local n = 0
 for _, u in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local v = redis.call('HGET', KEYS[1], u)
@@ -73,24 +76,27 @@ impl Registry {
     }
 
     /// Announces `node` as alive for `ttl` (rounded up to whole milliseconds); call again
-    /// well before it runs out (every `ttl / 3`, say).
-    pub async fn register(&self, node: &NodeInfo, ttl: Duration) -> Result<(), StoreError> {
+    /// well before it runs out (every `ttl / 3`, say). Returns whether its previous entry was
+    /// still there: `false` on a first registration, and when Redis lost the entry or it
+    /// expired (the node may have been reaped meanwhile).
+    pub async fn register(&self, node: &NodeInfo, ttl: Duration) -> Result<bool, StoreError> {
         let json = serde_json::to_string(node)
             .map_err(|e| StoreError::Unavailable(format!("encoding node {}: {e}", node.id)))?;
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        redis::pipe()
+        let (previous,): (Option<String>,) = redis::pipe()
             .atomic()
             .cmd("SET")
             .arg(self.keys.node(&node.id))
             .arg(json)
             .arg("PX")
             .arg(ttl_ms)
-            .ignore()
+            .arg("GET")
             .sadd(self.keys.nodes(), &node.id)
             .ignore()
-            .exec_async(&mut self.conn.clone())
+            .query_async(&mut self.conn.clone())
             .await
-            .map_err(|e| unavailable(format!("register node {}", node.id), e))
+            .map_err(|e| unavailable(format!("register node {}", node.id), e))?;
+        Ok(previous.is_some())
     }
 
     /// The live nodes, sorted by id.
@@ -134,10 +140,9 @@ impl Registry {
             .map_err(|e| unavailable(format!("remove node {node_id}"), e))
     }
 
-    /// Takes offline every user held by a node whose registry key has expired (one atomic
-    /// script per dead node) and forgets those nodes. Returns how many users were removed.
-    /// Safe to run on every node at once: a second reaper finds nothing left to do.
-    pub async fn reap_dead_nodes(&self) -> Result<usize, StoreError> {
+    /// The nodes other than `me` that hold users or have registered, and whose registry key
+    /// is gone. `me` is never in it: a node that finds its own key gone re-registers.
+    pub async fn dead_nodes(&self, me: &str) -> Result<BTreeSet<String>, StoreError> {
         let mut conn = self.conn.clone();
         let (with_users, registered): (BTreeSet<String>, BTreeSet<String>) = redis::pipe()
             .smembers(self.keys.nodes_with_users())
@@ -145,19 +150,56 @@ impl Registry {
             .query_async(&mut conn)
             .await
             .map_err(|e| unavailable("list nodes".into(), e))?;
+        let ids: Vec<&String> = with_users.union(&registered).filter(|id| *id != me).collect();
+        if ids.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.node(id)).collect();
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| unavailable("read nodes".into(), e))?;
+        Ok(ids.into_iter().zip(values).filter(|(_, v)| v.is_none()).map(|(id, _)| id.clone()).collect())
+    }
+
+    /// Takes offline every user `node` still holds and forgets it, if its registry key is
+    /// gone (checked atomically with the removal). Returns how many users it removed, or
+    /// `None` if the node is alive.
+    pub async fn reap(&self, node: &str) -> Result<Option<usize>, StoreError> {
+        self.run_reap(node, false).await
+    }
+
+    /// Removes every online entry that names `node`, alive or not: for a node that starts,
+    /// before it registers, so that entries a previous run under the same id left behind
+    /// (it was killed and restarted within its TTL) do not stay online for ever.
+    pub async fn forget_users(&self, node: &str) -> Result<usize, StoreError> {
+        Ok(self.run_reap(node, true).await?.unwrap_or(0))
+    }
+
+    async fn run_reap(&self, node: &str, force: bool) -> Result<Option<usize>, StoreError> {
+        let n: i64 = REAP
+            .key(self.keys.online())
+            .key(self.keys.node_users(node))
+            .key(self.keys.nodes_with_users())
+            .key(self.keys.node(node))
+            .key(self.keys.nodes())
+            .arg(node)
+            .arg(if force { "1" } else { "0" })
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| unavailable(format!("reap node {node}"), e))?;
+        Ok(usize::try_from(n).ok())
+    }
+
+    /// Reaps at once every node but `me` whose registry key is gone (one atomic script per
+    /// dead node). Returns how many users were removed. Safe to run on every node at once: a
+    /// second reaper finds nothing left to do. The member loop waits before reaping a node
+    /// it just found dead (see `cluster::member`); this is the immediate form.
+    pub async fn reap_dead_nodes(&self, me: &str) -> Result<usize, StoreError> {
         let mut removed = 0;
-        for node in with_users.union(&registered) {
-            let n: i64 = REAP
-                .key(self.keys.online())
-                .key(self.keys.node_users(node))
-                .key(self.keys.nodes_with_users())
-                .key(self.keys.node(node))
-                .key(self.keys.nodes())
-                .arg(node)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| unavailable(format!("reap node {node}"), e))?;
-            if let Ok(n) = usize::try_from(n) {
+        for node in self.dead_nodes(me).await? {
+            if let Some(n) = self.reap(&node).await? {
                 info!(node = %node, users = n, "reaped a dead node");
                 removed += n;
             }
@@ -232,17 +274,17 @@ mod tests {
         // A user that left the dying node normally is not counted again.
         store.claim(entry(4, "dying")).await.unwrap();
         assert!(store.release(4, "dying", 4).await.unwrap());
-        assert_eq!(reg.reap_dead_nodes().await.unwrap(), 0, "nobody is dead yet");
+        assert_eq!(reg.reap_dead_nodes("alive").await.unwrap(), 0, "nobody is dead yet");
 
         eventually(Duration::from_secs(5), "the 1 s registry key to expire", || async {
             reg.nodes().await.unwrap().iter().all(|n| n.id != "dying")
         })
         .await;
         assert_eq!(reg.nodes().await.unwrap(), vec![node("alive")]);
-        assert_eq!(reg.reap_dead_nodes().await.unwrap(), 2);
+        assert_eq!(reg.reap_dead_nodes("alive").await.unwrap(), 2);
         let online: Vec<u64> = store.online().await.unwrap().iter().map(|e| e.user.id).collect();
         assert_eq!(online, vec![2]);
-        assert_eq!(reg.reap_dead_nodes().await.unwrap(), 0, "a second reap finds nothing");
+        assert_eq!(reg.reap_dead_nodes("alive").await.unwrap(), 0, "a second reap finds nothing");
         assert_eq!(
             store.claim(entry(1, "alive")).await.unwrap(),
             Claim::Claimed,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cim_proto::{ErrorCode, User};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::cluster::{Cluster, ClusterMessage};
 use crate::config::Config;
@@ -99,6 +99,9 @@ pub struct Router {
     handlers: Arc<Handlers>,
     callbacks: mpsc::Sender<Delivered>,
     local: Mutex<HashMap<u64, LocalConn>>,
+    /// `(user, conn)` of sessions that closed while the store could not be reached: their
+    /// online entries are still to be released (retried by the cluster's housekeeping).
+    unreleased: Mutex<Vec<(u64, u64)>>,
     ids: MessageIds,
     next_conn: AtomicU64,
     advertised: OnceLock<Advertised>,
@@ -130,6 +133,7 @@ impl Router {
             handlers,
             callbacks,
             local: Mutex::new(HashMap::new()),
+            unreleased: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(1),
             advertised: OnceLock::new(),
             cluster: OnceLock::new(),
@@ -243,8 +247,20 @@ impl Router {
             }
         }
         if let Err(e) = self.store().release(user_id, &self.config.node_id, conn_id).await {
-            warn!(user = user_id, error = %e, "could not remove the online entry");
+            warn!(user = user_id, error = %e, "could not remove the online entry; will retry");
+            self.unreleased.lock().unwrap_or_else(|e| e.into_inner()).push((user_id, conn_id));
         }
+    }
+
+    /// Takes the `(user, conn)` pairs whose release failed (see [`Router::logout`]); the
+    /// caller releases them or gives them back with [`Router::retry_release`].
+    pub fn take_unreleased(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut *self.unreleased.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Queues `(user, conn)` pairs whose online entries are still to be released.
+    pub fn retry_release(&self, pairs: Vec<(u64, u64)>) {
+        self.unreleased.lock().unwrap_or_else(|e| e.into_inner()).extend(pairs);
     }
 
     /// Takes a user offline on request (`POST /offline`): kicks a local connection, or
@@ -289,32 +305,28 @@ impl Router {
         }
     }
 
-    /// Puts every local session back into the online set (after Redis lost it). A user
-    /// who logged in elsewhere meanwhile keeps that login; the local session is closed.
-    pub async fn resync_presence(&self) {
-        let conns: Vec<LocalConn> = self.local().values().cloned().collect();
-        let mut restored = 0;
-        for conn in conns {
-            let entry = OnlineEntry {
-                user: conn.user.clone(),
+    /// The online entries of every local session, as this node would claim them.
+    pub fn local_entries(&self) -> Vec<OnlineEntry> {
+        self.local()
+            .values()
+            .map(|c| OnlineEntry {
+                user: c.user.clone(),
                 node_id: self.config.node_id.clone(),
-                conn_id: conn.conn_id,
-            };
-            match self.store().claim(entry).await {
-                Ok(Claim::Claimed) => restored += 1,
-                Ok(Claim::AlreadyOnline(e))
-                    if e.node_id == self.config.node_id && e.conn_id == conn.conn_id => {}
-                Ok(Claim::AlreadyOnline(e)) => {
-                    conn.kick(ErrorCode::DuplicateLogin, &format!("logged in again on node {}", e.node_id));
-                }
-                Err(e) => {
-                    warn!(error = %e, "could not restore presence; will retry");
-                    return;
-                }
-            }
-        }
-        if restored > 0 {
-            info!(users = restored, "restored the online entries of local sessions");
+                conn_id: c.conn_id,
+            })
+            .collect()
+    }
+
+    /// Whether `user_id` is bound here to connection `conn_id`.
+    pub fn holds(&self, user_id: u64, conn_id: u64) -> bool {
+        self.local().get(&user_id).is_some_and(|c| c.conn_id == conn_id)
+    }
+
+    /// Kicks `user_id` if it is still bound here to connection `conn_id`.
+    pub fn kick_conn(&self, user_id: u64, conn_id: u64, code: ErrorCode, reason: &str) {
+        let conn = self.local().get(&user_id).filter(|c| c.conn_id == conn_id).cloned();
+        if let Some(conn) = conn {
+            conn.kick(code, reason);
         }
     }
 

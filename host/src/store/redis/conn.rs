@@ -5,6 +5,8 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -159,7 +161,7 @@ impl Endpoint {
                 Kind::Cluster(client.get_async_connection().await.map_err(failed)?)
             }
         };
-        Ok(RedisConn { kind, home })
+        Ok(RedisConn { kind, home, requests: Arc::default() })
     }
 
     /// The addresses, without credentials, for messages and logs.
@@ -227,6 +229,9 @@ type NoPush = tokio::sync::mpsc::UnboundedSender<redis::PushInfo>;
 pub struct RedisConn {
     kind: Kind,
     home: Handle,
+    /// Requests sent through this connection and its clones (a pipeline counts once): the
+    /// round trips a piece of work cost, for tests and logs.
+    requests: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -247,6 +252,11 @@ impl fmt::Debug for RedisConn {
 impl RedisConn {
     pub fn is_cluster(&self) -> bool {
         matches!(self.kind, Kind::Cluster(_))
+    }
+
+    /// How many requests (round trips) this connection and its clones have sent so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     /// Every key matching `pattern`, via `SCAN` (never `KEYS`, which blocks the server), on
@@ -408,6 +418,7 @@ impl<F: Future + Unpin> Future for OnHome<F> {
 
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let home = self.home.clone();
         let fut = match &mut self.kind {
             Kind::Single(c) => c.req_packed_command(cmd),
@@ -422,6 +433,7 @@ impl ConnectionLike for RedisConn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let home = self.home.clone();
         let fut = match &mut self.kind {
             Kind::Single(c) => c.req_packed_commands(pipeline, offset, count),

@@ -21,6 +21,7 @@
 
 mod conn;
 mod kv;
+mod restore;
 
 use std::sync::LazyLock;
 
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub use self::conn::{CLUSTER_SCHEME, Endpoint, RedisConn, ScanPosition, redacted};
+pub use self::restore::{RESTORE_BATCH, Restored};
 use super::{Claim, OnlineEntry, StoreError};
 
 /// The key prefix used when none is configured (`--redis-prefix`).
@@ -343,17 +345,6 @@ impl RedisStore {
             .incr(&key, 1u64)
             .await
             .map_err(|e| StoreError::Unavailable(format!("redis INCR {key}: {e}")))
-    }
-
-    /// How many users the presence data says `node_id` holds (to notice a Redis that lost
-    /// them, e.g. after a restart without persistence).
-    pub async fn node_user_count(&self, node_id: &str) -> Result<usize, StoreError> {
-        let key = self.keys.node_users(node_id);
-        self.conn
-            .clone()
-            .scard(&key)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("redis SCARD {key}: {e}")))
     }
 }
 

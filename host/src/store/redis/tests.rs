@@ -395,7 +395,7 @@ async fn a_redis_cluster_serves_every_store_operation() {
         assert!(Instant::now() < deadline, "the 300 ms registry entry did not expire");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(reg.reap_dead_nodes().await.unwrap(), 1);
+    assert_eq!(reg.reap_dead_nodes("alive").await.unwrap(), 1);
     let online: Vec<u64> = store.online().await.unwrap().iter().map(|e| e.user.id).collect();
     assert_eq!(online, vec![6]);
 

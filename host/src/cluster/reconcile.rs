@@ -1,0 +1,81 @@
+//! Putting this node's users back into Redis after Redis lost them (restarted empty, or the
+//! node's entries were reaped while it stalled): by sets, in bulk, and safe against the
+//! logins and logouts that go on meanwhile.
+//!
+//! The rebuild claims the set of local sessions in scripts of [`RESTORE_BATCH`] users
+//! ([`RedisStore::restore_many`]), then looks at the local sessions again: a user who left
+//! while the claims were on the wire is released (so no entry outlives its session), and a
+//! user someone else holds now is closed here with `DUPLICATE_LOGIN`. Why no ghost is left:
+//! a session leaves the local map before its own release is sent, so either that release
+//! runs after the claim, or this check — made after the claim's reply — sees the session
+//! gone and releases it.
+
+use cim_proto::ErrorCode;
+use tracing::{info, warn};
+
+use crate::router::Router;
+use crate::store::redis::{RESTORE_BATCH, RedisStore, Restored};
+use crate::store::{OnlineEntry, StoreError};
+
+/// What one rebuild did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Sessions whose entries were missing and are back.
+    pub restored: usize,
+    /// Sessions whose entries were already there.
+    pub held: usize,
+    /// Local sessions closed because the user is online elsewhere now.
+    pub kicked: usize,
+    /// Entries claimed for sessions that closed during the rebuild, released again.
+    pub released: usize,
+}
+
+/// Rebuilds this node's online entries from its local sessions (see the module docs).
+pub async fn reconcile(store: &RedisStore, router: &Router) -> Result<Reconciled, StoreError> {
+    let node_id = router.config().node_id.clone();
+    let mut done = Reconciled::default();
+    let sessions = router.local_entries();
+    for batch in sessions.chunks(RESTORE_BATCH) {
+        let found = store.restore_many(&node_id, batch).await?;
+        let mut left = Vec::new();
+        for (entry, found) in batch.iter().zip(found) {
+            let OnlineEntry { user, conn_id, .. } = entry;
+            let here = router.holds(user.id, *conn_id);
+            match found {
+                Restored::Claimed | Restored::Held if !here => left.push((user.id, *conn_id)),
+                Restored::Claimed => done.restored += 1,
+                Restored::Held => done.held += 1,
+                Restored::Taken(_) if !here => {}
+                Restored::Taken(other) => {
+                    let why = format!("logged in again on node {}", other.node_id);
+                    router.kick_conn(user.id, *conn_id, ErrorCode::DuplicateLogin, &why);
+                    done.kicked += 1;
+                }
+            }
+        }
+        if !left.is_empty() {
+            done.released += store.release_many(&node_id, &left).await?;
+        }
+    }
+    Ok(done)
+}
+
+/// Releases the entries of sessions that closed while Redis could not be reached (see
+/// [`Router::logout`]); gives them back to the router if Redis still does not answer.
+pub async fn release_leftovers(store: &RedisStore, router: &Router) {
+    let pairs = router.take_unreleased();
+    if pairs.is_empty() {
+        return;
+    }
+    match store.release_many(&router.config().node_id, &pairs).await {
+        Ok(n) => info!(
+            sessions = pairs.len(),
+            released = n,
+            "released the entries of sessions that closed while redis was away"
+        ),
+        Err(e) => {
+            warn!(error = %e, sessions = pairs.len(), "could not release the entries of closed sessions; will retry");
+            router.retry_release(pairs);
+        }
+    }
+}
