@@ -14,3 +14,6 @@ pub use bus::{Bus, BusDelivery, ClusterMessage, Subscription};
 pub use lb::{Balancer, Strategy};
 pub use member::Cluster;
 pub use registry::{NodeInfo, Registry};
+
+#[cfg(test)]
+mod tests;
