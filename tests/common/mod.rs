@@ -365,4 +365,5 @@ pub fn expect_error(body: Body, code: ErrorCode) -> String {
     }
 }
 pub mod cluster;
+pub mod proxy;
 pub mod terminal;
