@@ -628,3 +628,74 @@ async fn presence_is_back_within_5s_of_a_redis_restart_with_redis_a_hop_away() {
         assert!(matches!(c.request(7, Body::Ping).await, Body::Pong));
     }
 }
+
+/// Route-login churn with Redis a hop away (~1.4 ms): while 1,000 users stay connected,
+/// 16 workers log fresh users in through `POST /login` and disconnect them again for 5 s.
+/// No route login is refused, nobody who stayed drops out (no node is reaped, no rebuild
+/// kicks anyone), and once everyone has left `GET /online` is empty: no ghost entries.
+#[tokio::test]
+async fn route_login_churn_with_redis_a_hop_away_leaves_no_ghost() {
+    const STAYING: u64 = 1_000;
+    const WORKERS: u64 = 16;
+    const CHURN_FOR: Duration = Duration::from_secs(5);
+    let redis = OwnRedis::start().await;
+    let upstream = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+    let proxy = DelayProxy::start(upstream, Duration::from_micros(600)).await;
+    let cluster = Cluster::start(&proxy.url(), &["node-a", "node-b"], 6, &["--no-rate-limits"]).await;
+    let (a, b) = (cluster.node("node-a"), cluster.node("node-b"));
+    let mut staying = Vec::new();
+    let mut placement = BTreeMap::new();
+    for id in 1..=STAYING {
+        let host = if id % 2 == 0 { a } else { b };
+        staying.push(RawClient::login_tcp(host, id, &format!("u{id}")).await);
+        placement.insert(id, host.node_id.clone());
+    }
+    wait_online_nodes(a, &placement).await;
+
+    let started = Instant::now();
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let route = if w % 2 == 0 { a.http } else { b.http };
+            tokio::spawn(async move {
+                let (mut logins, mut refused) = (0u64, Vec::new());
+                let mut id = 1_000_000 + w * 1_000_000;
+                while started.elapsed() < CHURN_FOR {
+                    id += 1;
+                    let body = login_body(id, "churn");
+                    let (status, answer) = common::http(route, "POST", "/login", Some(&body)).await.unwrap();
+                    if status != 200 {
+                        refused.push(format!("{status} {answer}"));
+                        continue;
+                    }
+                    let addr = answer["tcp_addr"].as_str().expect("tcp_addr").to_owned();
+                    let stream = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+                    let mut c = RawClient::Tcp(tokio_util::codec::Framed::new(stream, Default::default()));
+                    c.login(id, "churn").await;
+                    logins += 1;
+                }
+                (logins, refused)
+            })
+        })
+        .collect();
+    let (mut logins, mut refused) = (0, Vec::new());
+    for w in workers {
+        let (n, r) = w.await.unwrap();
+        logins += n;
+        refused.extend(r);
+    }
+    let rate = logins as f64 / started.elapsed().as_secs_f64();
+    eprintln!(
+        "churn: {logins} route logins + connects + disconnects, {rate:.0}/s; refused: {}",
+        refused.len()
+    );
+    assert!(refused.is_empty(), "route logins refused: {:?}", &refused[..refused.len().min(5)]);
+
+    // Those who stayed are all still there: the churn did not make any node drop them.
+    for host in [a, b] {
+        wait_online_nodes(host, &placement).await;
+    }
+    drop(staying);
+    for host in [a, b] {
+        wait_online_nodes(host, &BTreeMap::new()).await;
+    }
+}
