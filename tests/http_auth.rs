@@ -299,3 +299,34 @@ async fn the_admin_api_can_have_its_own_listener() {
     let (status, _, _) = http_with(admin, "GET", "/healthz", &[], None).await.unwrap();
     assert_eq!(status, 404);
 }
+
+/// `cim-host rollback` reads its token from a file and reaches the admin listener; with an
+/// `https://` URL it speaks TLS (here to a plain HTTP port, so the handshake fails).
+#[tokio::test]
+async fn the_admin_cli_reads_a_token_file_and_speaks_https() {
+    let host = Host::start(&["--admin-http", "127.0.0.1:0"]).await.unwrap();
+    let admin = host.admin.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
+    let cli = |to: String| {
+        let token_file = token_file.clone();
+        async move {
+            tokio::process::Command::new(common::binary("cim-host"))
+                .args(["rollback", "group-send", "--to", &to, "--token-file"])
+                .arg(&token_file)
+                .env_remove("CIM_ADMIN_TOKEN")
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    // Nothing was pushed: the host's own answer proves the token was accepted.
+    let out = cli(format!("http://{admin}")).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("409"), "{stderr}");
+    let out = cli(format!("https://{admin}")).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !stderr.contains("must be an http"), "{stderr}");
+    assert!(!stderr.contains(ADMIN_TOKEN), "{stderr}");
+}

@@ -75,8 +75,8 @@ enum Command {
 struct AdminTokenArgs {
     /// The host's admin token (better: CIM_ADMIN_TOKEN or --token-file, which stay out of
     /// the process list).
-    #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_token)]
+    token: Option<Token>,
     /// A file holding the host's admin token (one trailing newline is ignored); wins over
     /// --token.
     #[arg(long, value_name = "FILE")]
@@ -87,8 +87,8 @@ impl AdminTokenArgs {
     fn secret(&self) -> anyhow::Result<Secret> {
         match (&self.token, &self.token_file) {
             (_, Some(file)) => Secret::from_file(file).context("--token-file"),
-            (Some(t), None) => Secret::new(t.as_bytes(), "--token / CIM_ADMIN_TOKEN").map_err(Into::into),
-            (None, None) => anyhow::bail!("no admin token: set CIM_ADMIN_TOKEN or pass --token-file FILE"),
+            (Some(Token(Some(t))), None) => Ok(t.clone()),
+            _ => anyhow::bail!("no admin token: set CIM_ADMIN_TOKEN or pass --token-file FILE"),
         }
     }
 }
@@ -142,7 +142,9 @@ struct AuthArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=300))]
     auth_leeway_secs: u64,
     /// The key backend services send (`Authorization: Bearer <key>`) to the service endpoints
-    /// (`/send/*`, `/offline`, `/online`, anyone's `/history`): a file with the raw key.
+    /// (`/send/*`, `/offline`, `/online`, anyone's `/history`, and `/metrics` with
+    /// --metrics-require-key): a file with the raw key. With user tokens but no key, those
+    /// endpoints are closed.
     #[arg(long, env = "CIM_API_KEY_FILE", value_name = "FILE")]
     api_key_file: Option<PathBuf>,
     /// Serve without authentication on non-loopback addresses anyway. Anyone who can reach
@@ -164,7 +166,8 @@ struct UpArgs {
     /// Address of the TCP listener for clients (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:9000")]
     tcp: SocketAddr,
-    /// Address of the HTTP listener: route API, /ws, /healthz, /metrics, /admin (port 0 picks a free port).
+    /// Address of the HTTP listener: route API, /ws, /healthz, /metrics, and /admin unless
+    /// --admin-http gives it a listener of its own (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
     /// Where clients reach the TCP listener (`HOST:PORT`), as the route API hands it out
@@ -214,8 +217,8 @@ struct UpArgs {
     data_dir: PathBuf,
     /// Enables the admin API (/admin/...) with this bearer token; without a token the admin
     /// API answers 404. Prefer --admin-token-file or CIM_ADMIN_TOKEN (kept out of `ps`).
-    #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
+    #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_token)]
+    admin_token: Option<Token>,
     /// Enables the admin API with the token in this file (one trailing newline is ignored);
     /// wins over --admin-token.
     #[arg(long, env = "CIM_ADMIN_TOKEN_FILE", value_name = "FILE")]
@@ -420,13 +423,22 @@ fn auth(args: &AuthArgs, listeners: &[(&str, SocketAddr)]) -> anyhow::Result<Aut
     Ok(Auth { users: users.map(Arc::new), api_key })
 }
 
+/// A token given on the command line or in the environment, held as a [`Secret`] from the
+/// start so that no `Debug` of the arguments shows it; empty: none.
+#[derive(Debug, Clone)]
+struct Token(Option<Secret>);
+
+fn parse_token(s: &str) -> Result<Token, String> {
+    Ok(Token(Secret::new(s.as_bytes(), "token").ok()))
+}
+
 /// The admin token from `--admin-token`/CIM_ADMIN_TOKEN or `--admin-token-file`; `None`
 /// (admin API off) when neither is given or the token is empty.
-fn admin_token(token: Option<&str>, file: Option<&Path>) -> anyhow::Result<Option<Secret>> {
+fn admin_token(token: Option<&Token>, file: Option<&Path>) -> anyhow::Result<Option<Secret>> {
     match (token, file) {
         (_, Some(file)) => Ok(Some(Secret::from_file(file).context("--admin-token-file")?)),
-        (Some(t), None) if !t.is_empty() => Ok(Some(Secret::new(t.as_bytes(), "--admin-token")?)),
-        _ => Ok(None),
+        (Some(Token(t)), None) => Ok(t.clone()),
+        (None, None) => Ok(None),
     }
 }
 
@@ -506,7 +518,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         let deployments =
             Arc::new(Deployments::new(&args.data_dir, Arc::new(manifest), runtime.clone(), shared));
         deployments.restore().await?;
-        let admin = admin_token(args.admin_token.as_deref(), args.admin_token_file.as_deref())?
+        let admin = admin_token(args.admin_token.as_ref(), args.admin_token_file.as_deref())?
             .map(|t| Admin::new(t, deployments.clone()));
         Services {
             store,
