@@ -255,3 +255,72 @@ fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::auth::token::{self, Expectations, MintRequest};
+    use crate::auth::{Secret, Verifier};
+
+    fn auth(users: bool, key: bool) -> (Auth, Secret) {
+        let secret = Secret::new("0123456789abcdef0123456789abcdef", "test").unwrap();
+        let users = users.then(|| Arc::new(Verifier::hmac(&secret, Expectations::default()).unwrap()));
+        let api_key = key.then(|| Arc::new(Secret::new("the-key", "test").unwrap()));
+        (Auth { users, api_key }, secret)
+    }
+
+    fn header(v: &str) -> HeaderValue {
+        HeaderValue::from_str(v).unwrap()
+    }
+
+    #[test]
+    fn the_api_key_is_tried_first_then_a_user_token() {
+        let (auth, secret) = auth(true, true);
+        let req = MintRequest { user_id: 7, ttl: Duration::from_secs(60), ..MintRequest::default() };
+        let jwt = token::mint(&secret, &req).unwrap();
+        assert!(matches!(Caller::from_header(&auth, Some(&header("Bearer the-key"))), Caller::Service));
+        assert!(matches!(Caller::from_header(&auth, Some(&header("bearer the-key"))), Caller::Service));
+        let user = Caller::from_header(&auth, Some(&header(&format!("Bearer {jwt}"))));
+        assert!(matches!(&user, Caller::User(v) if v.user_id == 7), "{user:?}");
+        assert!(user.service(&auth).is_err());
+        assert!(matches!(Caller::from_header(&auth, Some(&header("Bearer nope"))), Caller::Refused(_)));
+        assert!(matches!(Caller::from_header(&auth, Some(&header("Basic the-key"))), Caller::Nobody));
+        assert!(matches!(Caller::from_header(&auth, None), Caller::Nobody));
+    }
+
+    #[test]
+    fn service_endpoints_by_configuration() {
+        let (dev, _) = auth(false, false);
+        assert!(Caller::from_header(&dev, None).service(&dev).is_ok());
+        let (no_key, _) = auth(true, false);
+        let err = Caller::from_header(&no_key, Some(&header("Bearer the-key"))).service(&no_key).unwrap_err();
+        assert!(err.message.contains("--api-key-file"), "{err:?}");
+        let (key_only, _) = auth(false, true);
+        assert!(Caller::from_header(&key_only, None).service(&key_only).is_err());
+        assert!(Caller::from_header(&key_only, Some(&header("Bearer the-key"))).service(&key_only).is_ok());
+        assert!(Caller::from_header(&key_only, Some(&header("Bearer wrong"))).service(&key_only).is_err());
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json(Some(&header("application/json"))));
+        assert!(is_json(Some(&header("Application/JSON; charset=utf-8"))));
+        assert!(!is_json(Some(&header("text/plain"))));
+        assert!(!is_json(Some(&header("application/jsonp"))));
+        assert!(!is_json(None));
+    }
+
+    #[test]
+    fn rate_limited_answers_carry_retry_after() {
+        let resp = ApiError {
+            retry_after_ms: Some(1500),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "slow down")
+        }
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[RETRY_AFTER], "2");
+    }
+}
