@@ -268,12 +268,17 @@ async fn http_connections_beyond_the_cap_are_refused_while_tcp_chat_works() {
     // TCP chat is untouched.
     let mut alice = RawClient::login_tcp(&host, 1, "alice").await;
     assert!(matches!(alice.request(2, Body::Ping).await, Body::Pong));
-    // Freeing a slot lets HTTP in again.
+    // Freeing a slot lets HTTP in again, and the refusal was counted.
     held.pop();
-    wait_for("an HTTP slot", || async {
-        http_with(host.http, "GET", "/healthz", &[], None).await.ok().filter(|(s, _, _)| *s == 200)
+    let (_, _, metrics) = wait_for("an HTTP slot", || async {
+        http_with(host.http, "GET", "/metrics", &[], None).await.ok().filter(|(s, _, _)| *s == 200)
     })
     .await;
+    let metrics = metrics.as_str().unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("cim_http_connections_refused_total{") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -126,6 +126,7 @@ pub async fn serve(listener: TcpListener, app: axum::Router, sessions: Sessions)
             _ = sessions.shutdown.cancelled() => break,
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
+            crate::metrics::Metrics::inc(&sessions.router.metrics.http_connections_refused_total);
             debug!(%peer, max = config.max_connections, "http connection refused: at the connection cap");
             drop(socket);
             continue;

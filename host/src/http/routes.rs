@@ -146,7 +146,10 @@ async fn login(
         };
         User { id, name }
     };
-    config.rate_limits.check(Action::Login, Some(user.id), Some(peer.ip()))?;
+    if let Err(limited) = config.rate_limits.check(Action::Login, Some(user.id), Some(peer.ip())) {
+        crate::metrics::Metrics::inc(&s.router.metrics.rate_limited_total);
+        return Err(limited.into());
+    }
     let answer = s.router.route_login(&user).await?;
     let mut value = serde_json::to_value(answer).unwrap_or_else(|_| json!({}));
     value["user_id"] = json!(user.id);
