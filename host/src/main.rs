@@ -16,7 +16,7 @@ use cim_host::limits::{Rate, RateConfig, RateLimits};
 use cim_host::manifest::Manifest;
 use cim_host::node::Services;
 use cim_host::runtime::{Runtime, RuntimeConfig};
-use cim_host::store::Store;
+use cim_host::store::{Quota, Store};
 use cim_host::{Config, Node};
 use clap::{Args, Parser, Subcommand};
 use tracing::{info, warn};
@@ -256,6 +256,20 @@ struct UpArgs {
     /// Memory cap of one handler instance, in MiB.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     handler_memory_mib: u64,
+    /// The most keys one key-value store may hold; a component's write past it gets
+    /// `too-large`. Exact on the memory store; counted by the hosts on Redis
+    /// (`<prefix>kv-usage:<store>`), which concurrent writers may overshoot a little.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    kv_max_keys: u64,
+    /// The most one key-value store may hold, in MiB (keys plus values, a list counting its
+    /// entries); counted like --kv-max-keys.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    kv_max_mib: u64,
+    /// Log lines each handler component may write: `RATE` per second or `RATE:BURST`; `0`
+    /// turns the limit off. Lines over it are dropped, and the next line written is preceded
+    /// by one saying how many were.
+    #[arg(long, default_value = "100:200")]
+    handler_log_rate: Rate,
     /// Use the built-in native handlers instead of the manifest's components (for comparisons).
     #[arg(long)]
     builtin_handlers: bool,
@@ -506,6 +520,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             deadline: Duration::from_millis(args.handler_deadline_ms),
             callback_deadline: Duration::from_millis(args.callback_deadline_ms),
             memory_cap: usize::try_from(args.handler_memory_mib << 20).unwrap_or(usize::MAX),
+            kv_quota: Quota { max_keys: args.kv_max_keys, max_bytes: args.kv_max_mib << 20 },
+            log_rate: args.handler_log_rate,
             ..RuntimeConfig::with_data_dir(&args.data_dir)
         })?);
         runtime.install_manifest(&manifest).await.with_context(|| {

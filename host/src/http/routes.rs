@@ -17,6 +17,7 @@ use super::extract::{ApiError, ApiJson, Caller, json_response};
 use crate::handlers::builtin::{GROUP_HISTORY_KEY, HISTORY_LEN, HISTORY_STORE, history_key};
 use crate::limits::Action;
 use crate::router::RouteError;
+use crate::store::MAX_PAGE;
 use crate::transport::Sessions;
 
 /// The browser chat page: WebSocket at `/ws`, route login at `/login`.
@@ -94,8 +95,10 @@ async fn history(State(s): State<Sessions>, caller: Caller, Path(id): Path<Strin
         _ => caller.service(&s.router.config().auth)?,
     }
     let store = s.router.store();
-    let mine = store.kv_range(HISTORY_STORE, &history_key(id), 0, -1).await.map_err(RouteError::from)?;
-    let group = store.kv_range(HISTORY_STORE, GROUP_HISTORY_KEY, 0, -1).await.map_err(RouteError::from)?;
+    let mine =
+        store.kv_range(HISTORY_STORE, &history_key(id), 0, -1, MAX_PAGE).await.map_err(RouteError::from)?;
+    let group =
+        store.kv_range(HISTORY_STORE, GROUP_HISTORY_KEY, 0, -1, MAX_PAGE).await.map_err(RouteError::from)?;
     // Entries are JSON written by the message callback; anything else is shown as text.
     let mut messages: Vec<Value> = mine
         .iter()
