@@ -335,3 +335,17 @@ async fn the_admin_cli_reads_a_token_file_and_speaks_https() {
     assert!(!out.status.success() && !stderr.contains("must be an http"), "{stderr}");
     assert!(!stderr.contains(ADMIN_TOKEN), "{stderr}");
 }
+
+/// A connection that sends no request (a slowloris, or an idle keep-alive) gives its slot back
+/// at the header timeout.
+#[tokio::test]
+async fn a_silent_connection_is_closed_at_the_header_timeout() {
+    let host = Host::start(&["--http-header-timeout", "1s"]).await.unwrap();
+    let mut conn = TcpStream::connect(host.http).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n =
+        tokio::time::timeout(DEADLINE, conn.read(&mut buf)).await.expect("the silent connection stayed open");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
+}
