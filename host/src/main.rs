@@ -259,11 +259,11 @@ struct UpArgs {
     /// The most keys one key-value store may hold; a component's write past it gets
     /// `too-large`. Exact on the memory store; counted by the hosts on Redis
     /// (`<prefix>kv-usage:<store>`), which concurrent writers may overshoot a little.
-    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     kv_max_keys: u64,
     /// The most one key-value store may hold, in MiB (keys plus values, a list counting its
     /// entries); counted like --kv-max-keys.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     kv_max_mib: u64,
     /// Log lines each handler component may write: `RATE` per second or `RATE:BURST`; `0`
     /// turns the limit off. Lines over it are dropped, and the next line written is preceded

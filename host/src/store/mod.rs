@@ -77,7 +77,7 @@ impl Quota {
 impl Default for Quota {
     /// 100,000 keys and 64 MiB per store.
     fn default() -> Self {
-        Quota { max_keys: 100_000, max_bytes: 64 << 20 }
+        Quota { max_keys: 1_000_000, max_bytes: 1 << 30 }
     }
 }
 
