@@ -8,6 +8,7 @@
 #
 #   bench/cluster.sh            # ~2 minutes after the build
 #   QUICK=1 bench/cluster.sh    # smaller numbers, to check the script itself
+#   bench/cluster.sh hop        # instead: Redis a network hop away (see hop() below)
 #
 # It starts everything it measures (the Redis servers on free ports, no persistence) and
 # stops it at the end; the shared Redis on 6379 is not touched. Raw JSON stays in $RESULTS.
@@ -19,6 +20,69 @@ RESULTS=${RESULTS:-$(mktemp -d /tmp/cim-cluster-bench.XXXXXX)}
 if [ "$QUICK" = 1 ]; then MSGS=1000; RUNS=1; USERS=200; GMSGS=10; else MSGS=10000; RUNS=3; USERS=1000; GMSGS=50; fi
 mkdir -p "$RESULTS"
 log() { printf '\n=== %s\n' "$*" >&2; }
+
+# Redis a network hop away: two nodes reach their Redis through the delaying TCP proxy of the
+# end-to-end tests (tests/common/proxy.rs), at ~1.4 ms and ~2.5 ms round trip, with HOP_USERS
+# connections (default 12,000). Per delay: a Redis restarted empty (how long until GET /online
+# is whole again; then whether it stays whole, i.e. no live node is reaped) and route-login
+# churn (logins/s, refused route logins, users who stayed but dropped out, ghost entries after
+# everyone left). The measuring is the tests' own, run at this scale; PROFILE=release builds
+# them optimised (a second full build: mind the disk).
+hop() {
+  local users=${HOP_USERS:-12000} profile=()
+  [ "${PROFILE:-debug}" = release ] && profile=(--release)
+  mkdir -p "$RESULTS"
+  for delay in 600 1250; do
+    for t in presence_is_back_within_5s_of_a_redis_restart_with_redis_a_hop_away \
+             route_login_churn_with_redis_a_hop_away_leaves_no_ghost; do
+      log "$t, ${delay} us each way, $users users"
+      if CIM_TEST_HOP_USERS=$users CIM_TEST_HOP_DELAY_US=$delay \
+        cargo test "${profile[@]}" -q -p cim-tests --test cluster "$t" -- --exact --nocapture \
+        >"$RESULTS/hop-$delay-$t.log" 2>&1; then
+        echo ok >>"$RESULTS/hop-$delay-$t.log"
+      else
+        echo FAILED >>"$RESULTS/hop-$delay-$t.log"
+      fi
+    done
+  done
+  log "results"
+  python3 - "$RESULTS" "$users" <<'EOF'
+import pathlib, re, sys
+d, users = pathlib.Path(sys.argv[1]), sys.argv[2]
+R = "presence_is_back_within_5s_of_a_redis_restart_with_redis_a_hop_away"
+C = "route_login_churn_with_redis_a_hop_away_leaves_no_ghost"
+cols = ["600", "1250"]
+def text(delay, test):
+    return (d / f"hop-{delay}-{test}.log").read_text()
+def grab(delay, test, pattern):
+    m = re.search(pattern, text(delay, test))
+    if not m:
+        return "—"
+    v = m.group(1)
+    # Rust's Duration debug form (533.378678ms, 1.231925488s) to 2 decimals.
+    d_ = re.fullmatch(r"([0-9.]+)(ms|s)", v)
+    if d_ and "." in v:
+        return f"{float(d_.group(1)):.2f} {d_.group(2)}"
+    return v
+rtt = [grab(c, R, r"round trip through the proxy: ([0-9.]+m?s)") for c in cols]
+print(f"| two nodes, {users} connections | " + " | ".join(f"Redis {r} away" for r in rtt) + " |")
+print("|---|" + "---:|" * len(cols))
+rows = [
+    ("Redis restarted empty: presence back on `GET /online`", R, r"users back on GET /online ([0-9.]+m?s)"),
+    ("then `GET /online` stays whole, no live node reaped", R, r"no live node reaped: GET /online stayed whole for ([0-9]+s)"),
+    ("route-login churn: logins/s", C, r"disconnects, ([0-9]+)/s"),
+    ("route logins refused", C, r"refused: ([0-9]+)"),
+    ("staying users missing / extra entries after the churn (node a)", C, r"after the churn on node-a: ([0-9]+ missing, [0-9]+ extra)"),
+    ("ghost entries after every client disconnected", C, r"disconnected: ([0-9]+)"),
+]
+for label, test, pattern in rows:
+    print(f"| {label} | " + " | ".join(grab(c, test, pattern) for c in cols) + " |")
+outcome = [f"{text(c, R).split()[-1]} / {text(c, C).split()[-1]}" for c in cols]
+print("| test outcome (restart / churn) | " + " | ".join(outcome) + " |")
+EOF
+  log "raw logs in $RESULTS"
+}
+if [ "${1:-}" = hop ]; then hop; exit 0; fi
 
 log "building (release)"
 cargo build --release -p cim-host -p cim-bench >&2

@@ -399,6 +399,15 @@ async fn a_redis_cluster_serves_every_store_operation() {
     let online: Vec<u64> = store.online().await.unwrap().iter().map(|e| e.user.id).collect();
     assert_eq!(online, vec![6]);
 
+    // Bulk presence (a rebuild): one script per batch on the presence slot.
+    let rebuilt = [entry(7, "alive", 7), entry(8, "alive", 8), entry(6, "alive", 99)];
+    let found = store.restore_many("alive", &rebuilt).await.unwrap();
+    assert_eq!(found[..2], [Restored::Claimed, Restored::Claimed]);
+    assert!(matches!(&found[2], Restored::Taken(e) if e.conn_id == 6), "{found:?}");
+    assert_eq!(store.restore_many("alive", &rebuilt[..1]).await.unwrap(), vec![Restored::Held]);
+    assert_eq!(store.release_many("alive", &[(7, 7), (8, 1)]).await.unwrap(), 1, "8 is on another conn");
+    assert_eq!(store.release_many("alive", &[(8, 8)]).await.unwrap(), 1);
+
     // Bus: an inbox message reaches its node only; a broadcast reaches every node.
     let bus = Bus::new(&store);
     let mut a = bus.subscribe("a").await.unwrap();
