@@ -26,7 +26,8 @@ log() { printf '\n=== %s\n' "$*" >&2; }
 # connections (default 12,000). Per delay: a Redis restarted empty (how long until GET /online
 # is whole again; then whether it stays whole, i.e. no live node is reaped) and route-login
 # churn (logins/s, refused route logins, users who stayed but dropped out, ghost entries after
-# everyone left). The measuring is the tests' own, run at this scale; PROFILE=release builds
+# everyone left; HOP_WORKERS churn workers, default 32). The measuring is the tests' own, run
+# at this scale; PROFILE=release builds
 # them optimised (a second full build: mind the disk).
 hop() {
   local users=${HOP_USERS:-12000} profile=()
@@ -36,7 +37,7 @@ hop() {
     for t in presence_is_back_within_5s_of_a_redis_restart_with_redis_a_hop_away \
              route_login_churn_with_redis_a_hop_away_leaves_no_ghost; do
       log "$t, ${delay} us each way, $users users"
-      if CIM_TEST_HOP_USERS=$users CIM_TEST_HOP_DELAY_US=$delay \
+      if CIM_TEST_HOP_USERS=$users CIM_TEST_HOP_DELAY_US=$delay CIM_TEST_CHURN_WORKERS=${HOP_WORKERS:-32} \
         cargo test "${profile[@]}" -q -p cim-tests --test cluster "$t" -- --exact --nocapture \
         >"$RESULTS/hop-$delay-$t.log" 2>&1; then
         echo ok >>"$RESULTS/hop-$delay-$t.log"

@@ -653,11 +653,11 @@ async fn presence_is_back_within_5s_of_a_redis_restart_with_redis_a_hop_away() {
 /// 16 workers log fresh users in through `POST /login` and disconnect them again for 5 s.
 /// No route login is refused, nobody who stayed drops out (no node is reaped, no rebuild
 /// kicks anyone), and once everyone has left `GET /online` is empty: no ghost entries.
-/// `CIM_TEST_HOP_USERS` (staying), `CIM_TEST_HOP_DELAY_US` (one way) and
-/// `CIM_TEST_CHURN_SECS` change the scale by hand.
+/// `CIM_TEST_HOP_USERS` (staying), `CIM_TEST_HOP_DELAY_US` (one way), `CIM_TEST_CHURN_SECS`
+/// and `CIM_TEST_CHURN_WORKERS` change the scale by hand.
 #[tokio::test]
 async fn route_login_churn_with_redis_a_hop_away_leaves_no_ghost() {
-    const WORKERS: u64 = 16;
+    let workers = env_or("CIM_TEST_CHURN_WORKERS", 16);
     let staying_users = env_or("CIM_TEST_HOP_USERS", 1_000);
     let churn_for = Duration::from_secs(env_or("CIM_TEST_CHURN_SECS", 5));
     let redis = OwnRedis::start().await;
@@ -677,7 +677,7 @@ async fn route_login_churn_with_redis_a_hop_away_leaves_no_ghost() {
     assert_eq!(settle(a, &placement, DEADLINE).await, (0, 0), "(missing, extra) after the logins");
 
     let started = Instant::now();
-    let workers: Vec<_> = (0..WORKERS)
+    let workers: Vec<_> = (0..workers)
         .map(|w| {
             let route = if w % 2 == 0 { a.http } else { b.http };
             tokio::spawn(async move {
