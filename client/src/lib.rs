@@ -34,6 +34,8 @@
 //! - [`config`], [`error`], [`handler`]: settings, [`ClientError`], [`MessageHandler`]
 //!   and [`ClientEvent`].
 //! - [`input`]: what a line typed into the terminal client means.
+//! - [`token`]: [`TokenProvider`] (a fresh user token for each login and refresh), reading a
+//!   token's claims unverified, and when to refresh.
 
 mod backoff;
 pub mod client;
@@ -45,6 +47,7 @@ pub mod input;
 mod pending;
 pub mod route;
 mod supervisor;
+pub mod token;
 mod transport;
 
 #[cfg(test)]
@@ -56,3 +59,4 @@ pub use config::{ClientConfig, ReconnectPolicy, Transport};
 pub use error::ClientError;
 pub use handler::{ClientEvent, MessageHandler};
 pub use route::RouteInfo;
+pub use token::{StaticToken, TokenProvider, token_fn};
