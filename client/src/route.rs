@@ -46,7 +46,7 @@ pub struct Credentials<'a> {
 struct LoginRequest<'a> {
     #[serde(skip_serializing_if = "is_zero")]
     user_id: u64,
-    #[serde(skip_serializing_if = "str::is_empty")]
+    /// Always sent (possibly empty): route APIs before tokens require it.
     user_name: &'a str,
 }
 
@@ -231,7 +231,7 @@ mod tests {
         assert_eq!((info.user_id, info.user_name.as_str()), (42, "bob"));
         let request = route.requests().remove(0);
         assert!(request.to_ascii_lowercase().contains("authorization: bearer tok.en.sig\r\n"), "{request}");
-        assert!(request.ends_with("{}"), "no user in the body: {request}");
+        assert!(request.ends_with(r#"{"user_name":""}"#), "no user id in the body: {request}");
     }
 
     #[tokio::test]
