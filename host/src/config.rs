@@ -22,6 +22,12 @@ pub struct Config {
     pub max_connections: usize,
     /// Frames queued for one client before it counts as a slow consumer and is disconnected.
     pub outbound_queue: usize,
+    /// Bytes queued for one client before it counts as a slow consumer (a single larger frame
+    /// still fits an empty queue).
+    pub outbound_queue_bytes: usize,
+    /// A write to a client that makes no progress for this long closes the connection (the
+    /// client stopped reading).
+    pub write_timeout: Duration,
     /// Longest message text accepted, in bytes.
     pub max_text: usize,
     /// Longest user name accepted, in bytes.
@@ -55,6 +61,8 @@ impl Default for Config {
             max_frame: cim_proto::DEFAULT_MAX_FRAME,
             max_connections: 15_000,
             outbound_queue: 1024,
+            outbound_queue_bytes: 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
             max_text: 16 * 1024,
             max_name: 64,
             max_http_body: 64 * 1024,

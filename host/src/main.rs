@@ -11,6 +11,7 @@ use cim_host::auth::{Auth, Secret, Verifier, token};
 use cim_host::cluster::{Cluster, Strategy};
 use cim_host::deploy::{Deployments, Shared};
 use cim_host::handlers::Backend;
+use cim_host::limits::{Rate, RateConfig, RateLimits};
 use cim_host::manifest::Manifest;
 use cim_host::node::Services;
 use cim_host::runtime::{Runtime, RuntimeConfig};
@@ -165,6 +166,22 @@ struct UpArgs {
     /// Frames queued for one client before it is disconnected as a slow consumer.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     outbound_queue: u64,
+    /// Bytes queued for one client before it is disconnected as a slow consumer.
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    outbound_queue_bytes: u64,
+    /// Seconds a write to a client may make no progress before the connection is closed (a
+    /// client that pings but never reads).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    write_timeout: u64,
+    /// A rate limit, `ACTION.SCOPE=RATE[:BURST]` per second (burst defaults to twice the
+    /// rate; 0 turns it off); repeatable. ACTION: send, online, login; SCOPE: user, ip.
+    /// Defaults: send.user=50:200 send.ip=500:2000 online.user=2:10 online.ip=20:100
+    /// login.user=2:10 login.ip=20:100.
+    #[arg(long = "rate-limit", value_name = "ACTION.SCOPE=RATE[:BURST]", value_parser = parse_rate_limit)]
+    rate_limits: Vec<(String, Rate)>,
+    /// Turn every rate limit off (benchmarks; a closed test network).
+    #[arg(long, conflicts_with = "rate_limits")]
+    no_rate_limits: bool,
     /// Seconds a new connection has to send LOGIN.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     login_timeout: u64,
@@ -244,6 +261,35 @@ fn parse_host_port(s: &str) -> Result<String, String> {
         return Err(format!("bad host {host:?} (an IPv6 address goes in brackets: [::1]:9000)"));
     }
     Ok(s.to_owned())
+}
+
+fn parse_rate_limit(s: &str) -> Result<(String, Rate), String> {
+    let (key, rate) = s.split_once('=').ok_or("expected ACTION.SCOPE=RATE[:BURST], e.g. send.user=50:200")?;
+    let valid = ["send.user", "send.ip", "online.user", "online.ip", "login.user", "login.ip"];
+    if !valid.contains(&key) {
+        return Err(format!("unknown limit {key:?}; one of {}", valid.join(", ")));
+    }
+    Ok((key.to_owned(), rate.parse()?))
+}
+
+fn rate_config(args: &UpArgs) -> RateConfig {
+    if args.no_rate_limits {
+        return RateConfig::OFF;
+    }
+    let mut config = RateConfig::default();
+    for (key, rate) in &args.rate_limits {
+        let (action, scope) = key.split_once('.').unwrap_or_default();
+        let rates = match action {
+            "send" => &mut config.send,
+            "online" => &mut config.online,
+            _ => &mut config.login,
+        };
+        match scope {
+            "user" => rates.per_user = *rate,
+            _ => rates.per_ip = *rate,
+        }
+    }
+    config
 }
 
 fn parse_claims(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
@@ -327,8 +373,13 @@ fn load_manifest(path: &Path) -> anyhow::Result<Manifest> {
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
     let auth = auth(&args.auth, &[("tcp", args.tcp), ("http", args.http)])?;
+    let rates = rate_config(&args);
+    info!(sends = ?rates.send, online = ?rates.online, logins = ?rates.login, "rate limits");
     let mut config = Config {
         auth,
+        rate_limits: Arc::new(RateLimits::new(rates)),
+        outbound_queue_bytes: usize::try_from(args.outbound_queue_bytes).unwrap_or(1 << 20),
+        write_timeout: Duration::from_secs(args.write_timeout),
         heartbeat: Duration::from_secs(args.heartbeat),
         max_frame: args.max_frame,
         max_connections: args.max_connections,

@@ -38,12 +38,14 @@ metrics! {
     connections_refused_total: "counter", "Connections refused because the limit was reached.";
     logins_total: "counter", "Successful logins.";
     login_failures_total: "counter", "Logins refused (bad token, duplicate, rejected, invalid).";
+    rate_limited_total: "counter", "Requests refused by a rate limit (sends, online requests, logins).";
     token_expiries_total: "counter", "Connections closed because their token expired without a refresh.";
     frames_in_total: "counter", "Frames received from clients.";
     bad_frames_total: "counter", "Frames that could not be decoded.";
     messages_total: "counter", "Messages accepted (private and group).";
     deliveries_total: "counter", "Deliveries queued to recipients.";
     slow_consumers_total: "counter", "Clients disconnected because their outbound queue was full.";
+    write_timeouts_total: "counter", "Connections closed because a write made no progress (the client stopped reading).";
     idle_timeouts_total: "counter", "Connections closed after missing heartbeats.";
     handler_failures_total: "counter", "Handler calls that failed (trap, timeout, memory cap).";
     callbacks_dropped_total: "counter", "Delivered messages whose callback was skipped (its worker stopped).";

@@ -68,6 +68,19 @@ fn advertised_addr(
     Ok(bound.to_string())
 }
 
+/// Now and then forgets the rate-limit buckets of users and addresses that went quiet, so
+/// the limiters hold only recent clients.
+async fn forget_idle_rate_limits(limits: Arc<crate::limits::RateLimits>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => limits.forget_idle(),
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// A running node.
 #[derive(Debug)]
 pub struct Node {
@@ -128,6 +141,7 @@ impl Node {
             router.set_cluster(cluster.clone());
             tracker.spawn(crate::cluster::member::run(cluster, router.clone(), me, inbox, shutdown.clone()));
         }
+        tracker.spawn(forget_idle_rate_limits(router.config().rate_limits.clone(), shutdown.clone()));
         let sessions = Sessions::new(router.clone(), services.admin, shutdown.clone(), tracker.clone());
         tracker.spawn(transport::tcp::serve(tcp, sessions.clone()));
         tracker.spawn(crate::api::serve(http, sessions));

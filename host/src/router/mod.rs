@@ -23,7 +23,7 @@ mod turn;
 
 use messages::{CALLBACK_QUEUE, callback_worker};
 
-pub use conn::{Closer, Closing, LocalConn};
+pub use conn::{Closer, Closing, LocalConn, Outbox, OutboxRx, Refused};
 pub use turn::Turn;
 
 /// Why a request was refused; each maps to one protocol [`ErrorCode`] and HTTP status.

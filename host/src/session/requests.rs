@@ -1,260 +1,46 @@
-//! One client connection, whatever the transport: the login handshake, then a reader loop
-//! (requests, heartbeats, idle timeout) and a writer task draining a bounded queue.
+//! A logged-in connection's requests: the reader loop with heartbeat, idle and token-expiry
+//! deadlines, per-request rate limits, token refresh, and sends carried out in order.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cim_proto::{Body, CodecError, Encoded, ErrorCode, Frame, FrameError, MessageKind, User};
+use cim_proto::{Body, CodecError, Encoded, ErrorCode, Frame, MessageKind, User};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::mpsc;
+use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
+use super::{CLOSE_FLUSH, End, Inbound, fatal_code};
 use crate::handlers::{GroupDecision, HandlerError, Message, PrivateRequest, SendDecision};
+use crate::limits::Action;
 use crate::metrics::Metrics;
-use crate::router::{Closer, LocalConn, RouteError, Router, Turn};
-
-/// What a transport yields: a frame, a frame that could not be decoded (the connection can
-/// go on), or a fatal stream error.
-pub type Inbound = Result<Result<Frame, FrameError>, CodecError>;
-
-/// How long a closing connection may take to flush its last frames.
-const CLOSE_FLUSH: Duration = Duration::from_secs(2);
-
-/// Why a session ended, for the log.
-#[derive(Debug)]
-enum End {
-    ClientClosed,
-    IdleTimeout,
-    TokenExpired,
-    Closed,
-    Fatal(String),
-}
-
-impl std::fmt::Display for End {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            End::ClientClosed => f.write_str("client closed the connection"),
-            End::IdleTimeout => f.write_str("heartbeat missed"),
-            End::TokenExpired => f.write_str("token expired without a refresh"),
-            End::Closed => f.write_str("closed by the server"),
-            End::Fatal(e) => write!(f, "connection error: {e}"),
-        }
-    }
-}
-
-/// Runs one connection to completion. Never panics on client input; every way out
-/// removes the user's route and online state.
-pub async fn run<St, Si>(
-    router: Arc<Router>,
-    stream: St,
-    sink: Si,
-    peer: SocketAddr,
-    shutdown: CancellationToken,
-) where
-    St: Stream<Item = Inbound> + Unpin + Send,
-    Si: Sink<Encoded, Error = CodecError> + Unpin + Send + 'static,
-{
-    let conn_id = router.next_conn_id();
-    let span = info_span!("session", conn = conn_id, %peer, user = tracing::field::Empty);
-    run_inner(router, stream, sink, conn_id, shutdown).instrument(span).await;
-}
-
-async fn run_inner<St, Si>(
-    router: Arc<Router>,
-    mut stream: St,
-    mut sink: Si,
-    conn_id: u64,
-    shutdown: CancellationToken,
-) where
-    St: Stream<Item = Inbound> + Unpin + Send,
-    Si: Sink<Encoded, Error = CodecError> + Unpin + Send + 'static,
-{
-    let config = router.config().clone();
-    // --- Login handshake: the first frame must be LOGIN.
-    let first = tokio::select! {
-        first = tokio::time::timeout(config.login_timeout, stream.next()) => first,
-        _ = shutdown.cancelled() => return,
-    };
-    let (request_id, user_id, user_name, token) = match first {
-        Ok(Some(Ok(Ok(Frame { request_id, body: Body::Login { user_id, user_name, token } })))) => {
-            (request_id, user_id, user_name, token)
-        }
-        Ok(Some(Ok(Ok(frame)))) => {
-            let msg = format!("the first frame must be login, got {}", frame.body.kind_name());
-            return refuse(&mut sink, frame.request_id, ErrorCode::NotLoggedIn, msg).await;
-        }
-        Ok(Some(Ok(Err(e)))) => {
-            Metrics::inc(&router.metrics.bad_frames_total);
-            return refuse(&mut sink, 0, ErrorCode::BadFrame, e.to_string()).await;
-        }
-        Ok(Some(Err(e))) => return refuse_fatal(&mut sink, &router, e).await,
-        Ok(None) => return,
-        Err(_) => {
-            let msg = format!("no login within {} s", config.login_timeout.as_secs_f32());
-            return refuse(&mut sink, 0, ErrorCode::NotLoggedIn, msg).await;
-        }
-    };
-    // The token is checked before any handler runs; its `sub` is the user and its `name`,
-    // when present, the display name.
-    let verified = match config.auth.login(&token, user_id) {
-        Ok(v) => v,
-        Err(e) => {
-            Metrics::inc(&router.metrics.login_failures_total);
-            info!(user = user_id, error = %e, "login refused: bad token");
-            return refuse(&mut sink, request_id, e.code(), e.to_string()).await;
-        }
-    };
-    let user = match &verified {
-        Some(v) => User { id: v.user_id, name: v.name.clone().unwrap_or(user_name) },
-        None => User { id: user_id, name: user_name },
-    };
-    let expiry = verified.as_ref().map(|v| Expiry::new(v.expires_at_ms, &config));
-    tracing::Span::current().record("user", user.id);
-
-    let (tx, rx) = mpsc::channel(config.outbound_queue);
-    let closer = Closer::child_of(&shutdown);
-    let conn = LocalConn { conn_id, user: user.clone(), tx: tx.clone(), closer: closer.clone() };
-    // The ack goes into the queue before the user is reachable, so it is the first frame the
-    // client gets even if a message for them arrives at once. (If the login is refused, the
-    // queue is dropped unsent.)
-    let ack = Body::LoginAck {
-        node_id: config.node_id.clone(),
-        heartbeat_secs: config.heartbeat.as_secs().try_into().unwrap_or(u32::MAX),
-        user: user.clone(),
-        token_expires_at_ms: expiry.map_or(0, |e| e.at_ms),
-    };
-    let _ = tx.try_send(Encoded::from(Frame::new(request_id, ack)));
-    // Boxed, like the other rare or deep awaits below: their state would otherwise be part of
-    // every idle connection's task.
-    if let Err(e) = Box::pin(router.login(conn, verified)).await {
-        Metrics::inc(&router.metrics.login_failures_total);
-        info!(error = %e, "login refused");
-        return refuse(&mut sink, request_id, e.code(), e.to_string()).await;
-    }
-    info!(name = %user.name, "logged in");
-
-    let writer = tokio::spawn(write_loop(sink, rx, closer.clone()).in_current_span());
-    let mut session = Session { router: router.clone(), user, tx, closer: closer.clone(), expiry };
-    let end = session.read_loop(&mut stream, config.idle_timeout()).await;
-    router.logout(session.user.id, conn_id).await;
-    info!(reason = %end, "logged out");
-
-    // Let the writer flush what is queued (an error, a kick), then stop it.
-    drop(session);
-    closer.cancel();
-    let mut writer = writer;
-    if tokio::time::timeout(CLOSE_FLUSH, &mut writer).await.is_err() {
-        writer.abort();
-    }
-}
-
-/// Answers a connection that failed before login, then closes it.
-async fn refuse<Si>(sink: &mut Si, request_id: u64, code: ErrorCode, message: String)
-where
-    Si: Sink<Encoded, Error = CodecError> + Unpin,
-{
-    debug!(%code, %message, "refusing connection");
-    let frame = Frame::error(request_id, code, message);
-    let _ = tokio::time::timeout(CLOSE_FLUSH, async {
-        sink.send(Encoded::from(frame)).await?;
-        sink.close().await
-    })
-    .await;
-}
-
-async fn refuse_fatal<Si>(sink: &mut Si, router: &Router, e: CodecError)
-where
-    Si: Sink<Encoded, Error = CodecError> + Unpin,
-{
-    match e {
-        CodecError::Io(e) => debug!(error = %e, "connection failed"),
-        e => {
-            Metrics::inc(&router.metrics.bad_frames_total);
-            let code = fatal_code(&e);
-            warn!(error = %e, "closing connection");
-            refuse(sink, 0, code, e.to_string()).await;
-        }
-    }
-}
-
-fn fatal_code(e: &CodecError) -> ErrorCode {
-    match e {
-        CodecError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-        _ => ErrorCode::BadFrame,
-    }
-}
-
-/// Sends queued frames until the queue closes or the connection is closed; on close,
-/// flushes what is already queued (a last error or kick) first.
-async fn write_loop<Si>(mut sink: Si, mut rx: mpsc::Receiver<Encoded>, closer: Closer)
-where
-    Si: Sink<Encoded, Error = CodecError> + Unpin,
-{
-    let result: Result<(), CodecError> = async {
-        loop {
-            tokio::select! {
-                // Closing wins over queued frames: a slow consumer's queue is not drained.
-                biased;
-                _ = closer.cancelled() => {
-                    let reason = closer.reason();
-                    if reason.is_none_or(|r| r.drain) {
-                        while let Ok(frame) = rx.try_recv() {
-                            sink.feed(frame).await?;
-                        }
-                    }
-                    if let Some(r) = reason {
-                        sink.feed(r.frame.clone()).await?;
-                    }
-                    break;
-                }
-                frame = rx.recv() => {
-                    let Some(frame) = frame else { break };
-                    sink.feed(frame).await?;
-                    // Batch whatever else is ready into one flush.
-                    while !closer.is_cancelled() {
-                        let Ok(frame) = rx.try_recv() else { break };
-                        sink.feed(frame).await?;
-                    }
-                    sink.flush().await?;
-                }
-            }
-        }
-        sink.close().await
-    }
-    .await;
-    if let Err(e) = result {
-        debug!(error = %e, "writer stopped");
-    }
-    // A writer that stops on its own (peer gone) closes the whole connection.
-    closer.cancel();
-}
+use crate::router::{Closer, Outbox, RouteError, Router, Turn};
 
 /// A logged-in connection's request handling.
-struct Session {
-    router: Arc<Router>,
-    user: User,
-    tx: mpsc::Sender<Encoded>,
-    closer: Closer,
+pub(super) struct Session {
+    pub(super) router: Arc<Router>,
+    pub(super) user: User,
+    pub(super) tx: Outbox,
+    pub(super) closer: Closer,
     /// When the connection's token runs out; `None` in development mode (no tokens).
-    expiry: Option<Expiry>,
+    pub(super) expiry: Option<Expiry>,
+    /// The client's address, for per-address rate limits.
+    pub(super) ip: IpAddr,
 }
 
 /// When a connection's token expires.
 #[derive(Debug, Clone, Copy)]
-struct Expiry {
+pub(super) struct Expiry {
     /// The token's `exp`, in Unix milliseconds, as told to the client.
-    at_ms: u64,
+    pub(super) at_ms: u64,
     /// When the connection is closed: `exp` plus the clock leeway.
     deadline: Instant,
 }
 
 impl Expiry {
-    fn new(exp_ms: u64, config: &crate::Config) -> Self {
+    pub(super) fn new(exp_ms: u64, config: &crate::Config) -> Self {
         let leeway = config.auth.users.as_ref().map(|u| u.leeway()).unwrap_or_default();
         let left = Duration::from_millis(exp_ms.saturating_sub(crate::message_id::now_ms()));
         Expiry { at_ms: exp_ms, deadline: Instant::now() + left + leeway }
@@ -272,7 +58,7 @@ impl Session {
         }
     }
 
-    async fn read_loop<St>(&mut self, stream: &mut St, idle: Duration) -> End
+    pub(super) async fn read_loop<St>(&mut self, stream: &mut St, idle: Duration) -> End
     where
         St: Stream<Item = Inbound> + Unpin + Send,
     {
@@ -362,6 +148,19 @@ impl Session {
         in_flight: &mut FuturesOrdered<BoxFuture<'static, Decided>>,
     ) -> Option<Frame> {
         let id = frame.request_id;
+        let action = match &frame.body {
+            Body::PrivateSend { .. } | Body::GroupSend { .. } => Some(Action::Send),
+            Body::OnlineRequest => Some(Action::Online),
+            _ => None,
+        };
+        if let Some(action) = action {
+            let limits = &self.router.config().rate_limits;
+            if let Err(limited) = limits.check(action, Some(self.user.id), Some(self.ip)) {
+                Metrics::inc(&self.router.metrics.rate_limited_total);
+                debug!(error = %limited, "rate limited");
+                return Some(Frame::rate_limited(id, limited.retry_after_ms(), limited.to_string()));
+            }
+        }
         let result: Result<Body, RouteError> = match frame.body {
             Body::Ping => Ok(Body::Pong),
             Body::Refresh { token } => return Some(self.refresh(id, &token)),

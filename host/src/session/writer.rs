@@ -1,0 +1,81 @@
+//! The writer task of a connection: drains its outbound queue onto the transport, batching
+//! what is ready into one flush, and gives up on a client that stops reading.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cim_proto::{CodecError, Encoded};
+use futures_util::{Sink, SinkExt};
+use tracing::{debug, warn};
+
+use super::CLOSE_FLUSH;
+use crate::metrics::Metrics;
+use crate::router::{Closer, OutboxRx, Router};
+
+/// Sends queued frames until the queue closes or the connection is closed; on close,
+/// flushes what is already queued (a last error or kick) first. A write that makes no
+/// progress for `write_timeout` (the client stopped reading) closes the connection.
+pub(super) async fn write_loop<Si>(
+    mut sink: Si,
+    mut rx: OutboxRx,
+    closer: Closer,
+    write_timeout: Duration,
+    router: Arc<Router>,
+) where
+    Si: Sink<Encoded, Error = CodecError> + Unpin,
+{
+    let metrics = &router.metrics;
+    let result: Result<(), CodecError> = async {
+        loop {
+            tokio::select! {
+                // Closing wins over queued frames: a slow consumer's queue is not drained.
+                biased;
+                _ = closer.cancelled() => {
+                    let reason = closer.reason();
+                    let last = async {
+                        if reason.is_none_or(|r| r.drain) {
+                            while let Some(frame) = rx.try_recv() {
+                                sink.feed(frame).await?;
+                            }
+                        }
+                        if let Some(r) = reason {
+                            sink.feed(r.frame.clone()).await?;
+                        }
+                        Ok::<_, CodecError>(())
+                    };
+                    if tokio::time::timeout(write_timeout.min(CLOSE_FLUSH), last).await.is_err() {
+                        return Ok(());
+                    }
+                    break;
+                }
+                frame = rx.recv() => {
+                    let Some(frame) = frame else { break };
+                    let batch = async {
+                        sink.feed(frame).await?;
+                        // Batch whatever else is ready into one flush.
+                        while !closer.is_cancelled() {
+                            let Some(frame) = rx.try_recv() else { break };
+                            sink.feed(frame).await?;
+                        }
+                        sink.flush().await
+                    };
+                    match tokio::time::timeout(write_timeout, batch).await {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            warn!(timeout = ?write_timeout, "write timed out: the client is not reading; closing");
+                            Metrics::inc(&metrics.write_timeouts_total);
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        sink.close().await
+    }
+    .await;
+    if let Err(e) = result {
+        debug!(error = %e, "writer stopped");
+    }
+    // A writer that stops on its own (peer gone) closes the whole connection.
+    closer.cancel();
+}
