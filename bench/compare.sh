@@ -102,11 +102,13 @@ EOF
   PEER_NOTE="fresh Mosquitto (listener on loopback, no persistence, set_tcp_nodelay true) and NATS (defaults, no JetStream) started by the script"
 fi
 
+# Both hosts without rate limits: one generator address logging in thousands of users and
+# sending flat out is exactly what the default limits stop; the runs measure the system.
 start_cim() { # name extra-args... → sets CIM_PID, CIM_HTTP
   local name=$1; shift
   log "starting $name"
   RUST_LOG=${RUST_LOG:-warn} "${NICE[@]}" "$HOST" up --tcp 127.0.0.1:0 --http 127.0.0.1:0 \
-    --data-dir "$RESULTS/$name-data" "$@" >"$RESULTS/$name.out" 2>"$RESULTS/$name.log" &
+    --no-rate-limits --data-dir "$RESULTS/$name-data" "$@" >"$RESULTS/$name.out" 2>"$RESULTS/$name.log" &
   CIM_PID=$!; PIDS+=("$CIM_PID")
   for _ in $(seq 300); do
     grep -q '^cim-host ready' "$RESULTS/$name.out" 2>/dev/null && break

@@ -113,6 +113,8 @@ fn say(line: impl Display) {
 fn describe(error: &ClientError) -> String {
     match error {
         ClientError::Server { message, .. } if !message.is_empty() => message.clone(),
+        // The server's words already say how long to wait.
+        ClientError::RateLimited { message, .. } if !message.is_empty() => message.clone(),
         other => other.to_string(),
     }
 }
