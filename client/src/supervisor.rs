@@ -110,27 +110,33 @@ async fn keep_fresh(inner: &Inner, mut expires_at_ms: u64) -> Infallible {
     loop {
         let lifetime_ms = expires_at_ms.saturating_sub(now_ms());
         tokio::time::sleep(refresh_delay(expires_at_ms, SystemTime::now())).await;
-        match refresh(inner).await {
-            Ok(token) => {
+        match refresh(inner, expires_at_ms).await {
+            Ok(Some(token)) => {
                 // An opaque token: assume it lives as long as the last one did.
                 expires_at_ms = Claims::peek(&token).expires_at_ms.unwrap_or_else(|| now_ms() + lifetime_ms);
                 tracing::debug!(expires_at_ms, "token refreshed");
+                continue;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?REFRESH_RETRY, "refreshing the token failed");
-                tokio::time::sleep(REFRESH_RETRY).await;
-                // The sleep at the top of the loop is then zero if the deadline is near.
-                expires_at_ms = expires_at_ms.max(now_ms() + REFRESH_RETRY.as_millis() as u64);
-            }
+            // A fixed token, or a provider that has no newer one yet: ask again later.
+            Ok(None) => tracing::debug!(retry_in = ?REFRESH_RETRY, "no newer token to refresh with"),
+            Err(e) => tracing::warn!(error = %e, retry_in = ?REFRESH_RETRY, "refreshing the token failed"),
         }
+        tokio::time::sleep(REFRESH_RETRY).await;
+        // The sleep at the top of the loop is then zero if the deadline is near.
+        expires_at_ms = expires_at_ms.max(now_ms() + REFRESH_RETRY.as_millis() as u64);
     }
 }
 
-/// One REFRESH with a new token; returns that token once the server took it.
-async fn refresh(inner: &Inner) -> Result<String, ClientError> {
+/// One REFRESH with a new token; returns that token once the server took it. `None`: the
+/// provider's token expires no later than the current one (a fixed token), so sending it would
+/// gain nothing.
+async fn refresh(inner: &Inner, current_expires_at_ms: u64) -> Result<Option<String>, ClientError> {
     let token = fresh_token(inner).await?.ok_or(ClientError::Closed)?;
+    if Claims::peek(&token).expires_at_ms.is_some_and(|exp| exp <= current_expires_at_ms) {
+        return Ok(None);
+    }
     expect_ack(inner.request(Body::Refresh { token: token.clone() }).await?)?;
-    Ok(token)
+    Ok(Some(token))
 }
 
 fn now_ms() -> u64 {

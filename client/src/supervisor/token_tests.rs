@@ -76,12 +76,16 @@ async fn login_carries_the_token_and_the_server_names_the_user() {
 async fn refresh_is_sent_before_the_token_expires() {
     let mut node = FakeNode::start(false).await;
     let route = FakeRoute::start(vec![node.route_answer("node-1")]).await;
+    // The nth token expires 100 + n s after the start: each one later than the last, as from a
+    // login service (the wall clock hardly moves while tokio's is paused).
+    let start = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let nth = move |n: u32| jwt(serde_json::json!({"sub": "42", "exp": start + 100 + u64::from(n)}));
     let calls = Arc::new(AtomicU32::new(0));
     let provider = token_fn({
         let calls = calls.clone();
         move || {
             let n = calls.fetch_add(1, Ordering::SeqCst);
-            async move { Ok::<_, BoxError>(jwt_for(42, &format!("bob{n}"), Duration::from_secs(100))) }
+            async move { Ok::<_, BoxError>(nth(n)) }
         }
     });
     let mut config = config(&route).with_token_provider(Arc::new(provider));
@@ -90,10 +94,10 @@ async fn refresh_is_sent_before_the_token_expires() {
     config.heartbeat = Duration::from_secs(1000);
     let (client, (mut sink, mut stream, login)) = tokio::join!(
         Client::login(config, Arc::new(Recorder::default())),
-        node.accept_login_as("node-1", bob(), expires_in(Duration::from_secs(100))),
+        node.accept_login_as("node-1", bob(), (start + 100) * 1000),
     );
     let client = client.unwrap();
-    assert_eq!(token_of(&login), jwt_for(42, "bob0", Duration::from_secs(100)));
+    assert_eq!(token_of(&login), nth(0));
 
     tokio::time::pause();
     let started = Instant::now();
@@ -101,7 +105,7 @@ async fn refresh_is_sent_before_the_token_expires() {
     let waited = started.elapsed();
     // 80 % of the (just under) 100 s left.
     assert!(waited > Duration::from_secs(75) && waited < Duration::from_secs(81), "{waited:?}");
-    assert_eq!(token_of(&refresh), jwt_for(42, "bob1", Duration::from_secs(100)));
+    assert_eq!(token_of(&refresh), nth(1));
     sink.send(Frame::new(refresh.request_id, Body::Ack { message_id: 0 })).await.unwrap();
 
     // The next one is scheduled from the new token's `exp`.
@@ -109,7 +113,7 @@ async fn refresh_is_sent_before_the_token_expires() {
     let refresh = next_request(&mut stream).await;
     let waited = started.elapsed();
     assert!(waited > Duration::from_secs(75) && waited < Duration::from_secs(81), "{waited:?}");
-    assert_eq!(token_of(&refresh), jwt_for(42, "bob2", Duration::from_secs(100)));
+    assert_eq!(token_of(&refresh), nth(2));
 
     // A refused refresh is tried again a little later, on the same connection.
     let error = Frame::error(refresh.request_id, ErrorCode::Unauthenticated, "bad signature");
@@ -120,6 +124,26 @@ async fn refresh_is_sent_before_the_token_expires() {
     assert!(started.elapsed() >= super::REFRESH_RETRY, "{:?}", started.elapsed());
     assert!(client.is_connected());
     assert_eq!(calls.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn a_fixed_token_is_not_sent_again() {
+    let mut node = FakeNode::start(false).await;
+    let route = FakeRoute::start(vec![node.route_answer("node-1")]).await;
+    let ttl = Duration::from_secs(100);
+    let mut config = config(&route).with_token(jwt_for(42, "bob", ttl));
+    config.request_timeout = Duration::from_secs(1000);
+    config.heartbeat = Duration::from_secs(1000);
+    let (client, (_sink, mut stream, _)) = tokio::join!(
+        Client::login(config, Arc::new(Recorder::default())),
+        node.accept_login_as("node-1", bob(), expires_in(ttl)),
+    );
+    let client = client.unwrap();
+    tokio::time::pause();
+    // Until the server would end the connection, no REFRESH (and no busy loop) comes.
+    let quiet = tokio::time::timeout(ttl, next_request(&mut stream)).await;
+    assert!(quiet.is_err(), "{quiet:?}");
+    assert!(client.is_connected());
 }
 
 #[tokio::test]
