@@ -237,6 +237,9 @@ async fn reconnect(inner: &Inner, mut reason: String, shutdown: &CancellationTok
     let mut failed = 0u32;
     // At least this long before the next attempt: what a rate limit asked for.
     let mut retry_after = Duration::ZERO;
+    // An expired token is worth one more try (the provider may have a new one by then), not
+    // twenty: a fixed token stays expired.
+    let mut expired_before = false;
     loop {
         let Some((attempt, delay)) = backoff.next_attempt() else {
             let reason = if failed == 0 {
@@ -260,9 +263,13 @@ async fn reconnect(inner: &Inner, mut reason: String, shutdown: &CancellationTok
             Err(ClientError::RateLimited { retry_after, .. }) => *retry_after,
             _ => Duration::ZERO,
         };
+        let expired_again = match &result {
+            Err(ClientError::TokenExpired(_)) => std::mem::replace(&mut expired_before, true),
+            _ => false,
+        };
         match result {
             Ok(established) => return Some(established),
-            Err(e) if e.is_transient() => {
+            Err(e) if e.is_transient() && !expired_again => {
                 tracing::debug!(attempt, error = %e, "reconnect attempt failed");
                 failed += 1;
                 reason = e.to_string();

@@ -180,6 +180,32 @@ async fn an_expiry_kick_gets_a_new_token_and_logs_in_again() {
 }
 
 #[tokio::test]
+async fn an_expired_fixed_token_gives_up_after_one_more_try() {
+    let mut node = FakeNode::start(false).await;
+    let route = FakeRoute::start(vec![node.route_answer("node-1")]).await;
+    let recorder = Arc::new(Recorder::default());
+    let config = config(&route).with_token(jwt_for(42, "bob", Duration::from_secs(60)));
+    let (client, (mut sink, _stream, _)) =
+        tokio::join!(Client::login(config, recorder.clone()), node.accept_login_as("node-1", bob(), 0));
+    let client = client.unwrap();
+    let kick = Body::Kick { code: ErrorCode::TokenExpired, reason: "the token expired".into() };
+    sink.send(Frame::push(kick)).await.unwrap();
+    for _ in 0..2 {
+        let (mut sink, mut stream) = node.accept().await;
+        let login = next_frame(&mut stream).await;
+        sink.send(Frame::error(login.request_id, ErrorCode::TokenExpired, "expired 1 s ago")).await.unwrap();
+    }
+    recorder.wait_for_events(|e| e.iter().any(|e| matches!(e, ClientEvent::Disconnected { .. }))).await;
+    let events = recorder.events();
+    assert_eq!(events.len(), 3, "two attempts, then the end: {events:?}");
+    assert!(
+        matches!(&events[2], ClientEvent::Disconnected { reason } if reason.contains("the token expired: expired 1 s ago")),
+        "{events:?}"
+    );
+    assert!(!client.is_connected());
+}
+
+#[tokio::test]
 async fn a_refused_token_is_a_final_login_error() {
     let mut node = FakeNode::start(false).await;
     let route = FakeRoute::start(vec![node.route_answer("node-1")]).await;
