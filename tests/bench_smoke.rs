@@ -10,7 +10,8 @@ use common::{Host, binary, root};
 
 #[tokio::test]
 async fn bench_smoke_against_a_real_host() -> anyhow::Result<()> {
-    let host = Host::start(&[]).await?;
+    // Benchmarks drive machines, not people: rate limits off, as in bench/compare.sh.
+    let host = Host::start(&["--no-rate-limits"]).await?;
     let pid = host.child.id().expect("the host's pid");
     let run = tokio::process::Command::new(binary("cim-bench"))
         .arg("--target")

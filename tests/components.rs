@@ -187,7 +187,8 @@ async fn panic_traps() {
 
 #[tokio::test]
 async fn swapping_twenty_times_under_load_loses_nothing() {
-    let host = Host::start(&[]).await.unwrap();
+    // The senders send as fast as they can: over the default per-user rate limit.
+    let host = Host::start(&["--no-rate-limits"]).await.unwrap();
     let v1 = std::fs::read(component("group_send")).unwrap();
     let v2 = std::fs::read(component("group_send_v2")).unwrap();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
