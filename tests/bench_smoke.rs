@@ -38,7 +38,7 @@ async fn bench_smoke_against_a_real_host() -> anyhow::Result<()> {
 /// (`--token-secret-file`), and the report is filed as `cim-auth`, beside plain cim.
 #[tokio::test]
 async fn bench_smoke_with_a_token_per_user() -> anyhow::Result<()> {
-    let host = Host::start_with_auth(&[]).await?;
+    let host = Host::start_with_auth(&["--no-rate-limits"]).await?;
     let run = tokio::process::Command::new(binary("cim-bench"))
         .arg("--target")
         .arg(format!("cim://{}", host.http))
