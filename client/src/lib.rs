@@ -13,6 +13,8 @@
 //! }
 //! # async fn demo() -> Result<(), cim_client::ClientError> {
 //! let config = ClientConfig::new("http://127.0.0.1:8080", 1, "alice");
+//! // On a server that verifies user tokens, the token says who we are:
+//! // ClientConfig::new(route, 0, "").with_token_provider(Arc::new(token_fn(|| async { .. })))
 //! let client = Client::login(config, Arc::new(Print)).await?;
 //! client.send_private(2, "hi bob").await?;
 //! client.send_group("hi all").await?;
