@@ -98,6 +98,25 @@ async fn push_word_filter_then_rollback_then_restart_keeps_it() {
     assert_eq!(bob.delivery().await.text, "****");
 }
 
+/// A pushed version whose file no longer matches its sha256 is not compiled at the restart:
+/// the version before it (here the manifest's) serves instead.
+#[tokio::test]
+async fn a_corrupt_pushed_version_is_refused_at_restart() {
+    let host = Host::start(&[]).await.unwrap();
+    let manifest_sha = active_group_sha(&host).await;
+    let (status, body) = upload(&host, "group-send", std::fs::read(component("word_filter")).unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    let pushed = body["sha256"].as_str().unwrap().to_owned();
+    assert_eq!(active_group_sha(&host).await, pushed);
+    let data = host.data_dir.clone();
+    drop(host);
+    // Another valid component under the pushed version's name: it would compile fine.
+    let file = data.path().join("components/group-send").join(format!("{pushed}.wasm"));
+    std::fs::write(&file, std::fs::read(component("group_members")).unwrap()).unwrap();
+    let host = Host::start_in(data, &[]).await.unwrap();
+    assert_eq!(active_group_sha(&host).await, manifest_sha, "the corrupt version must not be active");
+}
+
 #[tokio::test]
 async fn bad_uploads_are_refused_and_change_nothing() {
     let host = Host::start(&[]).await.unwrap();

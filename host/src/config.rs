@@ -44,6 +44,37 @@ pub struct Config {
     pub auth: Auth,
     /// Rate limits on sends, online requests and logins, per user and per address.
     pub rate_limits: Arc<RateLimits>,
+    /// Limits and browser rules of the HTTP listener(s).
+    pub http: HttpConfig,
+}
+
+/// The HTTP listener's limits, timeouts and browser rules.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Most simultaneous HTTP connections (WebSocket sessions included until they upgrade
+    /// into a client connection slot); one more is closed at once, TCP chat is unaffected.
+    pub max_connections: usize,
+    /// A client must finish sending its request headers within this time.
+    pub header_timeout: Duration,
+    /// A client must finish sending its request body within this time, however it trickles.
+    pub body_timeout: Duration,
+    /// Origins a browser page may open `/ws` from; empty: only the page's own origin
+    /// (`http(s)://<Host header>`). Requests without `Origin` are not browsers and pass.
+    pub allowed_origins: Vec<String>,
+    /// `GET /metrics` needs the API key too.
+    pub metrics_require_key: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            allowed_origins: Vec::new(),
+            metrics_require_key: false,
+        }
+    }
 }
 
 impl Config {
@@ -71,6 +102,7 @@ impl Default for Config {
             advertise_http: None,
             auth: Auth::default(),
             rate_limits: Arc::new(RateLimits::default()),
+            http: HttpConfig::default(),
         }
     }
 }

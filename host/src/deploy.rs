@@ -6,12 +6,17 @@
 //! In a cluster the stack and the `.wasm` bytes also live in Redis (key-value store
 //! [`SHARED_STORE`]) and every push or rollback is announced on the cluster channel, so
 //! every node follows it ([`Deployments::sync`]); Redis is then the source of truth.
+//!
+//! Bytes read back (from disk at a restart, from the shared store when following the
+//! cluster) are named by their sha256 and checked against it before they are compiled: a
+//! mismatch ([`Corrupt`]) is logged and refused, and the version running stays.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
@@ -19,9 +24,11 @@ use crate::cluster::{Bus, ClusterMessage};
 use crate::handlers::Event;
 use crate::manifest::Manifest;
 use crate::runtime::{Capabilities, LoadError, Loaded, Runtime};
-use crate::store::Store;
+use crate::store::{Quota, Store};
 
-/// The key-value store holding cluster-wide component versions (not granted to handlers).
+/// The key-value store holding cluster-wide component versions. Its name is in the host's
+/// reserved `cim-` namespace ([`crate::store::RESERVED_STORE_PREFIX`]): no manifest may grant it
+/// and no guest may touch it, so a component cannot read or replace pushed versions.
 pub const SHARED_STORE: &str = "cim-components";
 
 /// Where a cluster keeps its component versions.
@@ -52,6 +59,35 @@ pub enum DeployError {
     NothingToRollBack(String),
     #[error("could not persist component `{name}`: {source:#}")]
     Persist { name: String, source: anyhow::Error },
+}
+
+/// Stored component bytes whose sha256 is not the one they were stored under (a corrupt
+/// disk, a tampered store): never compiled.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "version {expected} of `{component}` read from {from} has sha256 {actual}: corrupt or tampered, not loaded"
+)]
+pub struct Corrupt {
+    pub component: String,
+    pub expected: String,
+    pub actual: String,
+    pub from: String,
+}
+
+/// `wasm` if its sha256 is `expected`, else [`Corrupt`] (logged here, with what stays).
+fn verified(component: &str, expected: &str, from: &str, wasm: Vec<u8>) -> Result<Vec<u8>, Corrupt> {
+    let actual = hex::encode(Sha256::digest(&wasm));
+    if actual.eq_ignore_ascii_case(expected) {
+        return Ok(wasm);
+    }
+    let e = Corrupt {
+        component: component.to_owned(),
+        expected: expected.to_owned(),
+        actual,
+        from: from.to_owned(),
+    };
+    warn!(component, error = %e, "stored component bytes refused; the running version stays");
+    Err(e)
 }
 
 /// Pushes and rollbacks of components, applied to the runtime and persisted.
@@ -142,7 +178,10 @@ impl Deployments {
         persist().map_err(|source| DeployError::Persist { name: name.to_owned(), source })?;
         if let Some(shared) = &self.shared {
             let publish = async {
-                shared.store.kv_set(SHARED_STORE, &format!("wasm:{}", loaded.sha256), bytes.clone()).await?;
+                shared
+                    .store
+                    .kv_set(SHARED_STORE, &format!("wasm:{}", loaded.sha256), bytes.clone(), Quota::NONE)
+                    .await?;
                 let mut stack = self.shared_stack(shared, name).await?;
                 stack.push(loaded.sha256.clone());
                 self.set_shared_stack(shared, name, &stack).await
@@ -201,7 +240,10 @@ impl Deployments {
     async fn set_shared_stack(&self, shared: &Shared, name: &str, stack: &[String]) -> anyhow::Result<()> {
         let keep = self.runtime.config().history.max(1);
         let stack = &stack[stack.len().saturating_sub(keep)..];
-        shared.store.kv_set(SHARED_STORE, &format!("stack:{name}"), serde_json::to_vec(stack)?).await?;
+        shared
+            .store
+            .kv_set(SHARED_STORE, &format!("stack:{name}"), serde_json::to_vec(stack)?, Quota::NONE)
+            .await?;
         Ok(())
     }
 
@@ -229,7 +271,7 @@ impl Deployments {
                     shared.store.kv_get(SHARED_STORE, &format!("wasm:{sha}")).await?.with_context(|| {
                         format!("version {sha} of `{name}` is missing from the shared store")
                     })?;
-                (wasm, "upload".to_owned())
+                (verified(name, sha, "the shared store", wasm)?, "upload".to_owned())
             }
             _ => {
                 let spec =
@@ -278,7 +320,12 @@ impl Deployments {
     pub async fn restore(&self) -> anyhow::Result<()> {
         if self.shared.is_some() {
             for name in self.manifest.triggers.values() {
-                self.sync(name).await.with_context(|| format!("syncing `{name}` with the cluster"))?;
+                match self.sync(name).await {
+                    Ok(()) => {}
+                    // Logged by `verified`; the manifest's version serves meanwhile.
+                    Err(e) if e.downcast_ref::<Corrupt>().is_some() => {}
+                    Err(e) => return Err(e.context(format!("syncing `{name}` with the cluster"))),
+                }
             }
             return Ok(());
         }
@@ -294,6 +341,8 @@ impl Deployments {
                         continue;
                     }
                 };
+                // Logged by `verified`; the version before it stays active.
+                let Ok(wasm) = verified(name, sha, &path.display().to_string(), wasm) else { continue };
                 let loaded = self
                     .runtime
                     .load(event, name, wasm, caps.clone(), "upload")
@@ -306,5 +355,68 @@ impl Deployments {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_must_match_the_sha256_they_are_stored_under() {
+        let sha = hex::encode(Sha256::digest(b"wasm"));
+        assert_eq!(verified("c", &sha, "disk", b"wasm".to_vec()).unwrap(), b"wasm");
+        assert!(verified("c", &sha.to_uppercase(), "disk", b"wasm".to_vec()).is_ok());
+        let e = verified("c", &sha, "the shared store", b"wasm!".to_vec()).unwrap_err();
+        assert_eq!(e.expected, sha);
+        let shown = e.to_string();
+        assert!(
+            shown.contains("`c`") && shown.contains("the shared store") && shown.contains("not loaded"),
+            "{shown}"
+        );
+        let wrapped = anyhow::Error::from(e).context("syncing");
+        assert!(wrapped.downcast_ref::<Corrupt>().is_some(), "restore tells it from other failures");
+    }
+
+    /// A node following the cluster reads a pushed version whose bytes in the shared store no
+    /// longer match their sha256: it refuses it and keeps serving what it had, and a restart
+    /// on such a store still comes up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tampered_version_in_the_shared_store_is_not_followed() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let manifest = Arc::new(Manifest::load(root.join("spin.toml")).expect("spin.toml"));
+        let redis = crate::store::redis::test_support::TestRedis::new();
+        let node = |data: &std::path::Path| {
+            let (manifest, data) = (manifest.clone(), data.to_owned());
+            let redis = &redis;
+            async move {
+                let redis_store = redis.store().await;
+                let shared =
+                    Shared { bus: Bus::new(&redis_store), store: Store::Redis(Arc::new(redis_store)) };
+                let config = crate::runtime::RuntimeConfig { max_instances: 16, ..Default::default() };
+                let runtime = Arc::new(Runtime::new(config).expect("runtime"));
+                runtime.install_manifest(&manifest).await.expect("install the manifest");
+                Deployments::new(&data, manifest, runtime, Some(shared))
+            }
+        };
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (node(dir_a.path()).await, node(dir_b.path()).await);
+        let manifest_version = b.runtime().current(Event::Group).expect("group").sha256.clone();
+
+        let wasm =
+            std::fs::read(root.join("components/target/wasm32-wasip2/release/word_filter.wasm")).unwrap();
+        let pushed = a.push("group-send", wasm).await.expect("push").sha256.clone();
+        // Another valid component under the pushed version's key.
+        let other =
+            std::fs::read(root.join("components/target/wasm32-wasip2/release/group_members.wasm")).unwrap();
+        let store = &a.shared.as_ref().unwrap().store;
+        store.kv_set(SHARED_STORE, &format!("wasm:{pushed}"), other, Quota::NONE).await.unwrap();
+
+        let err = b.sync("group-send").await.expect_err("tampered bytes");
+        assert!(err.downcast_ref::<Corrupt>().is_some(), "{err:#}");
+        assert_eq!(b.runtime().current(Event::Group).unwrap().sha256, manifest_version, "b kept its version");
+        b.restore().await.expect("a restart still comes up");
+        assert_eq!(b.runtime().current(Event::Group).unwrap().sha256, manifest_version);
+        redis.cleanup().await;
     }
 }

@@ -6,8 +6,8 @@
 //! - [`config`]: node identity and every limit (frame size, connections, queues, timeouts).
 //! - [`auth`]: user tokens (JWT) verified at LOGIN, the service API key, secrets;
 //!   [`limits`]: rate limits per user and per address.
-//! - [`transport`]: the TCP listener ([`transport::tcp`]) and the WebSocket endpoint
-//!   ([`transport::ws`]); both start a [`session`].
+//! - [`transport`]: the TCP listener ([`transport::tcp`]) and the connection slots it
+//!   shares with the WebSocket endpoint ([`http::ws`]); both start a [`session`].
 //! - [`session`]: one connection — login handshake, reader loop with heartbeat/idle
 //!   timeout, writer task draining a bounded queue.
 //! - [`router`]: binds users to connections, keeps routes and presence in the [`store`],
@@ -16,23 +16,23 @@
 //! - [`store`]: presence and key-value data ([`store::memory`] on one node,
 //!   [`store::redis`] shared by a cluster).
 //! - [`cluster`]: scale-out over Redis: the node registry and the cross-node message bus.
-//! - [`api`]: the HTTP route API, `/ws`, `/healthz`, `/metrics`.
+//! - [`http`]: the HTTP listener on axum: the route API ([`http::routes`]), `/ws`
+//!   ([`http::ws`]), the admin API ([`http::admin`]), auth and JSON extractors.
 //! - [`message_id`], [`metrics`]: server-assigned ids and counters.
 //! - [`runtime`]: the wasmtime component runtime behind the handlers (per-request sandboxed
 //!   instances, deadlines, memory caps, hot swap); [`manifest`]: spin.toml.
 //! - [`deploy`]: pushed component versions, persisted in the data directory;
-//!   [`admin`]: the admin HTTP API over it; [`push`]: its command-line client.
+//!   [`http::admin`]: the admin HTTP API over it; [`push`]: its command-line client.
 //! - [`build`]: `cim-host build`, running the manifest's component build commands.
 //! - [`node`]: wiring: bind, run, drain on shutdown.
 
-pub mod admin;
-pub mod api;
 pub mod auth;
 pub mod build;
 pub mod cluster;
 pub mod config;
 pub mod deploy;
 pub mod handlers;
+pub mod http;
 pub mod limits;
 pub mod manifest;
 pub mod message_id;

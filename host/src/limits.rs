@@ -47,7 +47,7 @@ impl Rate {
         Rate { per_second, burst }
     }
 
-    fn quota(self) -> Option<Quota> {
+    pub(crate) fn quota(self) -> Option<Quota> {
         let rate = NonZeroU32::new(self.per_second)?;
         let burst = NonZeroU32::new(self.burst.max(self.per_second))?;
         Some(Quota::per_second(rate).allow_burst(burst))

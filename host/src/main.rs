@@ -6,16 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cim_host::admin::Admin;
 use cim_host::auth::{Auth, Secret, Verifier, token};
 use cim_host::cluster::{Cluster, Strategy};
+use cim_host::config::HttpConfig;
 use cim_host::deploy::{Deployments, Shared};
 use cim_host::handlers::Backend;
+use cim_host::http::admin::Admin;
 use cim_host::limits::{Rate, RateConfig, RateLimits};
 use cim_host::manifest::Manifest;
 use cim_host::node::Services;
 use cim_host::runtime::{Runtime, RuntimeConfig};
-use cim_host::store::Store;
+use cim_host::store::{Quota, Store};
 use cim_host::{Config, Node};
 use clap::{Args, Parser, Subcommand};
 use tracing::{info, warn};
@@ -46,12 +47,12 @@ enum Command {
         name: String,
         /// The component's .wasm file.
         file: PathBuf,
-        /// The host's HTTP address.
+        /// The host's admin API: `http://HOST:PORT` or `https://HOST[:PORT]` (the main HTTP
+        /// port, or the `--admin-http` listener when the host has one).
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         to: String,
-        /// The host's admin token.
-        #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
-        token: String,
+        #[command(flatten)]
+        token: AdminTokenArgs,
     },
     /// Mint a user token (HS256) for trying cim out with authentication on. Prints only the
     /// token. In production, the operator's own login service issues tokens.
@@ -60,13 +61,36 @@ enum Command {
     Rollback {
         /// The component's id in the manifest.
         name: String,
-        /// The host's HTTP address.
+        /// The host's admin API: `http://HOST:PORT` or `https://HOST[:PORT]` (the main HTTP
+        /// port, or the `--admin-http` listener when the host has one).
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         to: String,
-        /// The host's admin token.
-        #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
-        token: String,
+        #[command(flatten)]
+        token: AdminTokenArgs,
     },
+}
+
+/// Where `push`/`rollback` find the admin token.
+#[derive(Debug, Args)]
+struct AdminTokenArgs {
+    /// The host's admin token (better: CIM_ADMIN_TOKEN or --token-file, which stay out of
+    /// the process list).
+    #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_token)]
+    token: Option<Token>,
+    /// A file holding the host's admin token (one trailing newline is ignored); wins over
+    /// --token.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl AdminTokenArgs {
+    fn secret(&self) -> anyhow::Result<Secret> {
+        match (&self.token, &self.token_file) {
+            (_, Some(file)) => Secret::from_file(file).context("--token-file"),
+            (Some(Token(Some(t))), None) => Ok(t.clone()),
+            _ => anyhow::bail!("no admin token: set CIM_ADMIN_TOKEN or pass --token-file FILE"),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -118,7 +142,9 @@ struct AuthArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=300))]
     auth_leeway_secs: u64,
     /// The key backend services send (`Authorization: Bearer <key>`) to the service endpoints
-    /// (`/send/*`, `/offline`, `/online`, anyone's `/history`): a file with the raw key.
+    /// (`/send/*`, `/offline`, `/online`, anyone's `/history`, and `/metrics` with
+    /// --metrics-require-key): a file with the raw key. With user tokens but no key, those
+    /// endpoints are closed.
     #[arg(long, env = "CIM_API_KEY_FILE", value_name = "FILE")]
     api_key_file: Option<PathBuf>,
     /// Serve without authentication on non-loopback addresses anyway. Anyone who can reach
@@ -140,7 +166,8 @@ struct UpArgs {
     /// Address of the TCP listener for clients (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:9000")]
     tcp: SocketAddr,
-    /// Address of the HTTP listener: route API, /ws, /healthz, /metrics, /admin (port 0 picks a free port).
+    /// Address of the HTTP listener: route API, /ws, /healthz, /metrics, and /admin unless
+    /// --admin-http gives it a listener of its own (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
     /// Where clients reach the TCP listener (`HOST:PORT`), as the route API hands it out
@@ -188,9 +215,36 @@ struct UpArgs {
     /// Where pushed component versions and the compile cache are kept.
     #[arg(long, default_value = "data")]
     data_dir: PathBuf,
-    /// Enables the admin API (/admin/...) with this bearer token; without it the admin API answers 404.
-    #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
+    /// Enables the admin API (/admin/...) with this bearer token; without a token the admin
+    /// API answers 404. Prefer --admin-token-file or CIM_ADMIN_TOKEN (kept out of `ps`).
+    #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_token)]
+    admin_token: Option<Token>,
+    /// Enables the admin API with the token in this file (one trailing newline is ignored);
+    /// wins over --admin-token.
+    #[arg(long, env = "CIM_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Serve the admin API on its own listener at this address (e.g. 127.0.0.1:8081) instead
+    /// of on the main HTTP port, which then answers 404 under /admin.
+    #[arg(long, value_name = "ADDR")]
+    admin_http: Option<SocketAddr>,
+    /// Most simultaneous HTTP connections per HTTP listener; one more is closed at once
+    /// (TCP chat connections are not counted here; see --max-connections).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    http_max_connections: u64,
+    /// Time a client has to send its request headers (`10s`, `500ms`).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    http_header_timeout: Duration,
+    /// Time a client has to send its whole request body; a slower one gets 408 and is closed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    http_body_timeout: Duration,
+    /// A browser origin allowed to open /ws (e.g. https://chat.example.com); repeatable.
+    /// Default: only the page's own origin (`http(s)://<Host header>`). Clients that send
+    /// no Origin (the terminal client, SDKs) are not affected.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    allowed_origins: Vec<String>,
+    /// `GET /metrics` requires the API key (`Authorization: Bearer <key>`) too.
+    #[arg(long)]
+    metrics_require_key: bool,
     /// Wall-clock budget of one call to a handler on a sender's path (login, private, group,
     /// online), in milliseconds; a guest past it is stopped and the request fails.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
@@ -202,6 +256,20 @@ struct UpArgs {
     /// Memory cap of one handler instance, in MiB.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     handler_memory_mib: u64,
+    /// The most keys one key-value store may hold; a component's write past it gets
+    /// `too-large`. Exact on the memory store; counted by the hosts on Redis
+    /// (`<prefix>kv-usage:<store>`), which concurrent writers may overshoot a little.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    kv_max_keys: u64,
+    /// The most one key-value store may hold, in MiB (keys plus values, a list counting its
+    /// entries); counted like --kv-max-keys.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    kv_max_mib: u64,
+    /// Log lines each handler component may write: `RATE` per second or `RATE:BURST`; `0`
+    /// turns the limit off. Lines over it are dropped, and the next line written is preceded
+    /// by one saying how many were.
+    #[arg(long, default_value = "100:200")]
+    handler_log_rate: Rate,
     /// Use the built-in native handlers instead of the manifest's components (for comparisons).
     #[arg(long)]
     builtin_handlers: bool,
@@ -234,6 +302,7 @@ fn main() -> anyhow::Result<()> {
         Command::Up(args) => runtime.block_on(up(*args)),
         Command::Build { manifest } => cim_host::build::build_all(&load_manifest(&manifest)?),
         Command::Push { name, file, to, token } => {
+            let token = token.secret()?;
             println!("{}", runtime.block_on(cim_host::push::push(&to, &token, &name, &file))?);
             Ok(())
         }
@@ -242,6 +311,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Rollback { name, to, token } => {
+            let token = token.secret()?;
             println!("{}", runtime.block_on(cim_host::push::rollback(&to, &token, &name))?);
             Ok(())
         }
@@ -367,12 +437,33 @@ fn auth(args: &AuthArgs, listeners: &[(&str, SocketAddr)]) -> anyhow::Result<Aut
     Ok(Auth { users: users.map(Arc::new), api_key })
 }
 
+/// A token given on the command line or in the environment, held as a [`Secret`] from the
+/// start so that no `Debug` of the arguments shows it; empty: none.
+#[derive(Debug, Clone)]
+struct Token(Option<Secret>);
+
+fn parse_token(s: &str) -> Result<Token, String> {
+    Ok(Token(Secret::new(s.as_bytes(), "token").ok()))
+}
+
+/// The admin token from `--admin-token`/CIM_ADMIN_TOKEN or `--admin-token-file`; `None`
+/// (admin API off) when neither is given or the token is empty.
+fn admin_token(token: Option<&Token>, file: Option<&Path>) -> anyhow::Result<Option<Secret>> {
+    match (token, file) {
+        (_, Some(file)) => Ok(Some(Secret::from_file(file).context("--admin-token-file")?)),
+        (Some(Token(t)), None) => Ok(t.clone()),
+        (None, None) => Ok(None),
+    }
+}
+
 fn load_manifest(path: &Path) -> anyhow::Result<Manifest> {
     Manifest::load(path).with_context(|| format!("loading the manifest {}", path.display()))
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let auth = auth(&args.auth, &[("tcp", args.tcp), ("http", args.http)])?;
+    let mut listeners = vec![("tcp", args.tcp), ("http", args.http)];
+    listeners.extend(args.admin_http.map(|a| ("admin", a)));
+    let auth = auth(&args.auth, &listeners)?;
     let rates = rate_config(&args);
     info!(sends = ?rates.send, online = ?rates.online, logins = ?rates.login, "rate limits");
     let mut config = Config {
@@ -387,6 +478,13 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         login_timeout: Duration::from_secs(args.login_timeout),
         advertise_tcp: args.advertise_tcp,
         advertise_http: args.advertise_http,
+        http: HttpConfig {
+            max_connections: usize::try_from(args.http_max_connections).unwrap_or(1024),
+            header_timeout: args.http_header_timeout,
+            body_timeout: args.http_body_timeout,
+            allowed_origins: args.allowed_origins,
+            metrics_require_key: args.metrics_require_key,
+        },
         ..Config::default()
     };
     if let Some(id) = args.node_id {
@@ -422,6 +520,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             deadline: Duration::from_millis(args.handler_deadline_ms),
             callback_deadline: Duration::from_millis(args.callback_deadline_ms),
             memory_cap: usize::try_from(args.handler_memory_mib << 20).unwrap_or(usize::MAX),
+            kv_quota: Quota { max_keys: args.kv_max_keys, max_bytes: args.kv_max_mib << 20 },
+            log_rate: args.handler_log_rate,
             ..RuntimeConfig::with_data_dir(&args.data_dir)
         })?);
         runtime.install_manifest(&manifest).await.with_context(|| {
@@ -434,7 +534,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         let deployments =
             Arc::new(Deployments::new(&args.data_dir, Arc::new(manifest), runtime.clone(), shared));
         deployments.restore().await?;
-        let admin = args.admin_token.filter(|t| !t.is_empty()).map(|t| Admin::new(t, deployments.clone()));
+        let admin = admin_token(args.admin_token.as_ref(), args.admin_token_file.as_deref())?
+            .map(|t| Admin::new(t, deployments.clone()));
         Services {
             store,
             backend: Backend::Components(runtime),
@@ -444,9 +545,15 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     let node_id = config.node_id.clone();
-    let node = Node::bind(config, args.tcp, args.http, services).await.context("starting the node")?;
+    if args.admin_http.is_some() && services.admin.is_none() {
+        warn!("--admin-http is set but no admin token is: the admin listener answers 404");
+    }
+    let node = Node::bind(config, args.tcp, args.http, args.admin_http, services)
+        .await
+        .context("starting the node")?;
     // Exactly one line on stdout: scripts and tests wait for it.
-    println!("cim-host ready node={node_id} tcp={} http={}", node.tcp_addr, node.http_addr);
+    let admin = node.admin_addr.map(|a| format!(" admin={a}")).unwrap_or_default();
+    println!("cim-host ready node={node_id} tcp={} http={}{admin}", node.tcp_addr, node.http_addr);
     shutdown_signal().await?;
     node.shutdown().await;
     Ok(())

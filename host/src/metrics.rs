@@ -36,6 +36,7 @@ metrics! {
     connections: "gauge", "Client connections currently open (TCP and WebSocket).";
     connections_total: "counter", "Client connections accepted.";
     connections_refused_total: "counter", "Connections refused because the limit was reached.";
+    http_connections_refused_total: "counter", "HTTP connections closed at once because --http-max-connections were open.";
     logins_total: "counter", "Successful logins.";
     login_failures_total: "counter", "Logins refused (bad token, duplicate, rejected, invalid).";
     rate_limited_total: "counter", "Requests refused by a rate limit (sends, online requests, logins).";

@@ -10,11 +10,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::admin::Admin;
 use crate::cluster::{Cluster, NodeInfo};
 use crate::config::Config;
 use crate::deploy::Deployments;
 use crate::handlers::Backend;
+use crate::http::Areas;
+use crate::http::admin::Admin;
 use crate::router::{Advertised, Router};
 use crate::store::Store;
 use crate::transport::{self, Sessions};
@@ -86,24 +87,34 @@ async fn forget_idle_rate_limits(limits: Arc<crate::limits::RateLimits>, shutdow
 pub struct Node {
     pub tcp_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// The admin API's own listener, when it has one.
+    pub admin_addr: Option<SocketAddr>,
     pub router: Arc<Router>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Node {
-    /// Binds both listeners and starts serving.
+    /// Binds the listeners and starts serving. With `admin`, the admin API has a listener
+    /// of its own there and is not served on the main HTTP port.
     pub async fn bind(
         config: Config,
         tcp: SocketAddr,
         http: SocketAddr,
+        admin: Option<SocketAddr>,
         services: Services,
     ) -> anyhow::Result<Node> {
         let tcp =
             TcpListener::bind(tcp).await.with_context(|| format!("binding the TCP listener to {tcp}"))?;
         let http =
             TcpListener::bind(http).await.with_context(|| format!("binding the HTTP listener to {http}"))?;
-        Node::start(config, tcp, http, services).await
+        let admin = match admin {
+            Some(a) => Some(
+                TcpListener::bind(a).await.with_context(|| format!("binding the admin listener to {a}"))?,
+            ),
+            None => None,
+        };
+        Node::start(config, tcp, http, admin, services).await
     }
 
     /// Starts serving on already-bound listeners. In a cluster, the node registers itself
@@ -112,10 +123,12 @@ impl Node {
         config: Config,
         tcp: TcpListener,
         http: TcpListener,
+        admin: Option<TcpListener>,
         services: Services,
     ) -> anyhow::Result<Node> {
         let tcp_addr = tcp.local_addr()?;
         let http_addr = http.local_addr()?;
+        let admin_addr = admin.as_ref().map(TcpListener::local_addr).transpose()?;
         let node_id = config.node_id.clone();
         let in_cluster = services.cluster.is_some();
         let tcp_public = advertised_addr("tcp", tcp_addr, config.advertise_tcp.as_deref(), in_cluster)?;
@@ -144,8 +157,19 @@ impl Node {
         tracker.spawn(forget_idle_rate_limits(router.config().rate_limits.clone(), shutdown.clone()));
         let sessions = Sessions::new(router.clone(), services.admin, shutdown.clone(), tracker.clone());
         tracker.spawn(transport::tcp::serve(tcp, sessions.clone()));
-        tracker.spawn(crate::api::serve(http, sessions));
-        Ok(Node { tcp_addr, http_addr, router, shutdown, tracker })
+        match admin {
+            Some(admin) => {
+                let admin_app = crate::http::app(sessions.clone(), Areas::Admin);
+                tracker.spawn(crate::http::serve(admin, admin_app, sessions.clone()));
+                let app = crate::http::app(sessions.clone(), Areas::Public);
+                tracker.spawn(crate::http::serve(http, app, sessions));
+            }
+            None => {
+                let app = crate::http::app(sessions.clone(), Areas::Everything);
+                tracker.spawn(crate::http::serve(http, app, sessions));
+            }
+        }
+        Ok(Node { tcp_addr, http_addr, admin_addr, router, shutdown, tracker })
     }
 
     /// Stops accepting, tells every client, and waits (up to the drain timeout) for

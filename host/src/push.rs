@@ -1,4 +1,5 @@
-//! `cim-host push` / `cim-host rollback`: the admin API from the command line.
+//! `cim-host push` / `cim-host rollback`: the admin API from the command line, over http or
+//! https (rustls with the webpki roots).
 
 use std::path::Path;
 
@@ -6,36 +7,41 @@ use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::auth::Secret;
 
 /// Sends one admin request and returns the JSON answer, or an error with the server's message.
 async fn admin_request(
     base: &str,
     method: &str,
     path: &str,
-    token: &str,
+    token: &Secret,
     body: Vec<u8>,
 ) -> anyhow::Result<serde_json::Value> {
     let uri: hyper::Uri = format!("{}{path}", base.trim_end_matches('/')).parse().context("parsing --to")?;
-    if uri.scheme_str() != Some("http") {
-        bail!("--to must be an http:// URL, got {base}");
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        bail!("--to must be an http:// or https:// URL, got {base}");
     }
-    let host = uri.host().context("--to has no host")?.to_owned();
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = TcpStream::connect((host.as_str(), port))
-        .await
-        .with_context(|| format!("connecting to {host}:{port}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        .context("setting up TLS")?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let bearer = format!("Bearer {}", String::from_utf8_lossy(token.expose()));
+    let mut auth =
+        hyper::header::HeaderValue::from_str(&bearer).context("the admin token is not a valid header")?;
+    auth.set_sensitive(true);
     let req = Request::builder()
         .method(method)
-        .uri(uri.path())
-        .header("host", format!("{host}:{port}"))
-        .header("authorization", format!("Bearer {token}"))
+        .uri(uri)
+        .header("authorization", auth)
         .header("content-type", "application/wasm")
         .body(Full::new(Bytes::from(body)))?;
-    let resp = sender.send_request(req).await.context("sending the request")?;
+    let resp = client.request(req).await.with_context(|| format!("sending the request to {base}"))?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();
     let value: serde_json::Value = serde_json::from_slice(&bytes)
@@ -58,14 +64,14 @@ fn describe(v: &serde_json::Value) -> String {
 }
 
 /// Uploads `file` as the new version of component `name`; returns a line describing it.
-pub async fn push(base: &str, token: &str, name: &str, file: &Path) -> anyhow::Result<String> {
+pub async fn push(base: &str, token: &Secret, name: &str, file: &Path) -> anyhow::Result<String> {
     let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let v = admin_request(base, "PUT", &format!("/admin/components/{name}"), token, wasm).await?;
     Ok(format!("pushed {}", describe(&v)))
 }
 
 /// Rolls component `name` back to its previous version; returns a line describing it.
-pub async fn rollback(base: &str, token: &str, name: &str) -> anyhow::Result<String> {
+pub async fn rollback(base: &str, token: &Secret, name: &str) -> anyhow::Result<String> {
     let v =
         admin_request(base, "POST", &format!("/admin/components/{name}/rollback"), token, Vec::new()).await?;
     Ok(format!("rolled back to {}", describe(&v)))

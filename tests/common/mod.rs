@@ -113,6 +113,8 @@ pub struct Host {
     pub node_id: String,
     pub tcp: SocketAddr,
     pub http: SocketAddr,
+    /// The admin API's own listener (`--admin-http`), when the host has one.
+    pub admin: Option<SocketAddr>,
     /// The host's data directory (pushed components, compile cache).
     pub data_dir: std::sync::Arc<tempfile::TempDir>,
 }
@@ -166,6 +168,7 @@ impl Host {
             node_id: field("node=")?,
             tcp: field("tcp=")?.parse()?,
             http: field("http=")?.parse()?,
+            admin: field("admin=").ok().map(|a| a.parse()).transpose()?,
             child,
             data_dir,
         };
@@ -187,9 +190,13 @@ impl Host {
         http(self.http, method, path, body).await.expect("http request")
     }
 
-    /// The ids in `GET /online`.
+    /// The ids in `GET /online` (asked with the tests' API key, which a host without one
+    /// ignores).
     pub async fn online_ids(&self) -> Vec<u64> {
-        let (status, body) = self.http("GET", "/online", None).await;
+        let bearer = format!("Bearer {}", auth::API_KEY);
+        let (status, _, body) = http_with(self.http, "GET", "/online", &[("authorization", &bearer)], None)
+            .await
+            .expect("http request");
         assert_eq!(status, 200, "{body}");
         body["users"].as_array().expect("users").iter().map(|u| u["id"].as_u64().expect("id")).collect()
     }
@@ -226,6 +233,35 @@ pub async fn http(
     let value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     Ok((status, value))
+}
+
+// --- HTTP with chosen headers (http_auth.rs and others) ---
+
+/// One HTTP request with exactly `headers` (plus `host`); returns the status, the answer's
+/// headers and its body as JSON (or as a string).
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> anyhow::Result<(u16, hyper::HeaderMap, serde_json::Value)> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder().method(method).uri(path).header("host", addr.to_string());
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok((status, headers, value))
 }
 
 /// A client speaking raw protocol frames, over TCP or WebSocket.

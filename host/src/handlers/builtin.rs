@@ -6,6 +6,7 @@ use super::{
     Context, Delivered, GroupDecision, LoginDecision, LoginRequest, Message, PrivateRequest, Recipients,
     SendDecision,
 };
+use crate::store::Quota;
 use crate::store::StoreError;
 
 /// Key-value store the history lives in, and how many entries each user keeps.
@@ -71,5 +72,5 @@ pub async fn callback(ctx: &Context, batch: &[Delivered]) -> Result<(), StoreErr
         }
         entries.extend(owners.into_iter().map(|user| (history_key(user), entry.clone())));
     }
-    ctx.store().kv_append_many(HISTORY_STORE, entries, HISTORY_LEN).await
+    ctx.store().kv_append_many(HISTORY_STORE, entries, HISTORY_LEN, Quota::NONE).await
 }

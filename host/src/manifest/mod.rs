@@ -71,6 +71,10 @@ pub enum ManifestError {
     EmptySource { component: String },
     #[error("component `{component}`: key-value store name `{store}` is invalid (empty or blank)")]
     BadStoreName { component: String, store: String },
+    #[error(
+        "component `{component}`: key-value store `{store}` is reserved for the host (names beginning `cim-` are); grant another name"
+    )]
+    ReservedStore { component: String, store: String },
     #[error("{context}: variable name `{name}` is not lower snake case (e.g. `blocked_words`)")]
     BadVariableName { context: String, name: String },
     #[error("variable `{variable}` has both a default and `required = true`")]
@@ -360,6 +364,9 @@ fn validate_component(
     }
     if let Some(store) = raw.key_value_stores.iter().find(|s| s.trim().is_empty()) {
         return Err(ManifestError::BadStoreName { component: id.to_owned(), store: store.clone() });
+    }
+    if let Some(store) = raw.key_value_stores.iter().find(|s| crate::store::is_reserved_store(s)) {
+        return Err(ManifestError::ReservedStore { component: id.to_owned(), store: store.clone() });
     }
     let mut variables = HashMap::new();
     for (key, template) in raw.variables {

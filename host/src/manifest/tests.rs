@@ -117,6 +117,23 @@ fn required_variable_without_value_is_named() {
 }
 
 #[test]
+fn a_store_reserved_for_the_host_is_refused() {
+    let text = GOOD.replace(
+        "key_value_stores = [\"default\"]\n[component.group-send.variables]",
+        "key_value_stores = [\"default\", \"cim-components\"]\n[component.group-send.variables]",
+    );
+    let err = parse(&text).expect_err("reserved");
+    assert!(
+        matches!(&err, ManifestError::ReservedStore { component, store } if component == "group-send" && store == "cim-components"),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "component `group-send`: key-value store `cim-components` is reserved for the host (names beginning `cim-` are); grant another name"
+    );
+}
+
+#[test]
 fn unknown_key_is_refused_with_its_position() {
     let text = GOOD.replace(
         "key_value_stores = [\"default\"]\n[component.group-send.variables]",

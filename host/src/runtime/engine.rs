@@ -17,7 +17,10 @@ use wasmtime::{
 use super::bindings::host_api::HostApi;
 use super::component::Loaded;
 use super::host_api::HostState;
+use super::log_limit::LogLimiter;
 use crate::handlers::{Context, Event};
+use crate::limits::Rate;
+use crate::store::Quota;
 
 /// How often the epoch advances; the granularity of deadlines and of guest yields.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -53,6 +56,14 @@ pub struct RuntimeConfig {
     pub worker_threads: usize,
     /// How many replaced versions of each component are kept for rollback.
     pub history: usize,
+    /// The most keys and bytes each key-value store may hold, checked on every guest write
+    /// (`set`, `append`, `append-many` get `too-large` past it). Exact on the memory store;
+    /// on Redis, counted by the hosts in `<prefix>kv-usage:<store>` (see `store::redis::kv`).
+    pub kv_quota: Quota,
+    /// Log lines each component may write, per second with a burst (`Rate::OFF`: no limit).
+    /// Lines over it are dropped and counted; the next line written is preceded by one
+    /// saying how many were dropped.
+    pub log_rate: Rate,
 }
 
 impl Default for RuntimeConfig {
@@ -65,6 +76,8 @@ impl Default for RuntimeConfig {
             max_instances: 1000,
             worker_threads: 2,
             history: 5,
+            kv_quota: Quota::default(),
+            log_rate: Rate::new(100, 200),
         }
     }
 }
@@ -90,6 +103,8 @@ pub(crate) struct WasmEngine {
     pub(crate) linker: Linker<HostState>,
     pub(crate) config: RuntimeConfig,
     executor: Executor,
+    /// Guest log lines per component ([`RuntimeConfig::log_rate`]).
+    pub(crate) log_limiter: Arc<LogLimiter>,
     /// Held for its `Drop`, which stops the thread.
     _ticker: Ticker,
 }
@@ -133,7 +148,8 @@ impl WasmEngine {
 
         let executor = Executor::new(config.worker_threads.max(1))?;
         let ticker = Ticker::start(engine.weak())?;
-        Ok(WasmEngine { engine, linker, config, executor, _ticker: ticker })
+        let log_limiter = Arc::new(LogLimiter::new(config.log_rate));
+        Ok(WasmEngine { engine, linker, config, executor, log_limiter, _ticker: ticker })
     }
 
     /// Runs `job` on the guests' runtime; the returned handle can be awaited from any runtime.
@@ -158,7 +174,13 @@ impl WasmEngine {
     /// deadline. The epoch callback yields to the executor on every tick (so one long guest
     /// shares the worker threads) and traps once the deadline has passed.
     pub(crate) fn new_store(&self, loaded: &Loaded, ctx: Context) -> Store<HostState> {
-        let state = HostState::new(loaded, ctx, self.config.memory_cap);
+        let state = HostState::new(
+            loaded,
+            ctx,
+            self.config.memory_cap,
+            self.config.kv_quota,
+            self.log_limiter.clone(),
+        );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         let deadline = self.config.deadline_for(loaded.event);

@@ -20,7 +20,9 @@ use super::bindings::host_api::cim::im::log::{self, Level};
 use super::bindings::host_api::cim::im::types::{User, UserId};
 use super::bindings::host_api::cim::im::{clock, presence, types, variables};
 use super::component::Loaded;
+use super::log_limit::{Admit, LogLimiter};
 use crate::handlers::{Context, Event};
+use crate::store::{MAX_PAGE, Quota, StoreError};
 
 /// The largest key a guest may use, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -70,6 +72,10 @@ pub(crate) struct HostState {
     table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
     caps: Arc<Capabilities>,
+    /// The most each key-value store may hold ([`RuntimeConfig::kv_quota`](super::RuntimeConfig)).
+    quota: Quota,
+    /// The runtime's per-component log buckets.
+    log_limiter: Arc<LogLimiter>,
     ctx: Context,
     component: Arc<str>,
     event: Event,
@@ -82,7 +88,13 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(loaded: &Loaded, ctx: Context, memory_cap: usize) -> HostState {
+    pub(crate) fn new(
+        loaded: &Loaded,
+        ctx: Context,
+        memory_cap: usize,
+        quota: Quota,
+        log_limiter: Arc<LogLimiter>,
+    ) -> HostState {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE_BYTES);
         // No preopened directories, no environment, no network: WASI is linked only because a
         // std guest imports it.
@@ -92,6 +104,8 @@ impl HostState {
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(memory_cap),
             caps: loaded.caps.clone(),
+            quota,
+            log_limiter,
             ctx,
             component: loaded.name.clone(),
             event: loaded.event,
@@ -110,6 +124,13 @@ impl HostState {
     }
 
     fn check_store(&self, store: &str) -> Result<(), KvError> {
+        if crate::store::is_reserved_store(store) {
+            return Err(KvError::AccessDenied(format!(
+                "key-value store `{store}` is reserved for the host (names beginning `{}` are); component `{}` may not use it",
+                crate::store::RESERVED_STORE_PREFIX,
+                self.component
+            )));
+        }
         if self.caps.key_value_stores.iter().any(|s| s == store) {
             Ok(())
         } else {
@@ -142,8 +163,11 @@ impl HostState {
     }
 }
 
-fn store_failure(e: crate::store::StoreError) -> KvError {
-    KvError::StoreFailure(e.to_string())
+fn store_failure(e: StoreError) -> KvError {
+    match e {
+        StoreError::OverQuota { .. } => KvError::TooLarge(e.to_string()),
+        _ => KvError::StoreFailure(e.to_string()),
+    }
 }
 
 impl WasiView for HostState {
@@ -196,7 +220,7 @@ impl key_value::Host for HostState {
         if let Err(e) = self.check_store(&store).and_then(|()| Self::check_value(&store, &key, &value)) {
             return Ok(Err(e));
         }
-        Ok(self.ctx.store().kv_set(&store, &key, value).await.map_err(store_failure))
+        Ok(self.ctx.store().kv_set(&store, &key, value, self.quota).await.map_err(store_failure))
     }
 
     async fn delete(&mut self, store: String, key: String) -> wasmtime::Result<Result<(), KvError>> {
@@ -216,17 +240,9 @@ impl key_value::Host for HostState {
         if let Err(e) = self.check_store(&store) {
             return Ok(Err(e));
         }
-        // TODO(paging in the store): bounded pages straight from the backend.
-        let keys = match self.ctx.store().kv_list_keys(&store, &prefix).await {
-            Ok(keys) => keys,
-            Err(e) => return Ok(Err(store_failure(e))),
-        };
-        let limit = limit.clamp(1, 1000) as usize;
-        let start = cursor.map_or(0, |c| keys.partition_point(|k| k.as_str() <= c.as_str()));
-        let page: Vec<String> = keys[start..].iter().take(limit).cloned().collect();
-        let more = start + page.len() < keys.len();
-        let cursor = if more { page.last().cloned() } else { None };
-        Ok(Ok(KeyPage { keys: page, cursor }))
+        let limit = usize::try_from(limit).unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+        let page = self.ctx.store().kv_list_keys(&store, &prefix, cursor.as_deref(), limit).await;
+        Ok(page.map(|p| KeyPage { keys: p.keys, cursor: p.cursor }).map_err(store_failure))
     }
 
     async fn append(
@@ -240,7 +256,7 @@ impl key_value::Host for HostState {
             return Ok(Err(e));
         }
         let max_len = max_len.clamp(1, MAX_LIST_LEN) as usize;
-        Ok(self.ctx.store().kv_append(&store, &key, value, max_len).await.map_err(store_failure))
+        Ok(self.ctx.store().kv_append(&store, &key, value, max_len, self.quota).await.map_err(store_failure))
     }
 
     async fn append_many(
@@ -262,7 +278,7 @@ impl key_value::Host for HostState {
             return Ok(Err(e));
         }
         let max_len = max_len.clamp(1, MAX_LIST_LEN) as usize;
-        Ok(self.ctx.store().kv_append_many(&store, entries, max_len).await.map_err(store_failure))
+        Ok(self.ctx.store().kv_append_many(&store, entries, max_len, self.quota).await.map_err(store_failure))
     }
 
     async fn range(
@@ -275,7 +291,7 @@ impl key_value::Host for HostState {
         if let Err(e) = self.check_store(&store).and_then(|()| Self::check_key(&store, &key)) {
             return Ok(Err(e));
         }
-        let items = match self.ctx.store().kv_range(&store, &key, start, stop).await {
+        let items = match self.ctx.store().kv_range(&store, &key, start, stop, MAX_PAGE).await {
             Ok(items) => items,
             Err(e) => return Ok(Err(store_failure(e))),
         };
@@ -303,9 +319,21 @@ impl variables::Host for HostState {
 
 impl log::Host for HostState {
     async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        let dropped = match self.log_limiter.admit(&self.component) {
+            Admit::Drop => return Ok(()),
+            Admit::Write { dropped } => dropped,
+        };
         let message = truncate(&message, MAX_LOG_BYTES);
         let component = &*self.component;
         let event = self.event.as_str();
+        if dropped > 0 {
+            tracing::warn!(
+                component,
+                event,
+                dropped,
+                "{dropped} log lines of the component dropped (over its log rate limit)"
+            );
+        }
         match level {
             Level::Trace => tracing::trace!(component, event, "{message}"),
             Level::Debug => tracing::debug!(component, event, "{message}"),

@@ -5,6 +5,7 @@
 //! - `bindings`: the generated bindings (private).
 //! - `host_api`: the imports guests call (presence, key-value, variables, log, clock) and
 //!   the capability checks.
+//! - `log_limit`: the per-component rate limit on guest log lines.
 //! - `component`: a loaded component and the per-event hot-swap slot.
 //! - `cache`: compiled artifacts on disk, keyed by sha256.
 //! - `call`: one request, from a fresh store to a decision or a readable failure.
@@ -20,6 +21,7 @@ mod component;
 mod convert;
 mod engine;
 mod host_api;
+mod log_limit;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -9,7 +9,7 @@ use cim_proto::{MessageKind, User};
 
 use super::*;
 use crate::handlers::{Recipients, SendDecision};
-use crate::store::{OnlineEntry, Store};
+use crate::store::{MAX_PAGE, OnlineEntry, Quota, Store};
 
 fn components_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../components")
@@ -256,7 +256,7 @@ async fn the_callback_appends_history_to_the_store() {
     let read = |key: &'static str| {
         let ctx = ctx.clone();
         async move {
-            let list = ctx.store().kv_range("default", key, 0, -1).await.expect("range");
+            let list = ctx.store().kv_range("default", key, 0, -1, MAX_PAGE).await.expect("range");
             list.into_iter().map(|e| String::from_utf8(e).expect("utf-8")).collect::<Vec<String>>()
         }
     };
@@ -281,7 +281,114 @@ async fn a_store_not_granted_is_access_denied() {
     let ctx = context_with_online(&[1, 2]).await;
     let batch = vec![Delivered { message: message(7, 1, MessageKind::Private, "hi"), recipients: vec![2] }];
     rt.callback(&ctx, batch).await.expect("callback survives");
-    assert!(ctx.store().kv_range("default", "history:1", 0, -1).await.expect("range").is_empty());
+    assert!(ctx.store().kv_range("default", "history:1", 0, -1, MAX_PAGE).await.expect("range").is_empty());
+}
+
+/// What the kv-probe fixture says to `command` (it rejects the message with its answer).
+async fn probe(rt: &Runtime, ctx: &Context, command: &str) -> String {
+    let decisions = rt.group(ctx, vec![message(1, 1, MessageKind::Group, command)]).await.expect("kv-probe");
+    match &decisions[0].decision {
+        SendDecision::Reject(answer) => answer.clone(),
+        other => panic!("kv-probe answered {other:?}"),
+    }
+}
+
+/// A guest calling `range` on a list of 20,000 entries gets 1,000, and walking `list-keys`
+/// gets every key in pages of at most its limit (and never more than 1,000).
+async fn a_guest_gets_bounded_pages(store: Store) {
+    // The listing on a shared Redis may take many round trips: no tight deadline here.
+    let rt = Runtime::new(RuntimeConfig { deadline: Duration::from_secs(20), ..config() }).expect("runtime");
+    install(&rt, Event::Group, "kv_probe", caps(&["default"], &[])).await;
+    let ctx = Context::new(store.clone());
+    // Longer than a guest could make it (appends are capped at MAX_LIST_LEN).
+    let entries = (0..20_000u32).map(|i| ("huge".to_owned(), i.to_be_bytes().to_vec())).collect();
+    store.kv_append_many("default", entries, 100_000, Quota::NONE).await.expect("fill the list");
+    assert_eq!(probe(&rt, &ctx, "range huge 0 -1").await, "entries=1000");
+    assert_eq!(probe(&rt, &ctx, "range huge 0 9223372036854775807").await, "entries=1000");
+    assert_eq!(probe(&rt, &ctx, "range huge -1500 -1").await, "entries=1000");
+    assert_eq!(probe(&rt, &ctx, "range huge 19500 -1").await, "entries=500");
+    assert_eq!(probe(&rt, &ctx, "range huge 5 4").await, "entries=0");
+
+    let keys: Vec<String> = (0..2500).map(|i| format!("k:{i}")).collect();
+    for chunk in keys.chunks(250) {
+        let sets = chunk.iter().map(|k| ctx.store().kv_set("default", k, Vec::new(), Quota::NONE));
+        futures_util::future::try_join_all(sets).await.expect("set keys");
+    }
+    for (limit, most) in [(1000, 1000), (5000, 1000), (300, 300)] {
+        let answer = probe(&rt, &ctx, &format!("list k: {limit}")).await;
+        let field = |name: &str| -> usize {
+            let value = answer.split(' ').find_map(|f| f.strip_prefix(name)).expect("a field");
+            value.parse().expect("a number")
+        };
+        assert_eq!(field("keys="), 2500, "limit {limit}: {answer}");
+        assert!(field("largest=") <= most, "limit {limit}: {answer}");
+    }
+}
+
+#[tokio::test]
+async fn a_guest_gets_bounded_pages_from_the_memory_store() {
+    a_guest_gets_bounded_pages(Store::memory()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_gets_bounded_pages_from_redis() {
+    let redis = crate::store::redis::test_support::TestRedis::new();
+    a_guest_gets_bounded_pages(Store::Redis(Arc::new(redis.store().await))).await;
+    redis.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_reserved_store_is_denied_even_if_granted() {
+    let rt = runtime();
+    // A manifest cannot grant it (refused at load); capabilities built by hand still do not.
+    install(&rt, Event::Group, "kv_probe", caps(&["default", "cim-components"], &[])).await;
+    let ctx = Context::new(Store::memory());
+    ctx.store().kv_set("cim-components", "k", vec![1], Quota::NONE).await.expect("the host's own write");
+    for command in ["@cim-components range k 0 -1", "@cim-components set k 1", "@cim-x list k 10"] {
+        let answer = probe(&rt, &ctx, command).await;
+        assert!(answer.starts_with("error: access-denied: key-value store `cim-"), "{command}: {answer}");
+        assert!(answer.contains("is reserved for the host"), "{answer}");
+    }
+    assert_eq!(probe(&rt, &ctx, "@default set k 1").await, "ok");
+    assert_eq!(ctx.store().kv_get("cim-components", "k").await.expect("get"), Some(vec![1]), "unchanged");
+}
+
+#[tokio::test]
+async fn a_guest_logging_in_a_loop_is_rate_limited() {
+    let rt = Runtime::new(RuntimeConfig { log_rate: crate::limits::Rate::new(10, 10), ..config() })
+        .expect("runtime");
+    let loaded = install(&rt, Event::Group, "kv_probe", Capabilities::default()).await;
+    let ctx = Context::new(Store::memory());
+    assert_eq!(probe(&rt, &ctx, "log 1000").await, "ok");
+    // 10 lines written (the burst), the rest counted: the next line let through says so.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let dropped = loop {
+        match rt.engine.log_limiter.admit(&loaded.name) {
+            log_limit::Admit::Write { dropped } => break dropped,
+            log_limit::Admit::Drop => assert!(Instant::now() < deadline, "the bucket never refilled"),
+        }
+    };
+    assert!(dropped >= 900, "{dropped} dropped");
+}
+
+#[tokio::test]
+async fn a_guest_past_the_store_quota_gets_too_large() {
+    let quota = Quota { max_keys: 2, max_bytes: 1000 };
+    let rt = Runtime::new(RuntimeConfig { kv_quota: quota, ..config() }).expect("runtime");
+    install(&rt, Event::Group, "kv_probe", caps(&["default"], &[])).await;
+    let ctx = Context::new(Store::memory());
+    assert_eq!(probe(&rt, &ctx, "set a 10").await, "ok");
+    assert_eq!(probe(&rt, &ctx, "set b 10").await, "ok");
+    assert_eq!(
+        probe(&rt, &ctx, "set c 10").await,
+        "error: too-large: key-value store `default` would go over its quota of 2 keys"
+    );
+    assert_eq!(
+        probe(&rt, &ctx, "set b 990").await,
+        "error: too-large: key-value store `default` would go over its quota of 1000 bytes"
+    );
+    assert_eq!(probe(&rt, &ctx, "set b 900").await, "ok");
+    assert_eq!(ctx.store().kv_usage("default").await.expect("usage"), (2, 912));
 }
 
 #[tokio::test]

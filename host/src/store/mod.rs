@@ -35,6 +35,72 @@ pub enum StoreError {
     Unavailable(String),
     #[error("value at {key} is not a list")]
     WrongType { key: String },
+    /// A `list-keys` cursor this store did not make, or one that no longer applies (the
+    /// Redis Cluster node it was scanning is gone).
+    #[error("invalid list-keys cursor: {0}")]
+    BadCursor(String),
+    /// The write would take the store over its [`Quota`]; nothing was written.
+    #[error("key-value store `{store}` would go over its quota of {limit}")]
+    OverQuota { store: String, limit: String },
+}
+
+/// The most one key-value store may hold, checked on every guest write (`set`, `append`,
+/// `append-many`). A store's size is its number of keys and its bytes: each key's length
+/// plus its value's (a list's: the sum of its entries). A write that would take either over
+/// the quota is refused whole, unless it does not grow that measure (so a store over a
+/// lowered quota can still be overwritten and shrunk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub max_keys: u64,
+    pub max_bytes: u64,
+}
+
+impl Quota {
+    /// No limit: the host's own writes (pushed components, built-in history).
+    pub const NONE: Quota = Quota { max_keys: u64::MAX, max_bytes: u64::MAX };
+
+    /// Why `usage` moved by `(keys, bytes)` breaks this quota, if it does.
+    pub(crate) fn check(&self, store: &str, usage: (u64, u64), growth: (i64, i64)) -> Result<(), StoreError> {
+        let over =
+            |used: u64, delta: i64, max: u64| delta > 0 && used.saturating_add(delta.unsigned_abs()) > max;
+        let limit = if over(usage.0, growth.0, self.max_keys) {
+            format!("{} keys", self.max_keys)
+        } else if over(usage.1, growth.1, self.max_bytes) {
+            format!("{} bytes", self.max_bytes)
+        } else {
+            return Ok(());
+        };
+        Err(StoreError::OverQuota { store: store.to_owned(), limit })
+    }
+}
+
+impl Default for Quota {
+    /// 100,000 keys and 64 MiB per store.
+    fn default() -> Self {
+        Quota { max_keys: 1_000_000, max_bytes: 1 << 30 }
+    }
+}
+
+/// Key-value stores whose names begin with this belong to the host (pushed components live
+/// in `cim-components`): a manifest may not grant one, and a guest asking for one is denied.
+pub const RESERVED_STORE_PREFIX: &str = "cim-";
+
+/// Whether `store` is one of the host's own (see [`RESERVED_STORE_PREFIX`]).
+pub fn is_reserved_store(store: &str) -> bool {
+    store.starts_with(RESERVED_STORE_PREFIX)
+}
+
+/// The most entries one `kv_range` call returns and the most keys one `kv_list_keys` page
+/// holds: what a guest may get from one call, whatever it asked for.
+pub const MAX_PAGE: usize = 1000;
+
+/// One page of [`Store::kv_list_keys`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyPage {
+    /// At most the limit asked for, sorted.
+    pub keys: Vec<String>,
+    /// Opaque: pass it back for the next page; `None` once every key has been listed.
+    pub cursor: Option<String>,
 }
 
 /// The store backend in use. Cheap to clone.
@@ -102,13 +168,17 @@ impl Store {
         }
     }
 
-    pub async fn kv_set(&self, store: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+    /// Stores `value` under `key` unless that would take `store` over `quota`.
+    pub async fn kv_set(
+        &self,
+        store: &str,
+        key: &str,
+        value: Vec<u8>,
+        quota: Quota,
+    ) -> Result<(), StoreError> {
         match self {
-            Store::Memory(m) => {
-                m.kv_set(store, key, value);
-                Ok(())
-            }
-            Store::Redis(r) => r.kv_set(store, key, value).await,
+            Store::Memory(m) => m.kv_set(store, key, value, quota),
+            Store::Redis(r) => r.kv_set(store, key, value, quota).await,
         }
     }
 
@@ -122,53 +192,79 @@ impl Store {
         }
     }
 
-    pub async fn kv_list_keys(&self, store: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
+    /// One page of at most `limit` (1..=[`MAX_PAGE`]) keys of `store` that start with
+    /// `prefix`, after `cursor` (`None`: from the start). The work per call is bounded: the
+    /// memory store walks its sorted map from the cursor, Redis runs a few `SCAN` steps.
+    pub async fn kv_list_keys(
+        &self,
+        store: &str,
+        prefix: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, StoreError> {
+        let limit = limit.clamp(1, MAX_PAGE);
         match self {
-            Store::Memory(m) => Ok(m.kv_list_keys(store, prefix)),
-            Store::Redis(r) => r.kv_list_keys(store, prefix).await,
+            Store::Memory(m) => Ok(m.kv_list_keys(store, prefix, cursor, limit)),
+            Store::Redis(r) => r.kv_list_keys(store, prefix, cursor, limit).await,
         }
     }
 
-    /// Pushes `value` at the head of the list at `key`, keeping at most `max_len` items.
+    /// Pushes `value` at the head of the list at `key`, keeping at most `max_len` items,
+    /// unless that would take `store` over `quota`.
     pub async fn kv_append(
         &self,
         store: &str,
         key: &str,
         value: Vec<u8>,
         max_len: usize,
+        quota: Quota,
     ) -> Result<(), StoreError> {
         match self {
-            Store::Memory(m) => m.kv_append(store, key, value, max_len),
-            Store::Redis(r) => r.kv_append(store, key, value, max_len).await,
+            Store::Memory(m) => m.kv_append(store, key, value, max_len, quota),
+            Store::Redis(r) => r.kv_append(store, key, value, max_len, quota).await,
         }
     }
 
     /// Appends every `(key, value)` in order, as [`Store::kv_append`] would one after another;
-    /// one round trip on Redis. Atomic per key, not across keys.
+    /// one round trip on Redis (plus the quota's). Atomic per key, not across keys; a call
+    /// that would take `store` over `quota` writes nothing.
     pub async fn kv_append_many(
         &self,
         store: &str,
         entries: Vec<(String, Vec<u8>)>,
         max_len: usize,
+        quota: Quota,
     ) -> Result<(), StoreError> {
         match self {
-            Store::Memory(m) => m.kv_append_many(store, entries, max_len),
-            Store::Redis(r) => r.kv_append_many(store, entries, max_len).await,
+            Store::Memory(m) => m.kv_append_many(store, entries, max_len, quota),
+            Store::Redis(r) => r.kv_append_many(store, entries, max_len, quota).await,
+        }
+    }
+
+    /// How many keys and bytes `store` holds, as its quota counts them (exact in memory;
+    /// the host's counters on Redis, see [`RedisStore::kv_usage`]).
+    pub async fn kv_usage(&self, store: &str) -> Result<(u64, u64), StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.kv_usage(store)),
+            Store::Redis(r) => r.kv_usage(store).await,
         }
     }
 
     /// Items `start..=stop` of the list at `key`, newest first; negative indexes count from
-    /// the end (like Redis LRANGE).
+    /// the end (like Redis LRANGE). At most `max` (1..=[`MAX_PAGE`]) items, the first ones
+    /// of the range: the backend itself stops there, so a long list is never read whole.
     pub async fn kv_range(
         &self,
         store: &str,
         key: &str,
         start: i64,
         stop: i64,
+        max: usize,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let max = max.clamp(1, MAX_PAGE);
         match self {
-            Store::Memory(m) => m.kv_range(store, key, start, stop),
-            Store::Redis(r) => r.kv_range(store, key, start, stop).await,
+            Store::Memory(m) => m.kv_range(store, key, start, stop, max),
+            Store::Redis(r) => r.kv_range(store, key, start, stop, max).await,
         }
     }
 }

@@ -1,9 +1,8 @@
 //! Client transports. Both feed [`crate::session::run`] with the same frame stream/sink
-//! shape: [`tcp`] with the length-delimited codec, [`ws`] with one envelope per binary
-//! WebSocket message.
+//! shape: [`tcp`] with the length-delimited codec, [`crate::http::ws`] with one envelope per
+//! binary WebSocket message; both take their connection [`Slot`] from [`Sessions`].
 
 pub mod tcp;
-pub mod ws;
 
 use std::sync::Arc;
 
@@ -23,7 +22,7 @@ pub struct Sessions {
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     /// The admin API, when an admin token is configured.
-    pub admin: Option<Arc<crate::admin::Admin>>,
+    pub admin: Option<Arc<crate::http::admin::Admin>>,
 }
 
 /// Holds a connection slot; keeps the connection gauge right however the session ends.
@@ -36,7 +35,7 @@ pub struct Slot {
 impl Sessions {
     pub fn new(
         router: Arc<Router>,
-        admin: Option<Arc<crate::admin::Admin>>,
+        admin: Option<Arc<crate::http::admin::Admin>>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {

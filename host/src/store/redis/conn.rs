@@ -14,6 +14,7 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{ProtocolVersion, RedisError, RedisFuture, RedisResult, Value};
+use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
 use super::SCAN_COUNT;
@@ -264,6 +265,66 @@ impl RedisConn {
         Ok(keys.into_iter().collect())
     }
 
+    /// One `SCAN` step from `at` asking for about `count` keys: the keys it returned (may be
+    /// none, may be a few more than `count`) and where to go on, `None` once every primary
+    /// (or the single server) has been scanned to the end.
+    ///
+    /// On a cluster the position names the primary by address; an address that is no longer
+    /// a primary is refused rather than followed, so a forged position cannot send commands
+    /// to an arbitrary host.
+    pub async fn scan_step(
+        &self,
+        pattern: &str,
+        at: &ScanPosition,
+        count: usize,
+    ) -> Result<(Vec<String>, Option<ScanPosition>), StoreError> {
+        let failed = |e: &dyn fmt::Display| StoreError::Unavailable(format!("redis SCAN {pattern}: {e}"));
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(at.cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(count.max(1));
+        if !self.is_cluster() {
+            let reply = self.route(cmd, None).await.map_err(|e| failed(&e))?;
+            let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply).map_err(|e| failed(&e))?;
+            return Ok((keys, (next != 0).then_some(ScanPosition { node: None, cursor: next })));
+        }
+        // Sorted as the strings the cursor carries, so "the next one" is well defined.
+        let mut primaries: Vec<String> = self
+            .primaries()
+            .await
+            .map_err(|e| failed(&e))?
+            .into_iter()
+            .map(|(h, p)| format!("{h}:{p}"))
+            .collect();
+        primaries.sort_unstable();
+        let node = match &at.node {
+            None => primaries.first().cloned().ok_or_else(|| {
+                StoreError::Unavailable("redis cluster: CLUSTER SLOTS lists no primary".to_owned())
+            })?,
+            Some(node) if primaries.contains(node) => node.clone(),
+            Some(node) => {
+                return Err(StoreError::BadCursor(format!(
+                    "redis cluster node {node} is not a primary any more; list again from the start"
+                )));
+            }
+        };
+        let (host, port) = node
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+            .ok_or_else(|| StoreError::BadCursor(format!("bad node address {node:?}")))?;
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+        let reply = self.route(cmd, Some(route)).await.map_err(|e| failed(&e))?;
+        let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply).map_err(|e| failed(&e))?;
+        let after = if next != 0 {
+            Some(ScanPosition { node: Some(node), cursor: next })
+        } else {
+            // Primaries are visited in address order; this one is done.
+            primaries
+                .iter()
+                .find(|p| p.as_str() > node.as_str())
+                .map(|p| ScanPosition { node: Some(p.clone()), cursor: 0 })
+        };
+        Ok((keys, after))
+    }
+
     /// The `(host, port)` of every primary, from `CLUSTER SLOTS`.
     async fn primaries(&self) -> RedisResult<BTreeSet<(String, u16)>> {
         let slots = self.route(redis::cmd("CLUSTER").arg("SLOTS").clone(), None).await?;
@@ -294,6 +355,17 @@ impl RedisConn {
             (Kind::Single(_), _) => cmd.query_async(&mut conn).await,
         }
     }
+}
+
+/// Where a paged `SCAN` of the whole keyspace stands. The default is the start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanPosition {
+    /// `host:port` of the primary being scanned (a Redis Cluster); `None` on a single
+    /// server, or at the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// `SCAN`'s own cursor on that node.
+    pub cursor: u64,
 }
 
 /// `SCAN` of one node (`route`) or of the single server.

@@ -13,12 +13,14 @@
 //! | `{cim:presence}:node:<node>` | string, TTL | the node's registry entry (JSON `NodeInfo`) |
 //! | `{cim:presence}:nodes` | set | node ids that have registered |
 //! | `cim:kv:<store>:<key>` | string or list | handler key-value data |
+//! | `cim:kv-usage:<store>` | hash | `keys`, `bytes`: the store's size as its quota counts it |
 //!
 //! Every presence and registry key carries the same hash tag, so in Redis Cluster they live
 //! in one slot and a Lua script may change several of them atomically (claim, release, reap
 //! a dead node). Key-value keys carry no tag and spread over the cluster.
 
 mod conn;
+mod kv;
 
 use std::sync::LazyLock;
 
@@ -27,7 +29,7 @@ use redis::{AsyncCommands, RedisError, Script};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-pub use self::conn::{CLUSTER_SCHEME, Endpoint, RedisConn, redacted};
+pub use self::conn::{CLUSTER_SCHEME, Endpoint, RedisConn, ScanPosition, redacted};
 use super::{Claim, OnlineEntry, StoreError};
 
 /// The key prefix used when none is configured (`--redis-prefix`).
@@ -91,11 +93,15 @@ impl RedisKeys {
         format!("{}{key}", self.kv_store(store))
     }
 
+    /// Hash: the size of the handler store `store` (`keys`, `bytes`), kept by the hosts.
+    pub fn kv_usage(&self, store: &str) -> String {
+        format!("{}kv-usage:{}", self.prefix, encode_store(store))
+    }
+
     /// The prefix of every key of the handler store `store`. `:` and `%` in the store name
     /// are percent-encoded so that store `a:b` never sees the keys of store `a`.
     pub fn kv_store(&self, store: &str) -> String {
-        let store = store.replace('%', "%25").replace(':', "%3A");
-        format!("{}kv:{store}:", self.prefix)
+        format!("{}kv:{}:", self.prefix, encode_store(store))
     }
 
     /// Pub/sub channel on which `node_id` receives messages for its users.
@@ -107,6 +113,11 @@ impl RedisKeys {
     pub fn cluster_channel(&self) -> String {
         format!("{}cluster", self.prefix)
     }
+}
+
+/// `:` and `%` of a store name percent-encoded.
+fn encode_store(store: &str) -> String {
+    store.replace('%', "%25").replace(':', "%3A")
 }
 
 /// An online entry as stored in the `online` hash. `conn_id` is a string so that the Lua
@@ -343,108 +354,6 @@ impl RedisStore {
             .scard(&key)
             .await
             .map_err(|e| StoreError::Unavailable(format!("redis SCARD {key}: {e}")))
-    }
-
-    pub async fn kv_get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.conn.clone().get(self.keys.kv(store, key)).await.map_err(|e| store_error("GET", key, e))
-    }
-
-    pub async fn kv_set(&self, store: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        self.conn
-            .clone()
-            .set::<_, _, ()>(self.keys.kv(store, key), value)
-            .await
-            .map_err(|e| store_error("SET", key, e))
-    }
-
-    pub async fn kv_delete(&self, store: &str, key: &str) -> Result<(), StoreError> {
-        self.conn.clone().del::<_, ()>(self.keys.kv(store, key)).await.map_err(|e| store_error("DEL", key, e))
-    }
-
-    /// Keys of `store` that start with `prefix`, without the Redis prefix, sorted.
-    pub async fn kv_list_keys(&self, store: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let base = self.keys.kv_store(store);
-        let pattern = format!("{}*", glob_escape(&format!("{base}{prefix}")));
-        let keys = self.conn.scan(&pattern).await.map_err(|e| store_error("SCAN", prefix, e))?;
-        Ok(keys.into_iter().filter_map(|k| k.strip_prefix(&base).map(str::to_owned)).collect())
-    }
-
-    /// `LPUSH` then `LTRIM` to `max_len` (at least 1) in one transaction.
-    pub async fn kv_append(
-        &self,
-        store: &str,
-        key: &str,
-        value: Vec<u8>,
-        max_len: usize,
-    ) -> Result<(), StoreError> {
-        let redis_key = self.keys.kv(store, key);
-        let last = isize::try_from(max_len.max(1) - 1).unwrap_or(isize::MAX);
-        redis::pipe()
-            .atomic()
-            .lpush(&redis_key, value)
-            .ignore()
-            .ltrim(&redis_key, 0, last)
-            .ignore()
-            .exec_async(&mut self.conn.clone())
-            .await
-            .map_err(|e| store_error("LPUSH", key, e))
-    }
-
-    /// Appends every `(key, value)` in order: per key, one `LPUSH key v1 v2 ...` (the last
-    /// value ends up at the head) and `LTRIM` in one transaction; the keys' transactions go
-    /// out together on the multiplexed connection, so the whole batch costs about one round
-    /// trip. Keys may live on different shards of a Redis Cluster.
-    pub async fn kv_append_many(
-        &self,
-        store: &str,
-        entries: Vec<(String, Vec<u8>)>,
-        max_len: usize,
-    ) -> Result<(), StoreError> {
-        // Values grouped by key, keys in first-seen order.
-        let mut by_key: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
-        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-        for (key, value) in entries {
-            match index.get(&key) {
-                Some(&i) => by_key[i].1.push(value),
-                None => {
-                    index.insert(key.clone(), by_key.len());
-                    by_key.push((key, vec![value]));
-                }
-            }
-        }
-        let last = isize::try_from(max_len.max(1) - 1).unwrap_or(isize::MAX);
-        let appends = by_key.into_iter().map(|(key, values)| {
-            let redis_key = self.keys.kv(store, &key);
-            let mut conn = self.conn.clone();
-            async move {
-                redis::pipe()
-                    .atomic()
-                    .lpush(&redis_key, values)
-                    .ignore()
-                    .ltrim(&redis_key, 0, last)
-                    .ignore()
-                    .exec_async(&mut conn)
-                    .await
-                    .map_err(|e| store_error("LPUSH", &key, e))
-            }
-        });
-        futures_util::future::try_join_all(appends).await.map(drop)
-    }
-
-    pub async fn kv_range(
-        &self,
-        store: &str,
-        key: &str,
-        start: i64,
-        stop: i64,
-    ) -> Result<Vec<Vec<u8>>, StoreError> {
-        redis::cmd("LRANGE")
-            .arg(self.keys.kv(store, key))
-            .arg(start)
-            .arg(stop)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(|e| store_error("LRANGE", key, e))
     }
 }
 

@@ -6,6 +6,7 @@ use super::test_cluster::RedisCluster;
 use super::test_support::TestRedis;
 use super::*;
 use crate::cluster::{Bus, ClusterMessage, NodeInfo, Registry};
+use crate::store::Quota;
 
 fn entry(id: u64, node: &str, conn: u64) -> OnlineEntry {
     OnlineEntry { user: User { id, name: format!("u{id}") }, node_id: node.into(), conn_id: conn }
@@ -84,41 +85,50 @@ async fn online_sorted(t: &TestRedis) {
 async fn kv_values(t: &TestRedis) {
     let s = t.store().await;
     assert_eq!(s.kv_get("default", "k").await.unwrap(), None);
-    s.kv_set("default", "k", b"v\0\xff".to_vec()).await.unwrap();
+    s.kv_set("default", "k", b"v\0\xff".to_vec(), Quota::NONE).await.unwrap();
     assert_eq!(s.kv_get("default", "k").await.unwrap(), Some(b"v\0\xff".to_vec()));
     assert_eq!(s.kv_get("other", "k").await.unwrap(), None, "stores are separate");
     s.kv_delete("default", "k").await.unwrap();
     assert_eq!(s.kv_get("default", "k").await.unwrap(), None);
 
     for i in 0..5u8 {
-        s.kv_append("default", "h", vec![i], 3).await.unwrap();
+        s.kv_append("default", "h", vec![i], 3, Quota::NONE).await.unwrap();
     }
-    assert_eq!(s.kv_range("default", "h", 0, -1).await.unwrap(), vec![vec![4], vec![3], vec![2]]);
-    assert_eq!(s.kv_range("default", "h", 1, 1).await.unwrap(), vec![vec![3]]);
-    assert_eq!(s.kv_range("default", "h", 5, 9).await.unwrap(), Vec::<Vec<u8>>::new());
-    assert_eq!(s.kv_range("default", "missing", 0, -1).await.unwrap(), Vec::<Vec<u8>>::new());
-    s.kv_append("default", "one", vec![1], 0).await.unwrap();
-    s.kv_append("default", "one", vec![2], 0).await.unwrap();
-    assert_eq!(s.kv_range("default", "one", 0, -1).await.unwrap(), vec![vec![2]], "max_len 0 keeps one");
+    assert_eq!(s.kv_range("default", "h", 0, -1, 1000).await.unwrap(), vec![vec![4], vec![3], vec![2]]);
+    assert_eq!(s.kv_range("default", "h", 1, 1, 1000).await.unwrap(), vec![vec![3]]);
+    assert_eq!(s.kv_range("default", "h", 5, 9, 1000).await.unwrap(), Vec::<Vec<u8>>::new());
+    assert_eq!(s.kv_range("default", "missing", 0, -1, 1000).await.unwrap(), Vec::<Vec<u8>>::new());
+    s.kv_append("default", "one", vec![1], 0, Quota::NONE).await.unwrap();
+    s.kv_append("default", "one", vec![2], 0, Quota::NONE).await.unwrap();
+    assert_eq!(
+        s.kv_range("default", "one", 0, -1, 1000).await.unwrap(),
+        vec![vec![2]],
+        "max_len 0 keeps one"
+    );
 
     // append-many: per key in order (the last becomes the head), capped, keys independent.
     let many = |pairs: &[(&str, u8)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), vec![*v])).collect();
-    s.kv_append_many("default", many(&[("m1", 1), ("m2", 2), ("m1", 3), ("m1", 4), ("m1", 5)]), 3)
-        .await
-        .unwrap();
-    assert_eq!(s.kv_range("default", "m1", 0, -1).await.unwrap(), vec![vec![5], vec![4], vec![3]]);
-    assert_eq!(s.kv_range("default", "m2", 0, -1).await.unwrap(), vec![vec![2]]);
-    s.kv_append_many("default", Vec::new(), 3).await.unwrap();
+    s.kv_append_many(
+        "default",
+        many(&[("m1", 1), ("m2", 2), ("m1", 3), ("m1", 4), ("m1", 5)]),
+        3,
+        Quota::NONE,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.kv_range("default", "m1", 0, -1, 1000).await.unwrap(), vec![vec![5], vec![4], vec![3]]);
+    assert_eq!(s.kv_range("default", "m2", 0, -1, 1000).await.unwrap(), vec![vec![2]]);
+    s.kv_append_many("default", Vec::new(), 3, Quota::NONE).await.unwrap();
 
     assert!(matches!(s.kv_get("default", "h").await, Err(StoreError::WrongType { key }) if key == "h"));
-    s.kv_set("default", "plain", b"x".to_vec()).await.unwrap();
+    s.kv_set("default", "plain", b"x".to_vec(), Quota::NONE).await.unwrap();
     assert!(matches!(
-        s.kv_append("default", "plain", vec![1], 3).await,
+        s.kv_append("default", "plain", vec![1], 3, Quota::NONE).await,
         Err(StoreError::WrongType { key }) if key == "plain"
     ));
-    assert!(matches!(s.kv_range("default", "plain", 0, -1).await, Err(StoreError::WrongType { .. })));
+    assert!(matches!(s.kv_range("default", "plain", 0, -1, 1000).await, Err(StoreError::WrongType { .. })));
     assert!(matches!(
-        s.kv_append_many("default", many(&[("m2", 9), ("plain", 1)]), 3).await,
+        s.kv_append_many("default", many(&[("m2", 9), ("plain", 1)]), 3, Quota::NONE).await,
         Err(StoreError::WrongType { key }) if key == "plain"
     ));
     assert_eq!(
@@ -129,24 +139,158 @@ async fn kv_values(t: &TestRedis) {
     t.cleanup().await;
 }
 
+/// Every key of `store` under `prefix`, page by page of at most `limit`, sorted and without
+/// the repeats `SCAN` may make; checks that no page is over `limit`.
+async fn all_keys(s: &RedisStore, store: &str, prefix: &str, limit: usize) -> Vec<String> {
+    let (mut keys, mut cursor) = (Vec::new(), None::<String>);
+    for _ in 0..100_000 {
+        let page = s.kv_list_keys(store, prefix, cursor.as_deref(), limit).await.unwrap();
+        assert!(page.keys.len() <= limit, "{} keys on a page of {limit}", page.keys.len());
+        keys.extend(page.keys);
+        match page.cursor {
+            Some(c) => cursor = Some(c),
+            None => {
+                keys.sort();
+                keys.dedup();
+                return keys;
+            }
+        }
+    }
+    panic!("list-keys never ended");
+}
+
+/// Pages of list-keys over 2,500 keys among others, and bounded ranges of a 5,000-entry list.
+async fn paging(t: &TestRedis) {
+    let s = t.store().await;
+    let mut expected: Vec<String> = (0..2500).map(|i| format!("p:{i:04}")).collect();
+    // Concurrent sets on the multiplexed connection (a pipeline may not cross cluster slots).
+    for chunk in expected.chunks(500) {
+        let sets = chunk.iter().flat_map(|k| [k.clone(), format!("q:{k}")]).map(|k| {
+            let s = s.clone();
+            async move { s.kv_set("paged", &k, vec![1], Quota::NONE).await }
+        });
+        futures_util::future::try_join_all(sets).await.unwrap();
+    }
+    // Pages of 1,000, of 7 (SCAN returns more than asked: the rest waits in the cursor) and
+    // of 1 (many empty pages when the prefix is sparse).
+    for limit in [1000, 7] {
+        assert_eq!(all_keys(&s, "paged", "p:", limit).await, expected, "pages of {limit}");
+    }
+    let page = s.kv_list_keys("paged", "p:", None, 1000).await.unwrap();
+    assert!(page.cursor.is_some() && page.keys.len() <= 1000);
+    let first: Vec<String> = page.keys.clone();
+    // Keys added while listing do not disturb the ones that were there all along.
+    s.kv_set("paged", "p:new", vec![1], Quota::NONE).await.unwrap();
+    let mut rest = all_keys_from(&s, "paged", "p:", page.cursor, 1000).await;
+    rest.extend(first);
+    rest.sort();
+    rest.retain(|k| k != "p:new");
+    rest.dedup();
+    assert_eq!(rest, expected);
+    expected.push("p:new".into());
+    assert!(matches!(
+        s.kv_list_keys("paged", "p:", Some("not a cursor"), 10).await,
+        Err(StoreError::BadCursor(_))
+    ));
+
+    // A 5,000-entry list: every range stops after `max` entries, from the asked start.
+    let entries: Vec<(String, Vec<u8>)> =
+        (0..5000u32).map(|i| ("big".to_owned(), i.to_be_bytes().to_vec())).collect();
+    s.kv_append_many("paged", entries, 10_000, Quota::NONE).await.unwrap();
+    let newest = |i: u32| (4999 - i).to_be_bytes().to_vec();
+    let page = s.kv_range("paged", "big", 0, -1, 1000).await.unwrap();
+    assert_eq!((page.len(), page[0].clone(), page[999].clone()), (1000, newest(0), newest(999)));
+    let page = s.kv_range("paged", "big", 0, i64::MAX, 1000).await.unwrap();
+    assert_eq!(page.len(), 1000);
+    let page = s.kv_range("paged", "big", -1500, -1, 1000).await.unwrap();
+    assert_eq!((page.len(), page[0].clone(), page[999].clone()), (1000, newest(3500), newest(4499)));
+    let page = s.kv_range("paged", "big", 4500, -1, 1000).await.unwrap();
+    assert_eq!((page.len(), page[0].clone()), (500, newest(4500)));
+    assert_eq!(s.kv_range("paged", "big", i64::MIN, 0, 1000).await.unwrap(), vec![newest(0)]);
+    assert!(s.kv_range("paged", "big", i64::MIN, i64::MIN, 1000).await.unwrap().is_empty());
+    assert!(s.kv_range("paged", "big", i64::MAX, -1, 1000).await.unwrap().is_empty());
+    assert!(s.kv_range("paged", "big", -1, 0, 1000).await.unwrap().is_empty());
+    assert_eq!(s.kv_range("paged", "big", -3, -1, 2).await.unwrap(), vec![newest(4997), newest(4998)]);
+    assert!(s.kv_range("paged", "missing", -3, -1, 2).await.unwrap().is_empty());
+    s.kv_set("paged", "plain", vec![1], Quota::NONE).await.unwrap();
+    assert!(matches!(s.kv_range("paged", "plain", -3, -1, 2).await, Err(StoreError::WrongType { .. })));
+    t.cleanup().await;
+}
+
+async fn all_keys_from(
+    s: &RedisStore,
+    store: &str,
+    prefix: &str,
+    mut cursor: Option<String>,
+    limit: usize,
+) -> Vec<String> {
+    let mut keys = Vec::new();
+    while let Some(c) = cursor {
+        let page = s.kv_list_keys(store, prefix, Some(&c), limit).await.unwrap();
+        keys.extend(page.keys);
+        cursor = page.cursor;
+    }
+    keys
+}
+
+/// The counters follow sets, overwrites, appends with trims, deletes; over-quota writes are
+/// refused and write nothing.
+async fn quotas(t: &TestRedis) {
+    let s = t.store().await;
+    let quota = Quota { max_keys: 3, max_bytes: 100 };
+    s.kv_set("q", "a", vec![0; 9], quota).await.unwrap();
+    assert_eq!(s.kv_usage("q").await.unwrap(), (1, 10));
+    s.kv_set("q", "a", vec![0; 19], quota).await.unwrap();
+    assert_eq!(s.kv_usage("q").await.unwrap(), (1, 20), "an overwrite replaces the old size");
+    s.kv_set("q", "b", vec![], quota).await.unwrap();
+    s.kv_set("q", "c", vec![], quota).await.unwrap();
+    let err = s.kv_set("q", "d", vec![], quota).await.unwrap_err();
+    assert_eq!(err.to_string(), "key-value store `q` would go over its quota of 3 keys");
+    assert_eq!(s.kv_get("q", "d").await.unwrap(), None);
+    s.kv_set("q", "c", vec![0; 10], quota).await.expect("an existing key may still be written");
+    let err = s.kv_set("q", "c", vec![0; 80], quota).await.unwrap_err();
+    assert!(matches!(&err, StoreError::OverQuota { limit, .. } if limit == "100 bytes"), "{err}");
+    s.kv_delete("q", "a").await.unwrap();
+    s.kv_delete("q", "missing").await.unwrap();
+    assert_eq!(s.kv_usage("q").await.unwrap(), (2, 12));
+
+    for i in 0..50u8 {
+        s.kv_append("q", "h", vec![i; 20], 4, quota).await.unwrap();
+    }
+    assert_eq!(s.kv_usage("q").await.unwrap(), (3, 12 + 1 + 80), "trimmed entries are freed");
+    let batch = vec![("h".to_owned(), vec![0; 20]), ("x".to_owned(), vec![])];
+    let err = s.kv_append_many("q", batch, 4, quota).await.unwrap_err();
+    assert!(matches!(err, StoreError::OverQuota { .. }), "{err}");
+    assert_eq!(s.kv_range("q", "h", 0, 0, 1).await.unwrap(), vec![vec![49; 20]], "nothing written");
+    let batch = vec![("h".to_owned(), vec![1; 5]), ("h".to_owned(), vec![2; 5])];
+    s.kv_append_many("q", batch, 2, quota).await.unwrap();
+    assert_eq!(s.kv_usage("q").await.unwrap(), (3, 12 + 1 + 10));
+    assert_eq!(s.kv_range("q", "h", 0, -1, 10).await.unwrap(), vec![vec![2; 5], vec![1; 5]]);
+    s.kv_set("q", "h", vec![], quota).await.unwrap();
+    assert_eq!(s.kv_usage("q").await.unwrap(), (3, 13), "a list replaced by a value");
+    assert!(matches!(s.kv_append("q", "h", vec![], 1, quota).await, Err(StoreError::WrongType { .. })));
+    assert_eq!(s.kv_usage("other").await.unwrap(), (0, 0));
+    t.cleanup().await;
+}
+
 async fn list_keys(t1: &TestRedis, t2: &TestRedis) {
     let (s1, s2) = (t1.store().await, t2.store().await);
-    s1.kv_set("a", "history:1", vec![]).await.unwrap();
-    s1.kv_set("a", "history:2", vec![]).await.unwrap();
-    s1.kv_append("a", "history:0", vec![1], 5).await.unwrap();
-    s1.kv_set("a", "other", vec![]).await.unwrap();
-    s1.kv_set("b", "history:3", vec![]).await.unwrap();
-    s1.kv_set("a:x", "y", vec![]).await.unwrap();
-    s1.kv_set("a", "glob*[?]", vec![]).await.unwrap();
-    s2.kv_set("a", "history:9", vec![]).await.unwrap();
-    assert_eq!(s1.kv_list_keys("a", "history:").await.unwrap(), vec!["history:0", "history:1", "history:2"]);
-    assert_eq!(s2.kv_list_keys("a", "history:").await.unwrap(), vec!["history:9"]);
-    assert_eq!(s1.kv_list_keys("a", "glob*").await.unwrap(), vec!["glob*[?]"], "glob chars are literal");
+    s1.kv_set("a", "history:1", vec![], Quota::NONE).await.unwrap();
+    s1.kv_set("a", "history:2", vec![], Quota::NONE).await.unwrap();
+    s1.kv_append("a", "history:0", vec![1], 5, Quota::NONE).await.unwrap();
+    s1.kv_set("a", "other", vec![], Quota::NONE).await.unwrap();
+    s1.kv_set("b", "history:3", vec![], Quota::NONE).await.unwrap();
+    s1.kv_set("a:x", "y", vec![], Quota::NONE).await.unwrap();
+    s1.kv_set("a", "glob*[?]", vec![], Quota::NONE).await.unwrap();
+    s2.kv_set("a", "history:9", vec![], Quota::NONE).await.unwrap();
+    assert_eq!(all_keys(&s1, "a", "history:", 1000).await, vec!["history:0", "history:1", "history:2"]);
+    assert_eq!(all_keys(&s2, "a", "history:", 1000).await, vec!["history:9"]);
+    assert_eq!(all_keys(&s1, "a", "glob*", 1000).await, vec!["glob*[?]"], "glob chars are literal");
     assert_eq!(
-        s1.kv_list_keys("a", "").await.unwrap(),
+        all_keys(&s1, "a", "", 1).await,
         vec!["glob*[?]", "history:0", "history:1", "history:2", "other"]
     );
-    assert_eq!(s1.kv_list_keys("a:x", "").await.unwrap(), vec!["y"]);
+    assert_eq!(all_keys(&s1, "a:x", "", 1000).await, vec!["y"]);
     t1.cleanup().await;
     t2.cleanup().await;
 }
@@ -174,6 +318,16 @@ async fn kv_values_lists_and_wrong_types() {
 #[tokio::test]
 async fn list_keys_by_prefix_is_isolated_between_prefixes_and_stores() {
     list_keys(&TestRedis::new(), &TestRedis::new()).await;
+}
+
+#[tokio::test]
+async fn quotas_count_keys_and_bytes() {
+    quotas(&TestRedis::new()).await;
+}
+
+#[tokio::test]
+async fn list_keys_pages_and_ranges_are_bounded() {
+    paging(&TestRedis::new()).await;
 }
 
 #[tokio::test]
@@ -207,13 +361,20 @@ async fn a_redis_cluster_serves_every_store_operation() {
     let s = t.store().await;
     let keys: Vec<String> = (0..60).map(|i| format!("k{i:02}")).collect();
     for k in &keys {
-        s.kv_set("spread", k, vec![1]).await.unwrap();
+        s.kv_set("spread", k, vec![1], Quota::NONE).await.unwrap();
     }
     for i in 0..3 {
         assert!(cluster.dbsize(i) > 0, "primary {i} holds none of the 60 keys");
     }
-    assert_eq!(s.kv_list_keys("spread", "k").await.unwrap(), keys);
+    assert_eq!(all_keys(&s, "spread", "k", 1000).await, keys);
+    // Pages of 7 cross from one primary to the next inside the cursor.
+    assert_eq!(all_keys(&s, "spread", "k", 7).await, keys);
+    let forged = r#"{"next":{"node":"10.9.9.9:1","cursor":5}}"#;
+    let err = s.kv_list_keys("spread", "k", Some(forged), 7).await.unwrap_err();
+    assert!(matches!(&err, StoreError::BadCursor(m) if m.contains("10.9.9.9:1")), "{err}");
     list_keys(&t, &TestRedis::on(cluster.url())).await;
+    paging(&TestRedis::on(cluster.url())).await;
+    quotas(&TestRedis::on(cluster.url())).await;
     assert_eq!(s.next_node_number().await.unwrap() + 1, s.next_node_number().await.unwrap());
 
     // Registry: register, list, expire, reap (multi-key scripts on the presence slot).
@@ -274,7 +435,7 @@ async fn the_store_recovers_from_a_redis_cluster_restart() {
     let t = TestRedis::on(cluster.url());
     let store = t.store().await;
     assert_eq!(store.claim(entry(1, "n", 1)).await.unwrap(), Claim::Claimed);
-    store.kv_set("default", "k", vec![1]).await.unwrap();
+    store.kv_set("default", "k", vec![1], Quota::NONE).await.unwrap();
     let bus = Bus::new(&store);
     let mut sub = bus.subscribe("n").await.unwrap();
 
@@ -302,7 +463,7 @@ async fn the_store_recovers_from_a_redis_cluster_restart() {
     }
     eprintln!("the store works again {:?} after the cluster restarted", restarted.elapsed());
     assert_eq!(store.kv_get("default", "k").await.unwrap(), None, "the cluster came back empty");
-    store.kv_set("default", "k", vec![2]).await.unwrap();
+    store.kv_set("default", "k", vec![2], Quota::NONE).await.unwrap();
     assert_eq!(store.online().await.unwrap().len(), 1);
 
     // The subscription comes back by itself: a delivery published once it has reaches it.
