@@ -33,3 +33,27 @@ async fn bench_smoke_against_a_real_host() -> anyhow::Result<()> {
     assert!(report["server_counters"]["cim_messages_total"].as_f64().unwrap_or(0.0) > 0.0);
     Ok(())
 }
+
+/// The same with authentication on: every simulated user logs in with a token of its own
+/// (`--token-secret-file`), and the report is filed as `cim-auth`, beside plain cim.
+#[tokio::test]
+async fn bench_smoke_with_a_token_per_user() -> anyhow::Result<()> {
+    let host = Host::start_with_auth(&["--no-rate-limits"]).await?;
+    let run = tokio::process::Command::new(binary("cim-bench"))
+        .arg("--target")
+        .arg(format!("cim://{}", host.http))
+        .arg("--token-secret-file")
+        .arg(host.data_dir.path().join("auth-secret"))
+        .args(["--token-issuer", common::auth::ISSUER, "--json", "-", "smoke"])
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run).await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "cim-bench smoke with tokens failed:\n{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["kind"], "cim-auth", "{report:#}");
+    let checks = report["checks"].as_array().expect("a list of checks");
+    let names: Vec<&str> = checks.iter().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(names, ["p2p", "group", "conns"], "{report:#}");
+    assert!(checks.iter().all(|c| c["ok"] == true), "{report:#}\n{stderr}");
+    Ok(())
+}

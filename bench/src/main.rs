@@ -25,6 +25,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
+use crate::peer::cim::Tokens;
 use crate::peer::{Connector, Target};
 use crate::report::{Outcome, Report};
 use crate::scenario::Env;
@@ -32,6 +33,7 @@ use crate::scenario::conns::ConnsArgs;
 use crate::scenario::group::GroupArgs;
 use crate::scenario::handler::HandlerArgs;
 use crate::scenario::p2p::P2pArgs;
+use cim_host::auth::secret::Secret;
 
 /// Load generator for cim and its peers (Mosquitto, NATS).
 #[derive(Debug, Parser)]
@@ -53,6 +55,18 @@ struct Cli {
     /// Seconds without any delivery after which a run stops (what is missing counts as lost).
     #[arg(long, global = true, default_value_t = 10)]
     idle_timeout: u64,
+    /// cim with authentication on: every simulated user logs in with its own HS256 token,
+    /// signed with the secret in FILE (the host's `--auth-hmac-secret-file`). The report's
+    /// kind is then `cim-auth`, shown beside plain cim in `cim-bench report`.
+    #[arg(long, global = true, value_name = "FILE", env = "CIM_BENCH_TOKEN_SECRET_FILE")]
+    token_secret_file: Option<PathBuf>,
+    /// The `iss` claim of those tokens (the host's `--auth-issuer`, if it checks one).
+    #[arg(long, global = true, value_name = "ISS", requires = "token_secret_file")]
+    token_issuer: Option<String>,
+    /// Lifetime of those tokens in seconds (a run must end before they expire).
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    token_ttl: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -179,8 +193,21 @@ fn main() -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<i32> {
     let started_unix =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let tokens = match &cli.token_secret_file {
+        Some(path) => Some(Arc::new(Tokens {
+            secret: Secret::from_file(path).context("--token-secret-file")?,
+            issuer: cli.token_issuer.clone(),
+            ttl: Duration::from_secs(cli.token_ttl),
+        })),
+        None => None,
+    };
+    // A separate kind, so that reports with authentication on sit beside plain cim's.
+    let kind = match (&cli.target, &tokens) {
+        (Target::Cim { .. }, Some(_)) => "cim-auth",
+        (target, _) => target.kind(),
+    };
     let env = Env {
-        connector: Arc::new(Connector::new(cli.target.clone())),
+        connector: Arc::new(Connector::new(cli.target.clone(), tokens)),
         server_pid: cli.server_pid,
         concurrency: cli.concurrency,
     };
@@ -247,7 +274,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         server_counters,
         tool: format!("cim-bench {}", env!("CARGO_PKG_VERSION")),
         target: networked.then(|| cli.target.to_string()),
-        kind: networked.then(|| cli.target.kind().to_owned()),
+        kind: networked.then(|| kind.to_owned()),
         started_unix,
         outcome,
     };

@@ -7,6 +7,8 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
+mod auth;
+
 use crate::report::{ConnsReport, GroupReport, HandlerReport, Outcome, P2pPhase, P2pReport, Report, human};
 
 /// Targets in column order, with their display names.
@@ -61,6 +63,8 @@ fn load(dir: &Path) -> anyhow::Result<Runs> {
         };
         if kind == "cim" {
             runs.cim_failures.insert(case, failures(&r.server_counters));
+        } else if kind == auth::KIND {
+            runs.cim_failures.insert(format!("{case} (auth on)"), failures(&r.server_counters));
         }
         match r.outcome {
             Outcome::P2p(p) => {
@@ -257,6 +261,7 @@ fn goals(runs: &Runs) -> String {
         _ => ("no handler run".into(), None),
     };
     let _ = writeln!(out, "| handler overhead ≤ 5 µs median (every kind) | {m} | {} |", status(ok));
+    out.push_str(&auth::goal(runs));
     out
 }
 
@@ -523,6 +528,7 @@ pub fn render(
     let _ = writeln!(out, "## Group fan-out\n\n{}", group_section(&runs));
     let _ = writeln!(out, "## Idle connections\n\n{}", conns_section(&runs));
     let _ = writeln!(out, "## Handler overhead\n\n{}", handler_section(&runs));
+    let _ = writeln!(out, "## Authentication on\n\n{}", auth::section(&runs));
     if let Some(path) = observations {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let _ = writeln!(out, "## Observations\n\n{}", text.trim_end());

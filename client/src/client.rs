@@ -40,12 +40,14 @@ pub(crate) struct Inner {
 }
 
 /// The current connection, as requests see it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Link {
     /// The queue of the connection task; `None` while disconnected.
     commands: Option<mpsc::Sender<Command>>,
     /// The node of the current (or last) connection.
     node_id: String,
+    /// Who we are, as the server last told us (the token's user when a token decides).
+    user: User,
 }
 
 impl Inner {
@@ -56,6 +58,31 @@ impl Inner {
         link.commands = Some(tx);
         node_id.clone_into(&mut link.node_id);
         rx
+    }
+
+    /// Records who the server logged us in as.
+    pub(crate) fn set_user(&self, user: User) {
+        self.link().user = user;
+    }
+
+    pub(crate) fn user(&self) -> User {
+        self.link().user.clone()
+    }
+
+    /// Queues `body` for the connection task and waits for its answer, all within the
+    /// request timeout.
+    pub(crate) async fn request(&self, body: Body) -> Result<Body, ClientError> {
+        let after = self.config.request_timeout;
+        let what = body.kind_name();
+        let timed_out = |_| ClientError::Timeout { what, after };
+        let deadline = Instant::now() + after;
+        let commands = self.link().commands.clone().ok_or(ClientError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        timeout_at(deadline, commands.send(Command { body, reply }))
+            .await
+            .map_err(timed_out)?
+            .map_err(|_| ClientError::Closed)?;
+        timeout_at(deadline, answer).await.map_err(timed_out)?.map_err(|_| ClientError::Closed)
     }
 
     /// From now on requests fail at once with [`ClientError::Closed`].
@@ -72,15 +99,19 @@ impl Inner {
 impl Client {
     /// Logs in: asks the route API (`POST /login`) for a node, connects to it over the
     /// configured transport and sends LOGIN. Every delivered message then goes to `handler`.
+    /// With a [token provider](ClientConfig::token), its token goes with both, and the
+    /// client refreshes it before it expires.
     ///
-    /// Fails with [`ClientError::DuplicateLogin`] if the user is already online.
+    /// Fails with [`ClientError::DuplicateLogin`] if the user is already online, and with
+    /// [`ClientError::Unauthenticated`] if the token is refused.
     pub async fn login(
         config: ClientConfig,
         handler: Arc<dyn MessageHandler>,
     ) -> Result<Client, ClientError> {
         config.validate().map_err(ClientError::Config)?;
-        let inner =
-            Arc::new(Inner { config, handler, ids: RequestIds::new(), link: Mutex::new(Link::default()) });
+        let user = User { id: config.user_id, name: config.user_name.clone() };
+        let link = Mutex::new(Link { commands: None, node_id: String::new(), user });
+        let inner = Arc::new(Inner { config, handler, ids: RequestIds::new(), link });
         let established = supervisor::establish(&inner).await?;
         let commands = inner.attach(&established.node_id);
         let shutdown = CancellationToken::new();
@@ -106,7 +137,9 @@ impl Client {
     pub async fn online_users(&self) -> Result<Vec<User>, ClientError> {
         match self.request(Body::OnlineRequest).await? {
             Body::OnlineResponse { users } => Ok(users),
-            Body::Error { code, message, .. } => Err(ClientError::from_server(code, message)),
+            Body::Error { code, message, retry_after_ms } => {
+                Err(ClientError::from_error(code, message, retry_after_ms))
+            }
             other => Err(unexpected("online_response", &other)),
         }
     }
@@ -127,8 +160,14 @@ impl Client {
         self.inner.link().node_id.clone()
     }
 
+    /// Our user id, as the server logged us in (with a token, its `sub`).
     pub fn user_id(&self) -> u64 {
-        self.inner.config.user_id
+        self.inner.link().user.id
+    }
+
+    /// Our user id and display name, as the server logged us in.
+    pub fn user(&self) -> User {
+        self.inner.user()
     }
 
     /// Whether a connection is up right now (false while reconnecting and after the end).
@@ -136,21 +175,10 @@ impl Client {
         self.inner.link().commands.is_some()
     }
 
-    /// Queues `body` for the connection task and waits for its answer, all within the
-    /// request timeout.
+    /// Checks the size, then sends `body` and waits for its answer.
     async fn request(&self, body: Body) -> Result<Body, ClientError> {
         self.check_size(&body)?;
-        let after = self.inner.config.request_timeout;
-        let what = body.kind_name();
-        let timed_out = |_| ClientError::Timeout { what, after };
-        let deadline = Instant::now() + after;
-        let commands = self.inner.link().commands.clone().ok_or(ClientError::Closed)?;
-        let (reply, answer) = oneshot::channel();
-        timeout_at(deadline, commands.send(Command { body, reply }))
-            .await
-            .map_err(timed_out)?
-            .map_err(|_| ClientError::Closed)?;
-        timeout_at(deadline, answer).await.map_err(timed_out)?.map_err(|_| ClientError::Closed)
+        self.inner.request(body).await
     }
 
     /// Refuses a message that would not fit in one frame, instead of letting the codec fail
@@ -179,10 +207,13 @@ impl Drop for Client {
     }
 }
 
-fn expect_ack(answer: Body) -> Result<u64, ClientError> {
+/// The message id of an ACK; an ERROR (a refusal, a rate limit...) as its typed error.
+pub(crate) fn expect_ack(answer: Body) -> Result<u64, ClientError> {
     match answer {
         Body::Ack { message_id } => Ok(message_id),
-        Body::Error { code, message, .. } => Err(ClientError::from_server(code, message)),
+        Body::Error { code, message, retry_after_ms } => {
+            Err(ClientError::from_error(code, message, retry_after_ms))
+        }
         other => Err(unexpected("ack", &other)),
     }
 }

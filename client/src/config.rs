@@ -1,6 +1,9 @@
 //! Client settings: where the route API is, who we are, which transport, and the limits.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::token::{StaticToken, TokenProvider};
 
 /// Which connection the client opens to the node the route API picked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,9 +49,15 @@ pub struct ClientConfig {
     /// Several may be given, comma-separated: (re)connecting tries them in order until one
     /// answers, so clients survive the loss of the node they logged in through.
     pub route: String,
-    /// Our user id; must not be 0.
+    /// Our user id; 0 lets the token decide (its `sub`), which needs a [`token`](Self::token).
+    /// With a token, a non-zero id must be the token's `sub`.
     pub user_id: u64,
+    /// Our display name; with a token whose `name` claim is set, the server uses that one.
     pub user_name: String,
+    /// Where user tokens come from, when the server verifies them. The client asks it before
+    /// each login and each refresh, sends the token as `Authorization: Bearer` to the route
+    /// API and in LOGIN, and refreshes on its own before the token expires.
+    pub token: Option<Arc<dyn TokenProvider>>,
     pub transport: Transport,
     /// Send a PING when nothing was sent for this long; the connection is considered dead
     /// when nothing was received for three times this long. If the server asks for a
@@ -69,6 +78,7 @@ impl ClientConfig {
             route: route.into(),
             user_id,
             user_name: user_name.into(),
+            token: None,
             transport: Transport::Tcp,
             heartbeat: DEFAULT_HEARTBEAT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -77,10 +87,23 @@ impl ClientConfig {
         }
     }
 
+    /// Logs in with tokens from `provider` (see [`ClientConfig::token`]).
+    #[must_use]
+    pub fn with_token_provider(mut self, provider: Arc<dyn TokenProvider>) -> Self {
+        self.token = Some(provider);
+        self
+    }
+
+    /// Logs in with this one token (it cannot be refreshed; see [`StaticToken`]).
+    #[must_use]
+    pub fn with_token(self, token: impl Into<String>) -> Self {
+        self.with_token_provider(Arc::new(StaticToken(token.into())))
+    }
+
     /// Refuses values the client cannot work with; the message names the field.
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.user_id == 0 {
-            return Err("user_id must not be 0".into());
+        if self.user_id == 0 && self.token.is_none() {
+            return Err("user_id must not be 0 (unless a token says who the user is)".into());
         }
         if self.heartbeat.is_zero() {
             return Err("heartbeat must not be zero".into());
@@ -111,6 +134,7 @@ mod tests {
     fn invalid_values_are_named() {
         let mut config = ClientConfig::new("http://127.0.0.1:8080", 0, "alice");
         assert!(config.validate().unwrap_err().contains("user_id"));
+        assert_eq!(config.clone().with_token("t").validate(), Ok(()), "the token decides the user");
         config.user_id = 1;
         config.heartbeat = Duration::ZERO;
         assert!(config.validate().unwrap_err().contains("heartbeat"));

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cim_proto::{Body, ErrorCode, Frame};
+use cim_proto::{Body, ErrorCode, Frame, User};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -33,13 +33,31 @@ pub(crate) struct LoginAccepted {
     pub(crate) node_id: String,
     /// The interval at which the server wants a PING when we are idle; 0 if it did not say.
     pub(crate) heartbeat_secs: u32,
+    /// The user as the server bound us (id 0 from a server that does not say).
+    pub(crate) user: User,
+    /// When the server ends the connection unless a REFRESH comes first; 0: never.
+    pub(crate) token_expires_at_ms: u64,
 }
 
 /// Who we are on the LOGIN frame.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub(crate) struct Identity<'a> {
+    /// 0: the token decides.
     pub(crate) user_id: u64,
     pub(crate) user_name: &'a str,
+    /// Empty without one.
+    pub(crate) token: &'a str,
+}
+
+impl std::fmt::Debug for Identity<'_> {
+    /// Leaves the token out: it is a credential.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("user_id", &self.user_id)
+            .field("user_name", &self.user_name)
+            .field("token", &if self.token.is_empty() { "" } else { ".." })
+            .finish()
+    }
 }
 
 /// Sends LOGIN and waits (at most `deadline`) for its answer.
@@ -52,8 +70,11 @@ pub(crate) async fn handshake(
     handler: &dyn MessageHandler,
 ) -> Result<LoginAccepted, ClientError> {
     let exchange = async {
-        let login =
-            Body::Login { user_id: who.user_id, user_name: who.user_name.to_owned(), token: String::new() };
+        let login = Body::Login {
+            user_id: who.user_id,
+            user_name: who.user_name.to_owned(),
+            token: who.token.to_owned(),
+        };
         sink.send(Frame::new(request_id, login)).await?;
         loop {
             let frame = match stream.next().await {
@@ -72,11 +93,11 @@ pub(crate) async fn handshake(
             };
             let ours = frame.request_id == request_id;
             match frame.body {
-                Body::LoginAck { node_id, heartbeat_secs, .. } if ours => {
-                    return Ok(LoginAccepted { node_id, heartbeat_secs });
+                Body::LoginAck { node_id, heartbeat_secs, user, token_expires_at_ms } if ours => {
+                    return Ok(LoginAccepted { node_id, heartbeat_secs, user, token_expires_at_ms });
                 }
-                Body::Error { code, message, .. } if ours || frame.request_id == 0 => {
-                    return Err(ClientError::from_server(code, message));
+                Body::Error { code, message, retry_after_ms } if ours || frame.request_id == 0 => {
+                    return Err(ClientError::from_error(code, message, retry_after_ms));
                 }
                 Body::Kick { code, reason } => return Err(ClientError::from_server(code, reason)),
                 // A message is never dropped, even if it arrives earlier than expected.
@@ -209,7 +230,7 @@ mod tests {
     use tokio::time::Instant;
 
     const MAX: usize = cim_proto::DEFAULT_MAX_FRAME;
-    const ALICE: Identity<'static> = Identity { user_id: 1, user_name: "alice" };
+    const ALICE: Identity<'static> = Identity { user_id: 1, user_name: "alice", token: "" };
 
     /// A client end and a fake server end of an in-memory connection.
     fn pipe() -> ((FrameSink, FrameStream), (FrameSink, FrameStream)) {
@@ -236,7 +257,9 @@ mod tests {
         });
         let recorder = Recorder::default();
         let accepted = handshake(&mut sink, &mut stream, 7, ALICE, Duration::from_secs(5), &recorder).await;
-        assert_eq!(accepted.unwrap(), LoginAccepted { node_id: "node-1".into(), heartbeat_secs: 30 });
+        let accepted = accepted.unwrap();
+        assert_eq!((accepted.node_id.as_str(), accepted.heartbeat_secs), ("node-1", 30));
+        assert_eq!(accepted.user, cim_proto::User { id: 1, name: "alice".into() });
         server.await.unwrap();
     }
 

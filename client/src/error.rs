@@ -13,6 +13,19 @@ pub enum ClientError {
     /// A handler component refused the request; the message says why.
     #[error("rejected: {0}")]
     Rejected(String),
+    /// The token was refused (bad signature, wrong issuer, another user...): a new login
+    /// with the same token fails the same way.
+    #[error("the token was refused: {0}")]
+    Unauthenticated(String),
+    /// The token had expired (at login), or the connection outlived it (KICK).
+    #[error("the token expired: {0}")]
+    TokenExpired(String),
+    /// Too many requests (or logins): try again after `retry_after`.
+    #[error("{message} (rate limited; retry after {retry_after:?})")]
+    RateLimited { retry_after: Duration, message: String },
+    /// The [`TokenProvider`](crate::token::TokenProvider) gave no token.
+    #[error("getting a token failed: {0}")]
+    Token(#[source] crate::token::BoxError),
     /// The server answered with an ERROR frame.
     #[error("{message} ({code})")]
     Server { code: ErrorCode, message: String },
@@ -41,7 +54,17 @@ pub enum ClientError {
 impl ClientError {
     /// Maps an ERROR frame to the matching variant.
     pub(crate) fn from_server(code: ErrorCode, message: String) -> Self {
+        ClientError::from_error(code, message, 0)
+    }
+
+    /// Maps an ERROR frame, with its `retry_after_ms`, to the matching variant.
+    pub(crate) fn from_error(code: ErrorCode, message: String, retry_after_ms: u64) -> Self {
         match code {
+            ErrorCode::Unauthenticated => ClientError::Unauthenticated(message),
+            ErrorCode::TokenExpired => ClientError::TokenExpired(message),
+            ErrorCode::RateLimited => {
+                ClientError::RateLimited { retry_after: Duration::from_millis(retry_after_ms), message }
+            }
             ErrorCode::DuplicateLogin => ClientError::DuplicateLogin(message),
             ErrorCode::Rejected => ClientError::Rejected(message),
             code => ClientError::Server { code, message },
@@ -49,10 +72,12 @@ impl ClientError {
     }
 
     /// Whether trying again later may succeed. A duplicate login counts as transient:
-    /// right after a disconnect the server may still list the user as online for a moment.
+    /// right after a disconnect the server may still list the user as online for a moment;
+    /// so does an expired token (the provider may give a fresh one) and a failing provider.
     pub fn is_transient(&self) -> bool {
         match self {
             ClientError::Rejected(_)
+            | ClientError::Unauthenticated(_)
             | ClientError::Config(_)
             | ClientError::Protocol(_)
             | ClientError::TooLarge { .. } => false,
@@ -60,6 +85,9 @@ impl ClientError {
                 matches!(code, ErrorCode::Unavailable | ErrorCode::HandlerFailed)
             }
             ClientError::DuplicateLogin(_)
+            | ClientError::TokenExpired(_)
+            | ClientError::RateLimited { .. }
+            | ClientError::Token(_)
             | ClientError::Route(_)
             | ClientError::Io(_)
             | ClientError::Timeout { .. }
@@ -84,6 +112,18 @@ mod tests {
         ));
         let err = ClientError::from_server(ErrorCode::UserOffline, "user 9 is not online".into());
         assert_eq!(err.to_string(), "user 9 is not online (user_offline)");
+    }
+
+    #[test]
+    fn token_and_rate_limit_codes_map_to_variants() {
+        let err = ClientError::from_error(ErrorCode::RateLimited, "slow down".into(), 1500);
+        assert!(matches!(&err, ClientError::RateLimited { retry_after, message }
+            if *retry_after == Duration::from_millis(1500) && message == "slow down"));
+        assert!(err.is_transient());
+        let err = ClientError::from_server(ErrorCode::Unauthenticated, "bad signature".into());
+        assert_eq!(err.to_string(), "the token was refused: bad signature");
+        assert!(!err.is_transient(), "the same token fails the same way");
+        assert!(ClientError::from_server(ErrorCode::TokenExpired, String::new()).is_transient());
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! }
 //! # async fn demo() -> Result<(), cim_client::ClientError> {
 //! let config = ClientConfig::new("http://127.0.0.1:8080", 1, "alice");
+//! // On a server that verifies user tokens, the token says who we are:
+//! // ClientConfig::new(route, 0, "").with_token_provider(Arc::new(token_fn(|| async { .. })))
 //! let client = Client::login(config, Arc::new(Print)).await?;
 //! client.send_private(2, "hi bob").await?;
 //! client.send_group("hi all").await?;
@@ -34,6 +36,8 @@
 //! - [`config`], [`error`], [`handler`]: settings, [`ClientError`], [`MessageHandler`]
 //!   and [`ClientEvent`].
 //! - [`input`]: what a line typed into the terminal client means.
+//! - [`token`]: [`TokenProvider`] (a fresh user token for each login and refresh), reading a
+//!   token's claims unverified, and when to refresh.
 
 mod backoff;
 pub mod client;
@@ -45,6 +49,7 @@ pub mod input;
 mod pending;
 pub mod route;
 mod supervisor;
+pub mod token;
 mod transport;
 
 #[cfg(test)]
@@ -56,3 +61,4 @@ pub use config::{ClientConfig, ReconnectPolicy, Transport};
 pub use error::ClientError;
 pub use handler::{ClientEvent, MessageHandler};
 pub use route::RouteInfo;
+pub use token::{StaticToken, TokenProvider, token_fn};

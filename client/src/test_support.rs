@@ -199,15 +199,21 @@ impl FakeNode {
 
     /// Accepts a connection, reads its LOGIN and accepts it as `node_id`.
     pub(crate) async fn accept_login(&mut self, node_id: &str) -> (FrameSink, FrameStream, Frame) {
+        self.accept_login_as(node_id, User { id: 0, name: String::new() }, 0).await
+    }
+
+    /// Like [`FakeNode::accept_login`], as a node that verifies tokens: binds `user` and
+    /// ends the connection at `token_expires_at_ms` (0: never).
+    pub(crate) async fn accept_login_as(
+        &mut self,
+        node_id: &str,
+        user: User,
+        token_expires_at_ms: u64,
+    ) -> (FrameSink, FrameStream, Frame) {
         let (mut sink, mut stream) = self.accept().await;
         let login = next_frame(&mut stream).await;
         assert!(matches!(login.body, Body::Login { .. }), "{login:?}");
-        let ack = Body::LoginAck {
-            node_id: node_id.into(),
-            heartbeat_secs: 60,
-            user: cim_proto::User { id: 0, name: String::new() },
-            token_expires_at_ms: 0,
-        };
+        let ack = Body::LoginAck { node_id: node_id.into(), heartbeat_secs: 60, user, token_expires_at_ms };
         sink.send(Frame::new(login.request_id, ack)).await.unwrap();
         (sink, stream, login)
     }

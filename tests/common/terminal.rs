@@ -16,9 +16,18 @@ pub struct Cim {
 
 impl Cim {
     pub fn spawn(route: &str, id: u64, name: &str, extra: &[&str]) -> Cim {
+        let id = id.to_string();
+        let mut args = vec!["--route", route, "--user-id", &id, "--name", name];
+        args.extend(extra);
+        Cim::spawn_args(&args)
+    }
+
+    /// `cim` with exactly these arguments (e.g. a token instead of `--user-id`).
+    pub fn spawn_args(args: &[&str]) -> Cim {
         let mut child = Command::new(binary("cim"))
-            .args(["--route", route, "--user-id", &id.to_string(), "--name", name])
-            .args(extra)
+            .args(args)
+            .env_remove("CIM_TOKEN")
+            .env_remove("CIM_TOKEN_COMMAND")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -32,7 +41,11 @@ impl Cim {
 
     /// Logs in through `route`; returns the client and the node it landed on.
     pub async fn start(route: &str, id: u64, name: &str, extra: &[&str]) -> (Cim, String) {
-        let mut c = Cim::spawn(route, id, name, extra);
+        Cim::logged_in(Cim::spawn(route, id, name, extra), id, name).await
+    }
+
+    /// Waits for `c` to say it logged in as `name(id)`; returns it and its node.
+    pub async fn logged_in(mut c: Cim, id: u64, name: &str) -> (Cim, String) {
         let line = c.line().await;
         let node = line
             .strip_prefix(&format!("logged in as {name}({id}) on node "))

@@ -1,6 +1,8 @@
 //! cim over raw TCP: `POST /login` on the route API (pooled keep-alive HTTP connections, so
 //! thousands of logins do not exhaust ephemeral ports), then a LOGIN frame, then frames
-//! written in batches by the caller and read by one task per connection.
+//! written in batches by the caller and read by one task per connection. With [`Tokens`],
+//! every user logs in with an HS256 token of its own, minted at login (outside the measured
+//! sends), as with a host that verifies tokens.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,6 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use bytes::{Bytes, BytesMut};
+use cim_host::auth::secret::Secret;
+use cim_host::auth::token::{MintRequest, mint};
 use cim_proto::{Body, Frame, FrameCodec};
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
@@ -26,11 +30,41 @@ use super::{Dest, Hooks};
 /// How long one login (route call, connect, LOGIN → LOGIN_ACK) may take.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// User tokens for a host with authentication on: signed with its HS256 secret.
+#[derive(Debug)]
+pub struct Tokens {
+    pub secret: Secret,
+    /// The `iss` claim (the host's `--auth-issuer`), if it checks one.
+    pub issuer: Option<String>,
+    pub ttl: Duration,
+}
+
+impl Tokens {
+    /// A token for user `id` named `name`.
+    fn mint(&self, id: u64, name: &str) -> anyhow::Result<String> {
+        let request = MintRequest {
+            user_id: id,
+            name: Some(name.to_owned()),
+            ttl: self.ttl,
+            issuer: self.issuer.clone(),
+            ..MintRequest::default()
+        };
+        mint(&self.secret, &request).with_context(|| format!("minting a token for user {id}"))
+    }
+}
+
 /// The route API client: one keep-alive connection pool for all logins of a run.
 #[derive(Debug, Clone)]
 pub struct RouteClient {
     base: String,
     http: Client<HttpConnector, Full<Bytes>>,
+    tokens: Option<Arc<Tokens>>,
+}
+
+/// Where a user should connect, and the token to log in with (empty without tokens).
+pub struct Routed {
+    tcp_addr: String,
+    token: String,
 }
 
 #[derive(Deserialize)]
@@ -39,9 +73,9 @@ struct RouteAnswer {
 }
 
 impl RouteClient {
-    pub fn new(base: String) -> RouteClient {
+    pub fn new(base: String, tokens: Option<Arc<Tokens>>) -> RouteClient {
         let http = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build_http();
-        RouteClient { base, http }
+        RouteClient { base, http, tokens }
     }
 
     /// `GET /metrics`: every counter, summed over its labels, by name.
@@ -61,13 +95,20 @@ impl RouteClient {
         Ok(out)
     }
 
-    /// `POST /login`: the TCP address user `id` should connect to.
-    pub async fn login(&self, id: u64, name: &str) -> anyhow::Result<String> {
+    /// `POST /login` (with a fresh token as `Authorization: Bearer` when tokens are on): the
+    /// TCP address user `id` should connect to.
+    pub async fn login(&self, id: u64, name: &str) -> anyhow::Result<Routed> {
         let url = format!("{}/login", self.base);
+        let token = match &self.tokens {
+            Some(tokens) => tokens.mint(id, name)?,
+            None => String::new(),
+        };
         let body = serde_json::json!({ "user_id": id, "user_name": name }).to_string();
-        let req = hyper::Request::post(&url)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))?;
+        let mut req = hyper::Request::post(&url).header(hyper::header::CONTENT_TYPE, "application/json");
+        if !token.is_empty() {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req.body(Full::new(Bytes::from(body)))?;
         let res = self.http.request(req).await.with_context(|| format!("POST {url}"))?;
         let status = res.status();
         let bytes =
@@ -77,7 +118,7 @@ impl RouteClient {
         }
         let answer: RouteAnswer = serde_json::from_slice(&bytes)
             .with_context(|| format!("POST {url}: unexpected answer {}", String::from_utf8_lossy(&bytes)))?;
-        Ok(answer.tcp_addr)
+        Ok(Routed { tcp_addr: answer.tcp_addr, token })
     }
 }
 
@@ -101,16 +142,13 @@ impl Conn {
 
     async fn login(route: &RouteClient, id: u64, hooks: Hooks) -> anyhow::Result<Conn> {
         let name = format!("b{id}");
-        let addr = route.login(id, &name).await?;
+        let Routed { tcp_addr: addr, token } = route.login(id, &name).await?;
         let stream = TcpStream::connect(&addr).await.with_context(|| format!("connecting to {addr}"))?;
         stream.set_nodelay(true)?;
         let (read, mut writer) = stream.into_split();
         let mut codec = FrameCodec::default();
         let mut buf = BytesMut::with_capacity(4096);
-        codec.encode(
-            Frame::new(1, Body::Login { user_id: id, user_name: name, token: String::new() }),
-            &mut buf,
-        )?;
+        codec.encode(Frame::new(1, Body::Login { user_id: id, user_name: name, token }), &mut buf)?;
         writer.write_all_buf(&mut buf).await?;
         let mut frames = FramedRead::new(read, FrameCodec::default());
         match frames.next().await {

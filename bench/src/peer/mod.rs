@@ -168,12 +168,13 @@ pub struct Connector {
 }
 
 impl Connector {
-    pub fn new(target: Target) -> Connector {
+    /// With `tokens`, cim users log in with a token each (other targets ignore them).
+    pub fn new(target: Target, tokens: Option<Arc<cim::Tokens>>) -> Connector {
         let run = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| (d.as_millis() % 1_000_000_000) as u64 + 1);
         let route = match &target {
-            Target::Cim { route } => Some(cim::RouteClient::new(route.clone())),
+            Target::Cim { route } => Some(cim::RouteClient::new(route.clone(), tokens)),
             _ => None,
         };
         Connector { target, run, route }

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cim_client::input::{COMMANDS, Input, parse_line};
+use cim_client::token::{BoxError, TokenFuture, TokenProvider};
 use cim_client::{
     Client, ClientConfig, ClientError, ClientEvent, Delivery, ErrorCode, MessageHandler, ReconnectPolicy,
-    Transport,
+    StaticToken, Transport,
 };
 use clap::Parser;
 use tokio::io::AsyncBufReadExt;
@@ -18,6 +19,8 @@ use tokio::sync::mpsc;
 
 /// Exit status when the user is already online (or was logged in elsewhere).
 const EXIT_DUPLICATE_LOGIN: u8 = 2;
+/// Exit status when the server refuses the token.
+const EXIT_UNAUTHENTICATED: u8 = 3;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,7 +31,11 @@ const EXIT_DUPLICATE_LOGIN: u8 = 2;
         Logs in through the route API of any cim-host node, connects to the node it picks \
         (TCP, or WebSocket with --ws), then reads stdin line by line and prints every received \
         message on stdout as `[private] NAME(ID): text` or `[group] NAME(ID): text`. \
-        Errors are printed on stdout as `error: ...`. End of input quits.",
+        Errors are printed on stdout as `error: ...`. End of input quits.\n\n\
+        When the server verifies user tokens, give one with --token (or CIM_TOKEN), or a \
+        command that prints one with --token-command; the token then says who you are, so \
+        --user-id and --name may be left out. The client refreshes the token before it \
+        expires (running the command again) and gets a new one when it reconnects.",
     after_help = after_help(),
 )]
 struct Args {
@@ -37,13 +44,32 @@ struct Args {
     #[arg(long, env = "CIM_ROUTE", default_value = "http://127.0.0.1:8080", value_name = "URL[,URL...]")]
     route: String,
 
-    /// Your user id: a positive integer, unique per user
-    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
-    user_id: u64,
+    /// Your user id: a positive integer, unique per user (with a token: optional, and if
+    /// given it must be the token's user)
+    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..),
+          required_unless_present_any = ["token", "token_command"])]
+    user_id: Option<u64>,
 
-    /// Your display name, shown to the people you write to
-    #[arg(long, value_name = "NAME")]
-    name: String,
+    /// Your display name, shown to the people you write to (with a token: optional; the
+    /// token's `name` wins)
+    #[arg(long, value_name = "NAME", required_unless_present_any = ["token", "token_command"])]
+    name: Option<String>,
+
+    /// Your user token (a JWT from your login service); it cannot be refreshed, so the
+    /// session ends when it expires unless you use --token-command
+    #[arg(
+        long,
+        env = "CIM_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_command"
+    )]
+    token: Option<String>,
+
+    /// A shell command (run with `sh -c`) that prints a fresh user token on stdout; run at
+    /// login, before each refresh and at each reconnect
+    #[arg(long, env = "CIM_TOKEN_COMMAND", value_name = "CMD")]
+    token_command: Option<String>,
 
     /// Connect over WebSocket instead of TCP
     #[arg(long)]
@@ -69,7 +95,8 @@ fn after_help() -> String {
     let commands: String = COMMANDS.lines().map(|line| format!("  {line}\n")).collect();
     format!(
         "Input:\n{commands}\n\
-         Exit status: 0 on :q or end of input, 2 on a duplicate login, 1 on other errors.\n\
+         Exit status: 0 on :q or end of input, 2 on a duplicate login, 3 when the token is \
+         refused, 1 on other errors.\n\
          Logs go to stderr when RUST_LOG is set (e.g. RUST_LOG=cim_client=debug)."
     )
 }
@@ -86,6 +113,8 @@ fn say(line: impl Display) {
 fn describe(error: &ClientError) -> String {
     match error {
         ClientError::Server { message, .. } if !message.is_empty() => message.clone(),
+        // The server's words already say how long to wait.
+        ClientError::RateLimited { message, .. } if !message.is_empty() => message.clone(),
         other => other.to_string(),
     }
 }
@@ -113,7 +142,11 @@ impl MessageHandler for Printer {
             }
             ClientEvent::Kicked { code, reason } => {
                 say(format_args!("error: disconnected by the server: {reason} ({code})"));
-                let status = if *code == ErrorCode::DuplicateLogin { EXIT_DUPLICATE_LOGIN } else { 1 };
+                let status = match code {
+                    ErrorCode::DuplicateLogin => EXIT_DUPLICATE_LOGIN,
+                    ErrorCode::Unauthenticated => EXIT_UNAUTHENTICATED,
+                    _ => 1,
+                };
                 let _ = self.exits.send(status);
             }
             ClientEvent::Disconnected { reason } => {
@@ -121,6 +154,32 @@ impl MessageHandler for Printer {
                 let _ = self.exits.send(1);
             }
         }
+    }
+}
+
+/// Runs `sh -c CMD` for every token; its stdout, trimmed, is the token.
+struct TokenCommand(String);
+
+impl TokenProvider for TokenCommand {
+    fn token(&self) -> TokenFuture<'_> {
+        Box::pin(async move {
+            let output = tokio::process::Command::new("sh")
+                .args(["-c", &self.0])
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output()
+                .await
+                .map_err(|e| format!("running the token command: {e}"))?;
+            if !output.status.success() {
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                let stderr = stderr.trim();
+                let detail = if stderr.is_empty() { String::new() } else { format!(": {stderr}") };
+                return Err(format!("the token command failed ({}){detail}", output.status).into());
+            }
+            let token = String::from_utf8(output.stdout)
+                .map_err(|_| BoxError::from("the token command printed something that is not UTF-8"))?;
+            Ok(token.trim().to_owned())
+        })
     }
 }
 
@@ -151,7 +210,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> u8 {
-    let mut config = ClientConfig::new(args.route, args.user_id, args.name.clone());
+    let mut config = ClientConfig::new(args.route, args.user_id.unwrap_or(0), args.name.unwrap_or_default());
+    config.token = match (args.token, args.token_command) {
+        (Some(token), _) => Some(Arc::new(StaticToken(token))),
+        (None, Some(command)) => Some(Arc::new(TokenCommand(command))),
+        (None, None) => None,
+    };
     config.transport = if args.ws { Transport::WebSocket } else { Transport::Tcp };
     config.heartbeat = Duration::from_secs(args.heartbeat);
     config.request_timeout = Duration::from_secs(args.timeout);
@@ -164,12 +228,21 @@ async fn run(args: Args) -> u8 {
             say(format_args!("error: {e}"));
             return EXIT_DUPLICATE_LOGIN;
         }
+        Err(ClientError::Unauthenticated(reason)) => {
+            say(format_args!("error: login refused: the token is not valid: {reason}"));
+            return EXIT_UNAUTHENTICATED;
+        }
+        Err(ClientError::TokenExpired(reason)) => {
+            say(format_args!("error: login refused: the token has expired: {reason}"));
+            return EXIT_UNAUTHENTICATED;
+        }
         Err(e) => {
             say(format_args!("error: login failed: {e}"));
             return 1;
         }
     };
-    say(format_args!("logged in as {}({}) on node {}", args.name, args.user_id, client.node_id()));
+    let me = client.user();
+    say(format_args!("logged in as {}({}) on node {}", me.name, me.id, client.node_id()));
 
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let status = loop {

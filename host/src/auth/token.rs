@@ -315,6 +315,12 @@ fn map_error(e: &jsonwebtoken::errors::Error, verifier: &Verifier) -> TokenError
             let accepted: Vec<Algorithm> = verifier.keys.iter().flat_map(|k| k.algorithms.clone()).collect();
             TokenError::Algorithm(names(&accepted))
         }
+        ErrorKind::InvalidToken => {
+            TokenError::Malformed("expected three base64url parts separated by dots".into())
+        }
+        ErrorKind::Base64(_) => TokenError::Malformed("a part is not base64url".into()),
+        ErrorKind::Json(j) => TokenError::Malformed(format!("a part is not the JSON a JWT needs: {j}")),
+        ErrorKind::Utf8(_) => TokenError::Malformed("a part is not UTF-8".into()),
         _ => TokenError::Malformed(e.to_string()),
     }
 }
