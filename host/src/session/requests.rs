@@ -70,7 +70,12 @@ impl Session {
         // overlap; turns keep their deliveries in arrival order, and they are answered in it.
         let mut finishing: FuturesOrdered<BoxFuture<'static, Frame>> = FuturesOrdered::new();
         let mut last_turn = None;
+        // Both timers live across iterations: a frame only moves `last_inbound`, and the idle
+        // timer, when it fires early, is pushed to the real deadline (no timer work per frame).
         let mut last_inbound = Instant::now();
+        let idle_timer = tokio::time::sleep(idle);
+        let expiry_timer = tokio::time::sleep_until(self.expiry_deadline());
+        tokio::pin!(idle_timer, expiry_timer);
         let end = loop {
             tokio::select! {
                 biased;
@@ -84,14 +89,18 @@ impl Session {
                     let turn = Turn::next(&mut last_turn);
                     finishing.push_back(Box::pin(finish(self.router.clone(), decided, turn)));
                 }
-                _ = sleep_until_some(self.expiry.map(|e| e.deadline)) => {
+                _ = &mut expiry_timer, if self.expiry.is_some() => {
                     Metrics::inc(&self.router.metrics.token_expiries_total);
                     let reason = "the token expired; send REFRESH with a new token before it expires";
                     info!("{reason}");
                     self.closer.close(ErrorCode::TokenExpired, reason, true);
                     break End::TokenExpired;
                 }
-                _ = tokio::time::sleep_until(last_inbound + idle) => {
+                _ = &mut idle_timer => {
+                    if last_inbound + idle > Instant::now() {
+                        idle_timer.as_mut().reset(last_inbound + idle);
+                        continue;
+                    }
                     Metrics::inc(&self.router.metrics.idle_timeouts_total);
                     let reason = format!("no frame for {} s (heartbeat missed)", idle.as_secs_f32());
                     info!("{reason}");
@@ -129,6 +138,10 @@ impl Session {
                     };
                     Metrics::inc(&self.router.metrics.frames_in_total);
                     let Some(answer) = Box::pin(self.start(frame, &mut in_flight)).await else { continue };
+                    // A REFRESH moved the token's expiry.
+                    if let Some(e) = self.expiry.filter(|e| e.deadline != expiry_timer.deadline()) {
+                        expiry_timer.as_mut().reset(e.deadline);
+                    }
                     if !self.reply(answer).await {
                         break End::Closed;
                     }
@@ -217,6 +230,11 @@ impl Session {
         answer(&self.router, id, result)
     }
 
+    /// When the token runs out; far in the future without one (the timer is then disabled).
+    fn expiry_deadline(&self) -> Instant {
+        self.expiry.map_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365), |e| e.deadline)
+    }
+
     /// A new token for this connection: same user, a later expiry. A refused one leaves the
     /// current expiry in place.
     fn refresh(&mut self, id: u64, token: &str) -> Frame {
@@ -233,14 +251,6 @@ impl Session {
                 Frame::error(id, e.code(), e.to_string())
             }
         }
-    }
-}
-
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 
