@@ -152,7 +152,10 @@ head -c 48 /dev/urandom | base64 >"$RESULTS/auth-secret"
 start_cim cim-host-auth --auth-hmac-secret-file "$RESULTS/auth-secret" --auth-issuer "$AUTH_ISSUER"
 AUTH=(--token-secret-file "$RESULTS/auth-secret" --token-issuer "$AUTH_ISSUER")
 AUTH_TARGET="cim://$CIM_HTTP"
+# The same sequence as the plain host went through before its p2p and group runs (both
+# connection counts first), so the two are compared in the same state.
 bench cim-auth "conns-$C_SMALL" "$AUTH_TARGET" "$CIM_PID" "${AUTH[@]}" conns --n "$C_SMALL"
+bench cim-auth "conns-$C_BIG" "$AUTH_TARGET" "$CIM_PID" "${AUTH[@]}" conns --n "$C_BIG"
 bench cim-auth p2p "$AUTH_TARGET" "$CIM_PID" "${AUTH[@]}" p2p --pairs 16 --messages "$P2P_MSGS" \
   --runs "$P2P_RUNS" --half-load
 bench cim-auth "group-$G_SMALL" "$AUTH_TARGET" "$CIM_PID" "${AUTH[@]}" group --users "$G_SMALL" \
