@@ -38,7 +38,7 @@ hop() {
              route_login_churn_with_redis_a_hop_away_leaves_no_ghost; do
       log "$t, ${delay} us each way, $users users"
       if CIM_TEST_HOP_USERS=$users CIM_TEST_HOP_DELAY_US=$delay CIM_TEST_CHURN_WORKERS=${HOP_WORKERS:-32} \
-        cargo test "${profile[@]}" -q -p cim-tests --test cluster "$t" -- --exact --nocapture \
+        cargo test "${profile[@]}" -q -p cim-tests --test cluster_latency "$t" -- --exact --nocapture \
         >"$RESULTS/hop-$delay-$t.log" 2>&1; then
         echo ok >>"$RESULTS/hop-$delay-$t.log"
       else

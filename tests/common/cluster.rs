@@ -156,6 +156,11 @@ impl Cluster {
 
 /// One HTTP request that must be answered within the deadline (a node that hangs fails the
 /// test instead of stalling it).
+/// A `POST /login` body for a host without user tokens.
+pub fn login_body(id: u64, name: &str) -> String {
+    format!(r#"{{"user_id":{id},"user_name":"{name}"}}"#)
+}
+
 pub async fn http(host: &Host, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
     tokio::time::timeout(DEADLINE, super::http(host.http, method, path, body))
         .await
