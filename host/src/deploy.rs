@@ -384,6 +384,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_tampered_version_in_the_shared_store_is_not_followed() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        // Builds the components if they are not yet (a fresh clone): the manifest names them.
+        let wasm = crate::runtime::tests::wasm("word_filter");
+        let other = crate::runtime::tests::wasm("group_members");
         let manifest = Arc::new(Manifest::load(root.join("spin.toml")).expect("spin.toml"));
         let redis = crate::store::redis::test_support::TestRedis::new();
         let node = |data: &std::path::Path| {
@@ -403,12 +406,8 @@ mod tests {
         let (a, b) = (node(dir_a.path()).await, node(dir_b.path()).await);
         let manifest_version = b.runtime().current(Event::Group).expect("group").sha256.clone();
 
-        let wasm =
-            std::fs::read(root.join("components/target/wasm32-wasip2/release/word_filter.wasm")).unwrap();
         let pushed = a.push("group-send", wasm).await.expect("push").sha256.clone();
-        // Another valid component under the pushed version's key.
-        let other =
-            std::fs::read(root.join("components/target/wasm32-wasip2/release/group_members.wasm")).unwrap();
+        // Another valid component (`other`) under the pushed version's key.
         let store = &a.shared.as_ref().unwrap().store;
         store.kv_set(SHARED_STORE, &format!("wasm:{pushed}"), other, Quota::NONE).await.unwrap();
 

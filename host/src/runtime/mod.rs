@@ -388,4 +388,4 @@ impl Runtime {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

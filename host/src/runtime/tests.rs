@@ -17,7 +17,7 @@ fn components_dir() -> PathBuf {
 
 /// The bytes of `components/target/wasm32-wasip2/release/<name>.wasm`, building the
 /// components once if any is missing.
-fn wasm(name: &str) -> Vec<u8> {
+pub(crate) fn wasm(name: &str) -> Vec<u8> {
     static BUILT: OnceLock<()> = OnceLock::new();
     let path = components_dir().join("target/wasm32-wasip2/release").join(format!("{name}.wasm"));
     if !path.exists() {
