@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use cim_proto::Body;
-use common::cluster::{Cluster, OwnRedis, http, login_body};
+use common::cluster::{Cluster, OwnRedis, login_body, online_if_up};
 use common::proxy::DelayProxy;
 use common::{DEADLINE, Host, RawClient, wait_for};
 
@@ -32,19 +32,6 @@ async fn settle(host: &Host, expected: &BTreeMap<u64, String>, within: Duration)
 /// A number from the environment (to run a test at another scale by hand), or `default`.
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// `GET /online` on `host` as user id → node id, or `None` while it cannot answer (503).
-async fn online_if_up(host: &Host) -> Option<BTreeMap<u64, String>> {
-    let (status, body) = http(host, "GET", "/online", None).await;
-    (status == 200).then(|| {
-        body["users"]
-            .as_array()
-            .expect("users")
-            .iter()
-            .map(|u| (u["id"].as_u64().expect("id"), u["node_id"].as_str().expect("node_id").to_owned()))
-            .collect()
-    })
 }
 
 /// Redis a network hop away (a proxy adds 0.6 ms each way, ~1.4 ms round trip; the measured

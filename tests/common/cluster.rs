@@ -170,14 +170,20 @@ pub async fn http(host: &Host, method: &str, path: &str, body: Option<&str>) -> 
 
 /// `GET /online` as user id → node id.
 pub async fn online_nodes(host: &Host) -> BTreeMap<u64, String> {
+    online_if_up(host).await.unwrap_or_else(|| panic!("GET /online on {} did not answer 200", host.node_id))
+}
+
+/// `GET /online` on `host` as user id → node id, or `None` while it cannot answer (503).
+pub async fn online_if_up(host: &Host) -> Option<BTreeMap<u64, String>> {
     let (status, body) = http(host, "GET", "/online", None).await;
-    assert_eq!(status, 200, "GET /online on {}: {body}", host.node_id);
-    body["users"]
-        .as_array()
-        .expect("users")
-        .iter()
-        .map(|u| (u["id"].as_u64().expect("id"), u["node_id"].as_str().expect("node_id").to_owned()))
-        .collect()
+    (status == 200).then(|| {
+        body["users"]
+            .as_array()
+            .expect("users")
+            .iter()
+            .map(|u| (u["id"].as_u64().expect("id"), u["node_id"].as_str().expect("node_id").to_owned()))
+            .collect()
+    })
 }
 
 /// Waits until `GET /online` on `host` is exactly `expected` (user id → node id).
