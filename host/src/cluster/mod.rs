@@ -16,4 +16,4 @@ pub use member::Cluster;
 pub use registry::{NodeInfo, Registry};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -99,6 +99,20 @@ impl Registry {
         Ok(previous.is_some())
     }
 
+    /// The registry entries of `ids` in one `MGET` (one slot: the keys share a hash tag);
+    /// `None` where an entry is gone.
+    async fn read_entries<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a String>,
+    ) -> Result<Vec<Option<String>>, StoreError> {
+        let keys: Vec<String> = ids.map(|id| self.keys.node(id)).collect();
+        redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| unavailable("read nodes".into(), e))
+    }
+
     /// The live nodes, sorted by id.
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
         let mut conn = self.conn.clone();
@@ -107,12 +121,7 @@ impl Registry {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = ids.iter().map(|id| self.keys.node(id)).collect();
-        let values: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable("read nodes".into(), e))?;
+        let values = self.read_entries(ids.iter()).await?;
         Ok(ids
             .iter()
             .zip(values)
@@ -154,12 +163,7 @@ impl Registry {
         if ids.is_empty() {
             return Ok(BTreeSet::new());
         }
-        let keys: Vec<String> = ids.iter().map(|id| self.keys.node(id)).collect();
-        let values: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| unavailable("read nodes".into(), e))?;
+        let values = self.read_entries(ids.iter().copied()).await?;
         Ok(ids.into_iter().zip(values).filter(|(_, v)| v.is_none()).map(|(id, _)| id.clone()).collect())
     }
 
@@ -210,11 +214,10 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use cim_proto::User;
 
     use super::*;
+    use crate::cluster::tests::eventually;
     use crate::store::redis::test_support::TestRedis;
     use crate::store::{Claim, OnlineEntry};
 
@@ -230,19 +233,6 @@ mod tests {
 
     fn entry(id: u64, node: &str) -> OnlineEntry {
         OnlineEntry { user: User { id, name: format!("u{id}") }, node_id: node.into(), conn_id: id }
-    }
-
-    /// Polls `cond` until it holds or `within` has passed.
-    async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = bool>,
-    {
-        let deadline = Instant::now() + within;
-        while !cond().await {
-            assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     #[tokio::test]

@@ -64,7 +64,7 @@ async fn wipe_presence(store: &RedisStore) {
 }
 
 /// Polls `cond` until it holds or `within` has passed.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
+pub(crate) async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
