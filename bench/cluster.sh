@@ -26,18 +26,25 @@ log() { printf '\n=== %s\n' "$*" >&2; }
 # connections (default 12,000). Per delay: a Redis restarted empty (how long until GET /online
 # is whole again; then whether it stays whole, i.e. no live node is reaped) and route-login
 # churn (logins/s, refused route logins, users who stayed but dropped out, ghost entries after
-# everyone left; HOP_WORKERS churn workers, default 32). The measuring is the tests' own, run
-# at this scale; PROFILE=release builds
+# everyone left; HOP_WORKERS churn workers, default 32), the same churn while Redis restarts
+# empty (presence whole and no ghost afterwards), and a paced p2p probe (4 pairs, ~400 msg/s,
+# acks and resends as a client must) across a restart of a Redis with its append-only file,
+# beside HOP_USERS idle connections (lost / sent, latency p99). The measuring is the tests' own,
+# run at this scale (HOP_DELAYS and HOP_TESTS pick some of them; RESULTS=<dir of an earlier
+# run> then puts the new logs beside the old ones in one table); PROFILE=release builds
 # them optimised (a second full build: mind the disk).
 hop() {
   local users=${HOP_USERS:-12000} profile=()
   [ "${PROFILE:-debug}" = release ] && profile=(--release)
   mkdir -p "$RESULTS"
-  for delay in 600 1250; do
-    for t in presence_is_back_within_5s_of_a_redis_restart_with_redis_a_hop_away \
-             route_login_churn_with_redis_a_hop_away_leaves_no_ghost; do
+  for delay in ${HOP_DELAYS:-600 1250}; do
+    for t in ${HOP_TESTS:-presence_is_back_within_5s_of_a_redis_restart_with_redis_a_hop_away \
+             route_login_churn_with_redis_a_hop_away_leaves_no_ghost \
+             route_login_churn_across_an_empty_redis_restart_leaves_presence_whole \
+             a_paced_probe_across_a_redis_restart_loses_nothing}; do
       log "$t, ${delay} us each way, $users users"
       if CIM_TEST_HOP_USERS=$users CIM_TEST_HOP_DELAY_US=$delay CIM_TEST_CHURN_WORKERS=${HOP_WORKERS:-32} \
+        CIM_TEST_PROBE_USERS=$users \
         cargo test "${profile[@]}" -q -p cim-tests --test cluster_latency "$t" -- --exact --nocapture \
         >"$RESULTS/hop-$delay-$t.log" 2>&1; then
         echo ok >>"$RESULTS/hop-$delay-$t.log"
@@ -52,9 +59,14 @@ import pathlib, re, sys
 d, users = pathlib.Path(sys.argv[1]), sys.argv[2]
 R = "presence_is_back_within_5s_of_a_redis_restart_with_redis_a_hop_away"
 C = "route_login_churn_with_redis_a_hop_away_leaves_no_ghost"
-cols = ["600", "1250"]
+CR = "route_login_churn_across_an_empty_redis_restart_leaves_presence_whole"
+P = "a_paced_probe_across_a_redis_restart_loses_nothing"
+# The delays whose logs are in the results directory (HOP_DELAYS, HOP_TESTS and a directory
+# that already holds an earlier run's logs make a partial rerun).
+cols = sorted({p.name.split("-")[1] for p in d.glob("hop-*-*.log")}, key=int)
 def text(delay, test):
-    return (d / f"hop-{delay}-{test}.log").read_text()
+    p = d / f"hop-{delay}-{test}.log"
+    return p.read_text() if p.exists() else "not-run"
 def grab(delay, test, pattern):
     m = re.search(pattern, text(delay, test))
     if not m:
@@ -75,11 +87,18 @@ rows = [
     ("route logins refused", C, r"refused: ([0-9]+)"),
     ("staying users missing / extra entries after the churn (node a)", C, r"after the churn on node-a: ([0-9]+ missing, [0-9]+ extra)"),
     ("ghost entries after every client disconnected", C, r"disconnected: ([0-9]+)"),
+    ("churn across an empty Redis restart: logins refused once it was back", CR, r"; ([0-9]+) after\)"),
+    ("then missing / extra entries (node a)", CR, r"after the churn on node-a: ([0-9]+ missing, [0-9]+ extra)"),
+    ("then ghost entries after every client disconnected", CR, r"disconnected: ([0-9]+)"),
+    ("paced probe across a Redis restart (AOF): lost / sent", P, r"probe row: lost ([0-9]+ / [0-9]+)"),
+    ("paced probe: messages/s reached", P, r"msg/s asked, ([0-9]+) msg/s"),
+    ("paced probe: latency p99 (first send to first delivery)", P, r"probe row: .*p99 ([0-9]+ ms)"),
+    ("paced probe: duplicates before de-dup", P, r"duplicated ([0-9]+)"),
 ]
 for label, test, pattern in rows:
     print(f"| {label} | " + " | ".join(grab(c, test, pattern) for c in cols) + " |")
-outcome = [f"{text(c, R).split()[-1]} / {text(c, C).split()[-1]}" for c in cols]
-print("| test outcome (restart / churn) | " + " | ".join(outcome) + " |")
+outcome = [" / ".join(text(c, t).split()[-1] for t in (R, C, CR, P)) for c in cols]
+print("| test outcome (restart / churn / churn across restart / probe) | " + " | ".join(outcome) + " |")
 EOF
   log "raw logs in $RESULTS"
 }

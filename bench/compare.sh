@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # cim next to Mosquitto and NATS with the same workload (cim-bench), then docs/BENCHMARKS.md.
 # cim runs twice: plain, and with authentication on (a second host verifying HS256 tokens, every
-# simulated user logging in with its own token), so the document shows what tokens cost.
+# simulated user logging in with its own token), so the document shows what tokens cost. Both
+# run on `--store memory`: these are the at-most-once rows (MQTT QoS 0, core NATS).
+# Then the at-least-once section: p2p --qos 1 against cim on its default embedded store, cim
+# on a Redis of its own (AOF, appendfsync everysec), a second Mosquitto with persistence on
+# (QoS 1, persistent sessions) and a second nats-server with JetStream (-js, file storage).
 #
-#   bench/compare.sh               # everything, ~5 minutes on 2 cores (after the build)
+#   bench/compare.sh               # everything, ~7 minutes on 2 cores (after the build; ~2.5 of
+#                                  # them the at-least-once section, most of that cim on Redis)
 #   QUICK=1 bench/compare.sh       # smaller numbers, ~1 minute, to check the script itself
 #   PEERS=running bench/compare.sh # use the Mosquitto/NATS already on :1883/:4222
 #
 # By default the script starts its own Mosquitto and NATS (fresh processes whose pids, memory
 # and configuration are known; Mosquitto with `set_tcp_nodelay true`, as latency tests need)
-# and its own cim-hosts on port 0 with the embedded store (one plain, one with authentication
-# on, run one after the other), and stops them all at the end.
+# and its own cim-hosts on port 0 with the in-memory store (one plain, one with authentication
+# on, run one after the other); for the at-least-once section always its own persistent
+# Mosquitto, JetStream NATS and Redis (also with PEERS=running), and cim-hosts on the embedded
+# and the Redis store; and stops them all at the end.
 # Servers and generator run at nice -10 when root, so background builds disturb them less.
 # Results (JSON, logs) stay in $RESULTS; the document goes to $OUT.
 set -euo pipefail
@@ -78,6 +85,9 @@ wait_port() { # host port
 
 need mosquitto mosquitto
 need nats-server nats-server
+need redis-server redis-server
+need python3 python3
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 MQTT_VERSION=$( (mosquitto -h 2>&1 || true) | head -1 | awk '{print $3}')
 NATS_VERSION=$( (nats-server --version 2>&1 || true) | awk '{print $2}')
 
@@ -101,6 +111,7 @@ EOF
   wait_port 127.0.0.1 "$MQTT_PORT"; wait_port 127.0.0.1 "$NATS_PORT"
   PEER_NOTE="fresh Mosquitto (listener on loopback, no persistence, set_tcp_nodelay true) and NATS (defaults, no JetStream) started by the script"
 fi
+PEER_NOTE="$PEER_NOTE; cim on --store memory (at least once: see that section)"
 
 # Both hosts without rate limits: one generator address logging in thousands of users and
 # sending flat out is exactly what the default limits stop; the runs measure the system.
@@ -120,7 +131,7 @@ start_cim() { # name extra-args... → sets CIM_PID, CIM_HTTP
   echo "$READY" >&2
 }
 
-start_cim cim-host
+start_cim cim-host --store memory
 TARGETS=("cim cim://$CIM_HTTP $CIM_PID" "mqtt mqtt://127.0.0.1:$MQTT_PORT $MQTT_PID" "nats nats://127.0.0.1:$NATS_PORT $NATS_PID")
 
 bench() { # kind name target pid args...
@@ -149,7 +160,7 @@ done
 kill -TERM "$CIM_PID" 2>/dev/null && wait "$CIM_PID" 2>/dev/null || true
 AUTH_ISSUER=https://bench.invalid
 head -c 48 /dev/urandom | base64 >"$RESULTS/auth-secret"
-start_cim cim-host-auth --auth-hmac-secret-file "$RESULTS/auth-secret" --auth-issuer "$AUTH_ISSUER"
+start_cim cim-host-auth --store memory --auth-hmac-secret-file "$RESULTS/auth-secret" --auth-issuer "$AUTH_ISSUER"
 AUTH=(--token-secret-file "$RESULTS/auth-secret" --token-issuer "$AUTH_ISSUER")
 AUTH_TARGET="cim://$CIM_HTTP"
 # The same sequence as the plain host went through before its p2p and group runs (both
@@ -160,6 +171,48 @@ bench cim-auth p2p "$AUTH_TARGET" "$CIM_PID" "${AUTH[@]}" p2p --pairs 16 --messa
   --runs "$P2P_RUNS" --half-load
 bench cim-auth "group-$G_SMALL" "$AUTH_TARGET" "$CIM_PID" "${AUTH[@]}" group --users "$G_SMALL" \
   --messages "$G_SMALL_MSGS"
+
+# --- At least once: every target in its durable mode, one server at a time ------------------
+stop() { kill -TERM "$1" 2>/dev/null && wait "$1" 2>/dev/null || true; }
+stop "$CIM_PID"
+ALO=(p2p --qos 1 --pairs 16 --messages "$P2P_MSGS" --runs "$P2P_RUNS" --half-load)
+start_cim cim-host-embedded --store embedded --log-sync os
+bench cim p2p-alo "cim://$CIM_HTTP" "$CIM_PID" "${ALO[@]}"
+stop "$CIM_PID"
+
+REDIS_PORT=$(free_port)
+mkdir -p "$RESULTS/redis"
+log "Redis (appendonly yes, appendfsync everysec) on :$REDIS_PORT"
+"${NICE[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes \
+  --appendfsync everysec --dir "$RESULTS/redis" >"$RESULTS/redis.log" 2>&1 &
+REDIS_PID=$!; PIDS+=("$REDIS_PID")
+wait_port 127.0.0.1 "$REDIS_PORT"
+start_cim cim-host-redis --store "redis://127.0.0.1:$REDIS_PORT" --redis-prefix "cimbench:"
+bench cim-redis p2p-alo "cim://$CIM_HTTP" "$CIM_PID" --kind cim-redis "${ALO[@]}"
+stop "$CIM_PID"; stop "$REDIS_PID"
+
+MQTT_ALO_PORT=$(free_port)
+mkdir -p "$RESULTS/mosquitto-data"
+# `user`: a root-started Mosquitto would otherwise switch to the mosquitto user, who cannot
+# write into this directory.
+printf '%s\n' "listener $MQTT_ALO_PORT 127.0.0.1" "allow_anonymous true" "persistence true" \
+  "persistence_location $RESULTS/mosquitto-data/" "set_tcp_nodelay true" "log_dest none" \
+  "user $(id -un)" >"$RESULTS/mosquitto-alo.conf"
+log "Mosquitto with persistence on :$MQTT_ALO_PORT"
+"${NICE[@]}" mosquitto -c "$RESULTS/mosquitto-alo.conf" >"$RESULTS/mosquitto-alo.log" 2>&1 &
+MQTT_ALO_PID=$!; PIDS+=("$MQTT_ALO_PID")
+wait_port 127.0.0.1 "$MQTT_ALO_PORT"
+bench mqtt p2p-alo "mqtt://127.0.0.1:$MQTT_ALO_PORT" "$MQTT_ALO_PID" "${ALO[@]}"
+stop "$MQTT_ALO_PID"
+
+NATS_JS_PORT=$(free_port)
+log "NATS with JetStream on :$NATS_JS_PORT"
+"${NICE[@]}" nats-server -a 127.0.0.1 -p "$NATS_JS_PORT" -js -sd "$RESULTS/nats-js" \
+  >"$RESULTS/nats-js.log" 2>&1 &
+NATS_JS_PID=$!; PIDS+=("$NATS_JS_PID")
+wait_port 127.0.0.1 "$NATS_JS_PORT"
+bench nats p2p-alo "nats://127.0.0.1:$NATS_JS_PORT" "$NATS_JS_PID" "${ALO[@]}"
+stop "$NATS_JS_PID"
 
 log "handler overhead"
 "${NICE[@]}" "$BENCH" --json "$RESULTS/handler.json" handler --manifest spin.toml --calls "$H_CALLS" \

@@ -14,7 +14,7 @@ use serde_json::json;
 /// Sends LOGIN with `token` on a new TCP connection and returns the answer.
 async fn login(host: &Host, user_id: u64, token: &str) -> (RawClient, Body) {
     let mut c = RawClient::tcp(host).await;
-    let login = Body::Login { user_id, user_name: "given".into(), token: token.into() };
+    let login = Body::login(user_id, "given".into(), token.into());
     let answer = c.request(1, login).await;
     (c, answer)
 }
@@ -32,24 +32,24 @@ async fn a_good_token_logs_in_as_its_subject_with_its_name() {
     // The id may be omitted (0): the token's `sub` decides; the `name` claim wins over the frame's.
     let (mut c, answer) = login(&host, 0, &token_for(7, "alice")).await;
     match answer {
-        Body::LoginAck { user, token_expires_at_ms, .. } => {
+        Body::LoginAck(cim_proto::LoginAck { user, token_expires_at_ms, .. }) => {
             assert_eq!(user, User { id: 7, name: "alice".into() });
             assert!(token_expires_at_ms > now() * 1000 + 3_000_000, "{token_expires_at_ms}");
         }
         other => panic!("expected login ack, got {other:?}"),
     }
     let (_bob, answer) = login(&host, 8, &token_for(8, "bob")).await;
-    assert!(matches!(answer, Body::LoginAck { .. }), "{answer:?}");
+    assert!(matches!(answer, Body::LoginAck(_)), "{answer:?}");
     // No `name` claim and no name in the frame: the id is the name.
     let mut c9 = RawClient::tcp(&host).await;
     let nameless = sign(&json!({"sub": "9", "iss": ISSUER, "exp": now() + 60}));
-    let answer = c9.request(1, Body::Login { user_id: 0, user_name: String::new(), token: nameless }).await;
-    let Body::LoginAck { user, .. } = answer else { panic!("{answer:?}") };
+    let answer = c9.request(1, Body::login(0, String::new(), nameless)).await;
+    let Body::LoginAck(cim_proto::LoginAck { user, .. }) = answer else { panic!("{answer:?}") };
     assert_eq!(user, User { id: 9, name: "9".into() });
     drop(c9);
     let Body::OnlineResponse { users } = c.request(2, Body::OnlineRequest).await else { panic!("online") };
     assert!(users.iter().any(|u| u.id == 7) && users.iter().any(|u| u.id == 8), "{users:?}");
-    assert!(matches!(c.request(3, Body::PrivateSend { to: 8, text: "hi".into() }).await, Body::Ack { .. }));
+    assert!(matches!(c.request(3, Body::private(8, "hi".into())).await, Body::Ack { .. }));
 }
 
 #[tokio::test]
@@ -90,7 +90,7 @@ async fn bad_tokens_are_refused_with_clear_errors() {
     assert!(msg.contains("algorithm") || msg.contains("not a valid JWT"), "{msg}");
     // Nobody got in.
     let (mut c, answer) = login(&host, 1, &token_for(1, "a")).await;
-    assert!(matches!(answer, Body::LoginAck { .. }), "{answer:?}");
+    assert!(matches!(answer, Body::LoginAck(_)), "{answer:?}");
     let Body::OnlineResponse { users } = c.request(2, Body::OnlineRequest).await else { panic!("online") };
     assert_eq!(users.len(), 1);
 }
@@ -101,16 +101,18 @@ async fn a_connection_lives_no_longer_than_its_token_unless_refreshed() {
     let ttl = Duration::from_secs(2);
     let started = Instant::now();
     let (mut expiring, answer) = login(&host, 1, &token(1, "short", ttl)).await;
-    let Body::LoginAck { token_expires_at_ms: exp_ms, .. } = answer else { panic!("{answer:?}") };
+    let Body::LoginAck(cim_proto::LoginAck { token_expires_at_ms: exp_ms, .. }) = answer else {
+        panic!("{answer:?}")
+    };
     let (mut refreshing, answer) = login(&host, 2, &token(2, "long", ttl)).await;
-    assert!(matches!(answer, Body::LoginAck { .. }), "{answer:?}");
+    assert!(matches!(answer, Body::LoginAck(_)), "{answer:?}");
 
     // A refresh for another user, or with a bad token, is refused and changes nothing.
     let wrong = refreshing.request(2, Body::Refresh { token: token_for(3, "c") }).await;
     assert!(expect_error(wrong, ErrorCode::Unauthenticated).contains("for user 3, not user 2"));
     let answer =
         refreshing.request(3, Body::Refresh { token: token(2, "long", Duration::from_secs(60)) }).await;
-    assert_eq!(answer, Body::Ack { message_id: 0 });
+    assert_eq!(answer, Body::ack(0));
 
     let frames = expiring.closed().await;
     let now_ms =
@@ -128,7 +130,7 @@ async fn a_connection_lives_no_longer_than_its_token_unless_refreshed() {
     }
     // The expired user is offline again and may log in with a new token.
     let (_again, answer) = login(&host, 1, &token_for(1, "short")).await;
-    assert!(matches!(answer, Body::LoginAck { .. }), "{answer:?}");
+    assert!(matches!(answer, Body::LoginAck(_)), "{answer:?}");
 }
 
 #[tokio::test]
@@ -150,7 +152,7 @@ async fn a_login_component_authorizes_on_the_verified_claims() {
     };
     // spin.toml allows the roles admin and member.
     let (_admin, answer) = login(&host, 1, &with_role(1, "admin")).await;
-    assert!(matches!(answer, Body::LoginAck { .. }), "{answer:?}");
+    assert!(matches!(answer, Body::LoginAck(_)), "{answer:?}");
     let msg = refused(&host, 2, &with_role(2, "guest"), ErrorCode::Rejected).await;
     assert!(msg.contains("\"guest\" may not log in"), "{msg}");
     let msg = refused(&host, 3, &token_for(3, "no role"), ErrorCode::Rejected).await;
@@ -222,7 +224,9 @@ async fn cim_host_token_prints_only_a_token_the_host_accepts() {
     let token = stdout.strip_suffix('\n').expect("one line");
     assert_eq!(token.split('.').count(), 3, "{stdout:?}");
     let (_c, answer) = login(&host, 5, token).await;
-    let Body::LoginAck { user, token_expires_at_ms, .. } = answer else { panic!("{answer:?}") };
+    let Body::LoginAck(cim_proto::LoginAck { user, token_expires_at_ms, .. }) = answer else {
+        panic!("{answer:?}")
+    };
     assert_eq!(user, User { id: 5, name: "eve".into() });
     let left = token_expires_at_ms / 1000 - now();
     assert!((590..=600).contains(&left), "{left}");

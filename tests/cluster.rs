@@ -75,11 +75,7 @@ async fn three_nodes_act_as_one_im() {
     assert_eq!((status, body["error"].as_str()), (409, Some("duplicate_login")), "{body}");
     // ...and a LOGIN frame sent straight to that node gets DUPLICATE_LOGIN.
     let mut raw = RawClient::tcp(other).await;
-    raw.send(Frame::new(
-        1,
-        Body::Login { user_id: 1, user_name: "alice-again".into(), token: String::new() },
-    ))
-    .await;
+    raw.send(Frame::new(1, Body::login(1, "alice-again".into(), String::new()))).await;
     match raw.frame().await.body {
         Body::Error { code, message, .. } => {
             assert_eq!(code, ErrorCode::DuplicateLogin, "{message}");
@@ -144,7 +140,7 @@ async fn kill_the_busiest_of_b_and_c(cluster: &mut Cluster, users: &mut [SdkUser
     // Before: a message to a user on the victim carries its server-assigned id end to end.
     let (target, sender) =
         (moved[0], placement.iter().find(|(_, n)| **n != victim).map(|(id, _)| *id).unwrap());
-    let id = users[sender as usize - 1].client.send_private(target, "before").await.unwrap();
+    let id = users[sender as usize - 1].client.send_private(target, "before").await.unwrap().message_id;
     let d = users[target as usize - 1].delivery().await;
     assert_eq!((d.message_id, d.sender.id, d.text.as_str()), (id, sender, "before"));
 
@@ -180,7 +176,7 @@ async fn kill_the_busiest_of_b_and_c(cluster: &mut Cluster, users: &mut [SdkUser
 
     // They chat again: a moved user to everyone in the group, and privately across nodes.
     let mover = moved[0] as usize - 1;
-    let gid = users[mover].client.send_group("back again").await.unwrap();
+    let gid = users[mover].client.send_group("back again").await.unwrap().message_id;
     for (i, user) in users.iter_mut().enumerate() {
         if i != mover {
             let d = user.delivery().await;
@@ -189,7 +185,12 @@ async fn kill_the_busiest_of_b_and_c(cluster: &mut Cluster, users: &mut [SdkUser
     }
     for id in &moved {
         let to = if *id == 1 { 2 } else { 1 };
-        let mid = users[*id as usize - 1].client.send_private(to, format!("hi from {id}")).await.unwrap();
+        let mid = users[*id as usize - 1]
+            .client
+            .send_private(to, format!("hi from {id}"))
+            .await
+            .unwrap()
+            .message_id;
         let d = users[to as usize - 1].delivery().await;
         assert_eq!((d.message_id, d.text), (mid, format!("hi from {id}")));
     }
@@ -223,10 +224,7 @@ async fn nodes_recover_from_a_redis_restart_by_themselves() {
     let placement: BTreeMap<u64, String> =
         [(1, "node-a"), (2, "node-a"), (3, "node-b"), (4, "node-b")].map(|(u, n)| (u, n.to_owned())).into();
     wait_online_nodes(a, &placement).await;
-    assert!(matches!(
-        u1.request(10, Body::PrivateSend { to: 3, text: "before".into() }).await,
-        Body::Ack { .. }
-    ));
+    assert!(matches!(u1.request(10, Body::private(3, "before".into())).await, Body::Ack { .. }));
     assert_eq!(u3.delivery().await.text, "before");
 
     redis.stop().await;
@@ -245,7 +243,7 @@ async fn nodes_recover_from_a_redis_restart_by_themselves() {
         let (status, body) = http(host, "GET", "/online", None).await;
         assert_eq!((status, body["error"].as_str()), (503, Some("unavailable")), "{body}");
     }
-    let answer = u1.request(11, Body::GroupSend { text: "anyone?".into() }).await;
+    let answer = u1.request(11, Body::group("anyone?".into())).await;
     let message = expect_error(answer, ErrorCode::Unavailable);
     assert!(message.contains("redis"), "{message}");
     // ...and the sessions stay up.
@@ -272,7 +270,7 @@ async fn nodes_recover_from_a_redis_restart_by_themselves() {
     async fn private_until_accepted(from: &mut RawClient, to: u64, text: &str) {
         let deadline = Instant::now() + DEADLINE;
         for req in 100.. {
-            match from.request(req, Body::PrivateSend { to, text: text.into() }).await {
+            match from.request(req, Body::private(to, text.into())).await {
                 Body::Ack { .. } => return,
                 Body::Error { code: ErrorCode::Unavailable, .. } => {}
                 other => panic!("unexpected answer {other:?}"),
@@ -286,7 +284,7 @@ async fn nodes_recover_from_a_redis_restart_by_themselves() {
     private_until_accepted(&mut u4, 2, "b to a").await;
     assert_eq!(u2.delivery().await.text, "b to a");
     eprintln!("cross-node chat resumed {:?} after Redis restarted", restarted_at.elapsed());
-    assert!(matches!(u2.request(200, Body::GroupSend { text: "all back".into() }).await, Body::Ack { .. }));
+    assert!(matches!(u2.request(200, Body::group("all back".into())).await, Body::Ack { .. }));
     for c in [&mut u1, &mut u3, &mut u4] {
         let d = c.delivery().await;
         assert_eq!((d.sender.id, d.text.as_str()), (2, "all back"));
@@ -340,10 +338,7 @@ async fn a_component_pushed_to_one_node_runs_on_all() {
     assert!(took < Duration::from_secs(1), "took {took:?}");
 
     // spin.toml gives the filter blocked_words = "darn,heck".
-    assert!(matches!(
-        on_b.request(10, Body::GroupSend { text: "darn it, Heck!".into() }).await,
-        Body::Ack { .. }
-    ));
+    assert!(matches!(on_b.request(10, Body::group("darn it, Heck!".into())).await, Body::Ack { .. }));
     assert_eq!(on_c.delivery().await.text, "**** it, ****!");
     assert_eq!(on_a.delivery().await.text, "**** it, ****!");
 
@@ -360,7 +355,7 @@ async fn a_component_pushed_to_one_node_runs_on_all() {
     let took = rolled_at.elapsed();
     eprintln!("every node runs the original version {took:?} after the rollback returned");
     assert!(took < Duration::from_secs(1), "took {took:?}");
-    assert!(matches!(on_b.request(11, Body::GroupSend { text: "darn".into() }).await, Body::Ack { .. }));
+    assert!(matches!(on_b.request(11, Body::group("darn".into())).await, Body::Ack { .. }));
     assert_eq!(on_c.delivery().await.text, "darn");
     assert_eq!(on_a.delivery().await.text, "darn");
     eprintln!("a_component_pushed_to_one_node_runs_on_all: {:?}", started.elapsed());
@@ -414,7 +409,7 @@ async fn a_redis_cluster_backs_the_whole_im() {
     }
 
     // Group: one id for everyone, wherever they are.
-    let gid = users[0].client.send_group("hello cluster").await.unwrap();
+    let gid = users[0].client.send_group("hello cluster").await.unwrap().message_id;
     for user in &mut users[1..] {
         let d = user.delivery().await;
         assert_eq!((d.message_id, d.sender.id, d.text.as_str()), (gid, 1, "hello cluster"));
@@ -424,7 +419,7 @@ async fn a_redis_cluster_backs_the_whole_im() {
         .iter()
         .find_map(|(f, nf)| placement.iter().find(|(_, nt)| nt != &nf).map(|(t, _)| (*f, *t)))
         .unwrap();
-    let pid = users[from as usize - 1].client.send_private(to, "across").await.unwrap();
+    let pid = users[from as usize - 1].client.send_private(to, "across").await.unwrap().message_id;
     let d = users[to as usize - 1].delivery().await;
     assert_eq!((d.message_id, d.text.as_str()), (pid, "across"));
     // The default message callback wrote the history (key-value data spread over the shards).
@@ -456,7 +451,7 @@ async fn a_redis_cluster_backs_the_whole_im() {
     let took = pushed_at.elapsed();
     eprintln!("on a Redis Cluster, nodes B and C run the pushed version {took:?} after the push");
     assert!(took < Duration::from_secs(1), "took {took:?}");
-    let gid = users[5].client.send_group("darn").await.unwrap();
+    let gid = users[5].client.send_group("darn").await.unwrap().message_id;
     for user in &mut users[..5] {
         let d = user.delivery().await;
         assert_eq!((d.message_id, d.text.as_str()), (gid, "****"));
@@ -499,12 +494,12 @@ async fn pipelined_sends_across_nodes_arrive_in_order() {
     wait_online_nodes(a, &[(1, "node-a".to_owned()), (2, "node-b".to_owned())].into()).await;
     const N: u64 = 300;
     for i in 0..N {
-        alice.send(Frame::new(100 + i, Body::PrivateSend { to: 2, text: format!("m{i}") })).await;
+        alice.send(Frame::new(100 + i, Body::private(2, format!("m{i}")))).await;
     }
     let mut ids = Vec::new();
     for i in 0..N {
         match alice.frame().await {
-            Frame { request_id, body: Body::Ack { message_id } } => {
+            Frame { request_id, body: Body::Ack { message_id, .. } } => {
                 assert_eq!(request_id, 100 + i, "answers out of order");
                 ids.push(message_id);
             }
@@ -515,6 +510,12 @@ async fn pipelined_sends_across_nodes_arrive_in_order() {
         let d = bob.delivery().await;
         assert_eq!((d.message_id, d.text), (*id, format!("m{i}")), "delivery {i} out of order");
     }
+    // The log holds them in that order too: a replay or the history shows them as sent.
+    let (status, page) = http(b, "GET", "/history/2?stream=inbox&after=0&limit=1000", None).await;
+    assert_eq!(status, 200, "{page}");
+    let logged: Vec<String> =
+        page["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(logged, ids.iter().map(u64::to_string).collect::<Vec<_>>(), "the log's order");
 }
 
 /// A group handler that names its members (`recipients: only`) reaches exactly those, on
@@ -536,8 +537,7 @@ async fn a_member_list_group_reaches_its_members_on_every_node() {
     })
     .await;
 
-    let Body::Ack { message_id } =
-        u1.request(10, Body::GroupSend { text: "to:2,4,99 members only".into() }).await
+    let Body::Ack { message_id, .. } = u1.request(10, Body::group("to:2,4,99 members only".into())).await
     else {
         panic!("the group message was not accepted")
     };
@@ -546,12 +546,9 @@ async fn a_member_list_group_reaches_its_members_on_every_node() {
         assert_eq!((d.message_id, d.sender.id, d.text.as_str()), (message_id, 1, "members only"));
     }
     // Carol is not a member: the next thing she gets is a message that names her.
-    assert!(matches!(
-        u4.request(11, Body::GroupSend { text: "to:3 just you".into() }).await,
-        Body::Ack { .. }
-    ));
+    assert!(matches!(u4.request(11, Body::group("to:3 just you".into())).await, Body::Ack { .. }));
     let d = u3.delivery().await;
     assert_eq!((d.sender.id, d.text.as_str()), (4, "just you"));
-    let answer = u1.request(12, Body::GroupSend { text: "no list".into() }).await;
+    let answer = u1.request(12, Body::group("no list".into())).await;
     expect_error(answer, ErrorCode::Rejected);
 }

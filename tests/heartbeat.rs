@@ -37,6 +37,6 @@ async fn pinging_connection_stays_open() {
     assert_eq!(host.online_ids().await, vec![1]);
     // The login ack tells the client the interval.
     let mut c = RawClient::tcp(&host).await;
-    c.send(Frame::new(1, Body::Login { user_id: 2, user_name: "b".into(), token: String::new() })).await;
-    assert!(matches!(c.frame().await.body, Body::LoginAck { heartbeat_secs: 1, .. }));
+    c.send(Frame::new(1, Body::login(2, "b".into(), String::new()))).await;
+    assert!(matches!(c.frame().await.body, Body::LoginAck(cim_proto::LoginAck { heartbeat_secs: 1, .. })));
 }

@@ -21,10 +21,9 @@ fn bearer(credential: &str) -> String {
 /// Logs `id` in over TCP with a token for them.
 async fn login_with_token(host: &Host, id: u64, name: &str) -> RawClient {
     let mut c = RawClient::tcp(host).await;
-    c.send(Frame::new(1, Body::Login { user_id: id, user_name: name.into(), token: token_for(id, name) }))
-        .await;
+    c.send(Frame::new(1, Body::login(id, name.into(), token_for(id, name)))).await;
     match c.frame().await.body {
-        Body::LoginAck { .. } => c,
+        Body::LoginAck(_) => c,
         other => panic!("expected a login ack, got {other:?}"),
     }
 }

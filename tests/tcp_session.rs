@@ -17,8 +17,8 @@ async fn group_reaches_everyone_else_and_private_only_its_receiver() {
     let mut carol = RawClient::login_ws(&host, 3, "carol").await;
 
     // Group: the two others get it, with the same server-assigned id; the sender gets an ack.
-    let ack = alice.request(10, Body::GroupSend { text: "hello all".into() }).await;
-    let Body::Ack { message_id } = ack else { panic!("expected ack, got {ack:?}") };
+    let ack = alice.request(10, Body::group("hello all".into())).await;
+    let Body::Ack { message_id, .. } = ack else { panic!("expected ack, got {ack:?}") };
     for c in [&mut bob, &mut carol] {
         let d = c.delivery().await;
         assert_eq!((d.message_id, d.kind, d.text.as_str()), (message_id, MessageKind::Group, "hello all"));
@@ -26,7 +26,7 @@ async fn group_reaches_everyone_else_and_private_only_its_receiver() {
     }
 
     // Private: only the receiver.
-    let ack = bob.request(11, Body::PrivateSend { to: 3, text: "psst carol".into() }).await;
+    let ack = bob.request(11, Body::private(3, "psst carol".into())).await;
     assert!(matches!(ack, Body::Ack { .. }), "{ack:?}");
     let d = carol.delivery().await;
     assert_eq!((d.kind, d.sender.id, d.text.as_str()), (MessageKind::Private, 2, "psst carol"));
@@ -42,13 +42,17 @@ async fn group_reaches_everyone_else_and_private_only_its_receiver() {
 }
 
 #[tokio::test]
-async fn private_to_offline_user_is_a_clear_error() {
+async fn private_to_offline_user_is_stored_or_with_refuse_a_clear_error() {
     let host = Host::start(&[]).await.unwrap();
     let mut alice = RawClient::login_tcp(&host, 1, "alice").await;
-    let msg = expect_error(
-        alice.request(5, Body::PrivateSend { to: 99, text: "anyone?".into() }).await,
-        ErrorCode::UserOffline,
-    );
+    let answer = alice.request(5, Body::private(99, "anyone?".into())).await;
+    assert!(matches!(answer, Body::Ack { stored: true, .. }), "{answer:?}");
+    expect_error(alice.request(6, Body::private(0, "nobody".into())).await, ErrorCode::Invalid);
+
+    let host = Host::start(&["--offline-messages", "refuse"]).await.unwrap();
+    let mut alice = RawClient::login_tcp(&host, 1, "alice").await;
+    let msg =
+        expect_error(alice.request(5, Body::private(99, "anyone?".into())).await, ErrorCode::UserOffline);
     assert!(msg.contains("99"), "{msg}");
 }
 
@@ -61,9 +65,7 @@ async fn duplicate_login_is_refused_and_the_first_session_survives() {
     assert_eq!((status, body["error"].as_str()), (409, Some("duplicate_login")), "{body}");
 
     let mut second = RawClient::tcp(&host).await;
-    second
-        .send(Frame::new(1, Body::Login { user_id: 7, user_name: "dora".into(), token: String::new() }))
-        .await;
+    second.send(Frame::new(1, Body::login(7, "dora".into(), String::new()))).await;
     let frames = second.closed().await;
     assert!(
         matches!(&frames[..], [Frame { body: Body::Error { code: ErrorCode::DuplicateLogin, .. }, .. }]),
@@ -89,7 +91,7 @@ async fn closing_the_connection_takes_the_user_offline() {
 async fn first_frame_must_be_login() {
     let host = Host::start(&[]).await.unwrap();
     let mut c = RawClient::tcp(&host).await;
-    c.send(Frame::new(3, Body::GroupSend { text: "hi".into() })).await;
+    c.send(Frame::new(3, Body::group("hi".into()))).await;
     let frames = c.closed().await;
     assert!(
         matches!(
@@ -104,18 +106,14 @@ async fn first_frame_must_be_login() {
 async fn invalid_login_and_text_are_refused_with_reasons() {
     let host = Host::start(&[]).await.unwrap();
     let mut c = RawClient::tcp(&host).await;
-    c.send(Frame::new(1, Body::Login { user_id: 0, user_name: "zero".into(), token: String::new() })).await;
+    c.send(Frame::new(1, Body::login(0, "zero".into(), String::new()))).await;
     let frames = c.closed().await;
     assert!(matches!(&frames[..], [Frame { body: Body::Error { code: ErrorCode::Invalid, .. }, .. }]));
 
     let mut alice = RawClient::login_tcp(&host, 1, "alice").await;
-    let msg =
-        expect_error(alice.request(2, Body::GroupSend { text: String::new() }).await, ErrorCode::Invalid);
+    let msg = expect_error(alice.request(2, Body::group(String::new())).await, ErrorCode::Invalid);
     assert!(msg.contains("empty"), "{msg}");
-    let msg = expect_error(
-        alice.request(3, Body::GroupSend { text: "x".repeat(20_000) }).await,
-        ErrorCode::Invalid,
-    );
+    let msg = expect_error(alice.request(3, Body::group("x".repeat(20_000))).await, ErrorCode::Invalid);
     assert!(msg.contains("limit"), "{msg}");
 }
 
@@ -138,10 +136,7 @@ async fn malformed_frame_gets_an_error_and_the_connection_goes_on() {
     );
 
     // Still logged in, still delivering.
-    assert!(matches!(
-        alice.request(5, Body::GroupSend { text: "still here".into() }).await,
-        Body::Ack { .. }
-    ));
+    assert!(matches!(alice.request(5, Body::group("still here".into())).await, Body::Ack { .. }));
     assert_eq!(bob.delivery().await.text, "still here");
 }
 
@@ -165,10 +160,7 @@ async fn oversized_frame_closes_only_that_connection() {
 
     // Others keep chatting.
     let mut carol = RawClient::login_tcp(&host, 3, "carol").await;
-    assert!(matches!(
-        bob.request(9, Body::PrivateSend { to: 3, text: "ok?".into() }).await,
-        Body::Ack { .. }
-    ));
+    assert!(matches!(bob.request(9, Body::private(3, "ok?".into())).await, Body::Ack { .. }));
     assert_eq!(carol.delivery().await.text, "ok?");
 }
 

@@ -37,10 +37,15 @@ async fn three_terminals_chat() {
     host.wait_online(&[1, 2]).await;
     assert_eq!(alice.online(2).await, vec!["1 alice", "2 bob"]);
 
-    // Errors are printed, and the client keeps going.
+    // A private message to an offline user is stored, and the terminal says so.
     bob.type_line("3;;are you there?").await;
+    assert_eq!(bob.line().await, "(user 3 is offline: stored, delivered when they log in)");
+
+    // Errors are printed, and the client keeps going.
+    bob.type_line("1;;").await;
     let line = bob.line().await;
-    assert!(line.starts_with("error:") && line.contains("not online"), "{line}");
+    assert!(line.starts_with("error:"), "{line}");
+    assert_eq!(bob.online(2).await, vec!["1 alice", "2 bob"]);
 
     // EOF on stdin quits too.
     bob.close_stdin();

@@ -13,20 +13,14 @@ async fn websocket_and_tcp_clients_chat() {
     let mut web = RawClient::login_ws(&host, 1, "web").await;
     let mut term = RawClient::login_tcp(&host, 2, "term").await;
 
-    assert!(matches!(
-        web.request(2, Body::PrivateSend { to: 2, text: "from the browser".into() }).await,
-        Body::Ack { .. }
-    ));
+    assert!(matches!(web.request(2, Body::private(2, "from the browser".into())).await, Body::Ack { .. }));
     let d = term.delivery().await;
     assert_eq!(
         (d.kind, d.sender.name.as_str(), d.text.as_str()),
         (MessageKind::Private, "web", "from the browser")
     );
 
-    assert!(matches!(
-        term.request(3, Body::GroupSend { text: "to the group".into() }).await,
-        Body::Ack { .. }
-    ));
+    assert!(matches!(term.request(3, Body::group("to the group".into())).await, Body::Ack { .. }));
     assert_eq!(web.delivery().await.text, "to the group");
     assert!(matches!(web.request(4, Body::Ping).await, Body::Pong));
 }
@@ -65,9 +59,7 @@ async fn duplicate_login_over_websocket_is_refused() {
     let host = Host::start(&[]).await.unwrap();
     let _first = RawClient::login_tcp(&host, 1, "alice").await;
     let mut second = RawClient::ws(&host).await;
-    second
-        .send(Frame::new(1, Body::Login { user_id: 1, user_name: "alice".into(), token: String::new() }))
-        .await;
+    second.send(Frame::new(1, Body::login(1, "alice".into(), String::new()))).await;
     let frames = second.closed().await;
     assert!(
         matches!(&frames[..], [Frame { body: Body::Error { code: ErrorCode::DuplicateLogin, .. }, .. }]),

@@ -26,7 +26,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::peer::cim::Tokens;
-use crate::peer::{Connector, Target};
+use crate::peer::{Connector, Delivery, Target};
 use crate::report::{Outcome, Report};
 use crate::scenario::Env;
 use crate::scenario::conns::ConnsArgs;
@@ -67,6 +67,10 @@ struct Cli {
     #[arg(long, global = true, value_name = "SECS", default_value_t = 3600,
           value_parser = clap::value_parser!(u64).range(1..))]
     token_ttl: u64,
+    /// Report under this kind instead of the target's (`cim`, `mqtt`, `nats`, `cim-auth`),
+    /// e.g. `cim-redis` for a host on the Redis store; `cim-bench report` knows `cim-redis`.
+    #[arg(long, global = true, value_name = "KIND")]
+    kind: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -110,6 +114,12 @@ struct P2pCli {
     /// Measure the max throughput, then run again paced at 50% of it; report both.
     #[arg(long)]
     half_load: bool,
+    /// 0: each target's plain mode (MQTT QoS 0, core NATS). 1: at least once, each target's
+    /// durable mode: cim sends with a client_msg_id, counted when ACKed (in the log), receivers
+    /// acking positions; MQTT QoS 1 on persistent sessions; NATS JetStream (file stream,
+    /// durable consumers). The servers must be set up for it (Mosquitto persistence, `-js`).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
 }
 
 #[derive(Debug, Args)]
@@ -202,12 +212,17 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         None => None,
     };
     // A separate kind, so that reports with authentication on sit beside plain cim's.
-    let kind = match (&cli.target, &tokens) {
-        (Target::Cim { .. }, Some(_)) => "cim-auth",
-        (target, _) => target.kind(),
+    let kind = match (&cli.kind, &cli.target, &tokens) {
+        (Some(kind), _, _) => kind.as_str(),
+        (None, Target::Cim { .. }, Some(_)) => "cim-auth",
+        (None, target, _) => target.kind(),
+    };
+    let delivery = match &cli.command {
+        Command::P2p(a) if a.qos >= 1 => Delivery::AtLeastOnce,
+        _ => Delivery::AtMostOnce,
     };
     let env = Env {
-        connector: Arc::new(Connector::new(cli.target.clone(), tokens)),
+        connector: Arc::new(Connector::new(cli.target.clone(), tokens).with_delivery(delivery)),
         server_pid: cli.server_pid,
         concurrency: cli.concurrency,
     };
@@ -225,6 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 runs: a.runs,
                 half_load: a.half_load,
                 idle_timeout,
+                delivery,
             };
             Outcome::P2p(scenario::p2p::run(&env, &args).await?)
         }

@@ -37,6 +37,9 @@ pub enum Outcome {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct P2pReport {
+    /// 0: each target's plain mode; 1: at least once (each target's durable mode).
+    #[serde(default)]
+    pub qos: u8,
     pub pairs: usize,
     pub messages_per_pair: u64,
     pub size: usize,
@@ -52,9 +55,13 @@ pub struct P2pPhase {
     pub mode: String,
     /// Asked total rate in messages/s (paced phases).
     pub target_rate: Option<f64>,
+    /// Written; at least once: acknowledged by the server.
     pub sent: u64,
     pub delivered: u64,
     pub lost: u64,
+    /// Deliveries of a message already delivered in this phase (not counted in `delivered`).
+    #[serde(default)]
+    pub duplicated: u64,
     pub errors: u64,
     pub first_errors: Vec<String>,
     /// From the first send to the last delivery.
@@ -174,19 +181,24 @@ pub fn table(r: &Report) -> String {
         Outcome::P2p(p) => {
             let _ = writeln!(
                 out,
-                "p2p against {target}: {} pairs, {} messages per pair, {} B, window {}",
-                p.pairs, p.messages_per_pair, p.size, p.window
+                "p2p against {target}: {} pairs, {} messages per pair, {} B, window {}{}",
+                p.pairs,
+                p.messages_per_pair,
+                p.size,
+                p.window,
+                if p.qos > 0 { ", at least once (sent = acknowledged)" } else { "" }
             );
             for ph in &p.phases {
                 let rate = ph.target_rate.map(|r| format!(" @ {}/s", human(r))).unwrap_or_default();
                 let _ = writeln!(
                     out,
-                    "  {:<6}{rate:<12} {:>10} msgs/s  delivered {}/{}  lost {}  errors {}  {:.2} s",
+                    "  {:<6}{rate:<12} {:>10} msgs/s  delivered {}/{}  lost {}  duplicated {}  errors {}  {:.2} s",
                     ph.mode,
                     human(ph.msgs_per_s),
                     ph.delivered,
                     ph.sent,
                     ph.lost,
+                    ph.duplicated,
                     ph.errors,
                     ph.elapsed_s
                 );

@@ -1,17 +1,20 @@
 //! [`Client`]: the public handle — log in, send, list online users, close.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cim_proto::{Body, Frame, User, encode_message};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClientConfig;
 use crate::connection::Command;
+use crate::delivery::Deliveries;
 use crate::error::ClientError;
 use crate::handler::MessageHandler;
+use crate::history::{self, History, HistoryStream};
 use crate::pending::RequestIds;
 use crate::supervisor;
 
@@ -36,7 +39,12 @@ pub(crate) struct Inner {
     pub(crate) config: ClientConfig,
     pub(crate) handler: Arc<dyn MessageHandler>,
     pub(crate) ids: RequestIds,
+    /// Positions, resume token and recent message ids, across connections.
+    pub(crate) deliveries: Deliveries,
+    msg_ids: ClientMsgIds,
     link: Mutex<Link>,
+    /// Bumped whenever `link` changes (up, down, ended), for sends waiting to be resent.
+    changes: watch::Sender<()>,
 }
 
 /// The current connection, as requests see it.
@@ -48,7 +56,37 @@ struct Link {
     node_id: String,
     /// Who we are, as the server last told us (the token's user when a token decides).
     user: User,
+    /// Counts the connections attached so far.
+    generation: u64,
+    /// The connection task ended for good: no connection will come.
+    ended: bool,
 }
+
+/// What a send came back with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// The server-assigned message id (for a resend the server had already accepted: the id
+    /// it gave the first time).
+    pub message_id: u64,
+    /// The receiver of a private message was offline: the message is kept and delivered at
+    /// their next login, not delivered yet.
+    pub stored: bool,
+    /// The id this send carried (see [`Client::send_private_with_id`]).
+    pub client_msg_id: String,
+}
+
+/// Why one attempt at a request failed.
+enum Attempt {
+    /// The connection ended after the request was queued: it may or may not have reached
+    /// the server. `generation` is the connection it was queued on.
+    Lost {
+        generation: u64,
+    },
+    Failed(ClientError),
+}
+
+/// How many connection losses one send rides out (resending with its id) before it gives up.
+const MAX_RESENDS: u32 = 3;
 
 impl Inner {
     /// Makes the connection to `node_id` the one requests go to; returns its queue's receiver.
@@ -56,7 +94,10 @@ impl Inner {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let mut link = self.link();
         link.commands = Some(tx);
+        link.generation += 1;
         node_id.clone_into(&mut link.node_id);
+        drop(link);
+        self.changes.send_replace(());
         rx
     }
 
@@ -72,22 +113,96 @@ impl Inner {
     /// Queues `body` for the connection task and waits for its answer, all within the
     /// request timeout.
     pub(crate) async fn request(&self, body: Body) -> Result<Body, ClientError> {
+        self.attempt(body).await.map_err(|e| match e {
+            Attempt::Lost { .. } => ClientError::Closed,
+            Attempt::Failed(e) => e,
+        })
+    }
+
+    /// One try at `body` on the current connection, within the request timeout.
+    async fn attempt(&self, body: Body) -> Result<Body, Attempt> {
         let after = self.config.request_timeout;
         let what = body.kind_name();
-        let timed_out = |_| ClientError::Timeout { what, after };
+        let timed_out = |_| Attempt::Failed(ClientError::Timeout { what, after });
         let deadline = Instant::now() + after;
-        let commands = self.link().commands.clone().ok_or(ClientError::Closed)?;
+        let (commands, generation) = {
+            let link = self.link();
+            (link.commands.clone().ok_or(Attempt::Failed(ClientError::Closed))?, link.generation)
+        };
         let (reply, answer) = oneshot::channel();
         timeout_at(deadline, commands.send(Command { body, reply }))
             .await
             .map_err(timed_out)?
-            .map_err(|_| ClientError::Closed)?;
-        timeout_at(deadline, answer).await.map_err(timed_out)?.map_err(|_| ClientError::Closed)
+            .map_err(|_| Attempt::Lost { generation })?;
+        timeout_at(deadline, answer).await.map_err(timed_out)?.map_err(|_| Attempt::Lost { generation })
+    }
+
+    /// Sends `body` (a send carrying its client_msg_id); when the connection drops before the
+    /// answer, sends it again, with the same id, once the client is logged in again (the
+    /// server answers a resend it had already accepted with the first message id).
+    async fn send(&self, body: Body, client_msg_id: String) -> Result<Sent, ClientError> {
+        let mut losses = 0;
+        loop {
+            let generation = match self.attempt(body.clone()).await {
+                Ok(answer) => {
+                    let (message_id, stored) = expect_sent(answer)?;
+                    return Ok(Sent { message_id, stored, client_msg_id });
+                }
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Lost { generation }) => generation,
+            };
+            losses += 1;
+            let unconfirmed =
+                |reason: String| ClientError::Unconfirmed { client_msg_id: client_msg_id.clone(), reason };
+            if losses > MAX_RESENDS {
+                return Err(unconfirmed(format!("the connection was lost {losses} times")));
+            }
+            tracing::debug!(
+                client_msg_id,
+                "connection lost before the answer; resending after the reconnect"
+            );
+            self.reconnected_after(generation).await.map_err(unconfirmed)?;
+        }
+    }
+
+    /// Waits (at most the request timeout) for a connection newer than `generation`.
+    async fn reconnected_after(&self, generation: u64) -> Result<(), String> {
+        let after = self.config.request_timeout;
+        let mut changes = self.changes.subscribe();
+        let wait = async {
+            loop {
+                {
+                    let link = self.link();
+                    if link.ended {
+                        return Err("the client stopped".to_owned());
+                    }
+                    if link.commands.is_some() && link.generation > generation {
+                        return Ok(());
+                    }
+                }
+                if changes.changed().await.is_err() {
+                    return Err("the client stopped".to_owned());
+                }
+            }
+        };
+        tokio::time::timeout(after, wait)
+            .await
+            .map_err(|_| format!("the connection was lost and not back within {after:?}"))?
     }
 
     /// From now on requests fail at once with [`ClientError::Closed`].
     pub(crate) fn detach(&self) {
         self.link().commands = None;
+        self.changes.send_replace(());
+    }
+
+    /// The connection task ended: no connection will come back.
+    fn end(&self) {
+        let mut link = self.link();
+        link.commands = None;
+        link.ended = true;
+        drop(link);
+        self.changes.send_replace(());
     }
 
     fn link(&self) -> MutexGuard<'_, Link> {
@@ -110,27 +225,97 @@ impl Client {
     ) -> Result<Client, ClientError> {
         config.validate().map_err(ClientError::Config)?;
         let user = User { id: config.user_id, name: config.user_name.clone() };
-        let link = Mutex::new(Link { commands: None, node_id: String::new(), user });
-        let inner = Arc::new(Inner { config, handler, ids: RequestIds::new(), link });
+        let link =
+            Mutex::new(Link { commands: None, node_id: String::new(), user, generation: 0, ended: false });
+        let inner = Arc::new(Inner {
+            config,
+            handler,
+            ids: RequestIds::new(),
+            deliveries: Deliveries::default(),
+            msg_ids: ClientMsgIds::new(),
+            link,
+            changes: watch::Sender::new(()),
+        });
         let established = supervisor::establish(&inner).await?;
         let commands = inner.attach(&established.node_id);
         let shutdown = CancellationToken::new();
-        let task =
-            tokio::spawn(supervisor::supervise(inner.clone(), established, commands, shutdown.clone()));
+        let task = tokio::spawn({
+            let inner = inner.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                supervisor::supervise(inner.clone(), established, commands, shutdown).await;
+                inner.end();
+            }
+        });
         Ok(Client { inner, shutdown, task: Some(task) })
     }
 
-    /// Sends `text` to user `to`; returns the server-assigned message id.
-    pub async fn send_private(&self, to: u64, text: impl Into<String>) -> Result<u64, ClientError> {
-        let answer = self.request(Body::PrivateSend { to, text: text.into() }).await?;
-        expect_ack(answer)
+    /// Sends `text` to user `to`; returns the server-assigned message id, and whether `to`
+    /// was offline (the message is then stored and delivered at their next login).
+    ///
+    /// The send carries a new client_msg_id; if the connection drops before the answer, the
+    /// client resends it with that id once it is logged in again, so the message is stored
+    /// once. If that does not work out in time, the error is [`ClientError::Unconfirmed`]
+    /// with the id: retry with [`Client::send_private_with_id`].
+    pub async fn send_private(&self, to: u64, text: impl Into<String>) -> Result<Sent, ClientError> {
+        self.send_private_with_id(to, text, self.new_client_msg_id()).await
+    }
+
+    /// [`Client::send_private`] with a client_msg_id of the caller's (at most 64 bytes): a
+    /// send with the id of one the server already accepted (within its de-dup window) is
+    /// answered with the first message id, and nothing is stored again.
+    pub async fn send_private_with_id(
+        &self,
+        to: u64,
+        text: impl Into<String>,
+        client_msg_id: impl Into<String>,
+    ) -> Result<Sent, ClientError> {
+        let client_msg_id = client_msg_id.into();
+        let body = Body::PrivateSend { to, text: text.into(), client_msg_id: client_msg_id.clone() };
+        self.check_size(&body)?;
+        self.inner.send(body, client_msg_id).await
     }
 
     /// Sends `text` to the group (by default every other online user); returns the
-    /// server-assigned message id.
-    pub async fn send_group(&self, text: impl Into<String>) -> Result<u64, ClientError> {
-        let answer = self.request(Body::GroupSend { text: text.into() }).await?;
-        expect_ack(answer)
+    /// server-assigned message id. Resent like [`Client::send_private`].
+    pub async fn send_group(&self, text: impl Into<String>) -> Result<Sent, ClientError> {
+        self.send_group_with_id(text, self.new_client_msg_id()).await
+    }
+
+    /// [`Client::send_group`] with a client_msg_id of the caller's.
+    pub async fn send_group_with_id(
+        &self,
+        text: impl Into<String>,
+        client_msg_id: impl Into<String>,
+    ) -> Result<Sent, ClientError> {
+        let client_msg_id = client_msg_id.into();
+        let body = Body::GroupSend { text: text.into(), client_msg_id: client_msg_id.clone() };
+        self.check_size(&body)?;
+        self.inner.send(body, client_msg_id).await
+    }
+
+    /// A client_msg_id no other send of this process carries (a random prefix and a counter).
+    pub fn new_client_msg_id(&self) -> String {
+        self.inner.msg_ids.next()
+    }
+
+    /// Deliveries dropped because their message had been delivered before (typically
+    /// replayed after a reconnect, before the last ack reached the server).
+    pub fn duplicates_dropped(&self) -> u64 {
+        self.inner.deliveries.duplicates_dropped()
+    }
+
+    /// The newest `limit` messages of our history in `stream`, from the route API
+    /// (`GET /history/<id>`), with our token when we have one.
+    pub async fn history(&self, stream: HistoryStream, limit: usize) -> Result<History, ClientError> {
+        let token = supervisor::fresh_token(&self.inner).await?;
+        let route = self.inner.config.route.split(',').map(str::trim).find(|u| !u.is_empty());
+        let route = route.ok_or_else(|| ClientError::Config("no route URL given".into()))?;
+        let within = self.inner.config.request_timeout;
+        let fetch = history::fetch(route, self.user_id(), stream, limit, token.as_deref());
+        tokio::time::timeout(within, fetch)
+            .await
+            .map_err(|_| ClientError::Timeout { what: "history", after: within })?
     }
 
     /// The users online now, as the server's online-list handler reports them.
@@ -186,7 +371,7 @@ impl Client {
     fn check_size(&self, body: &Body) -> Result<(), ClientError> {
         let max = self.inner.config.max_frame;
         let text = match body {
-            Body::PrivateSend { text, .. } | Body::GroupSend { text } => text,
+            Body::PrivateSend { text, .. } | Body::GroupSend { text, .. } => text,
             _ => return Ok(()),
         };
         // The envelope adds a few dozen bytes at most; encode only when it could matter.
@@ -209,12 +394,38 @@ impl Drop for Client {
 
 /// The message id of an ACK; an ERROR (a refusal, a rate limit...) as its typed error.
 pub(crate) fn expect_ack(answer: Body) -> Result<u64, ClientError> {
+    expect_sent(answer).map(|(message_id, _)| message_id)
+}
+
+/// The message id and `stored` of an ACK; an ERROR as its typed error.
+fn expect_sent(answer: Body) -> Result<(u64, bool), ClientError> {
     match answer {
-        Body::Ack { message_id } => Ok(message_id),
+        Body::Ack { message_id, stored, .. } => Ok((message_id, stored)),
         Body::Error { code, message, retry_after_ms } => {
             Err(ClientError::from_error(code, message, retry_after_ms))
         }
         other => Err(unexpected("ack", &other)),
+    }
+}
+
+/// Hands out client_msg_ids: a random 64-bit prefix per process, then a counter (hex).
+#[derive(Debug)]
+struct ClientMsgIds {
+    prefix: u64,
+    next: AtomicU64,
+}
+
+impl ClientMsgIds {
+    fn new() -> Self {
+        // No `rand` needed: time, process id and an address, mixed.
+        let mut seed = crate::backoff::Backoff::seed_for(u64::from(std::process::id()));
+        let here = &seed as *const u64 as u64;
+        seed ^= here.rotate_left(17);
+        ClientMsgIds { prefix: crate::backoff::splitmix64(&mut seed), next: AtomicU64::new(1) }
+    }
+
+    fn next(&self) -> String {
+        format!("{:016x}-{:x}", self.prefix, self.next.fetch_add(1, Ordering::Relaxed))
     }
 }
 
@@ -223,258 +434,4 @@ fn unexpected(expected: &str, got: &Body) -> ClientError {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{ReconnectPolicy, Transport};
-    use crate::handler::ClientEvent;
-    use crate::test_support::{FakeNode, FakeRoute, Recorder, delivery, next_frame};
-    use cim_proto::ErrorCode;
-    use futures_util::{SinkExt, StreamExt};
-    use std::time::Duration;
-
-    fn config(route: &FakeRoute, transport: Transport) -> ClientConfig {
-        let mut config = ClientConfig::new(route.url.clone(), 1, "alice");
-        config.transport = transport;
-        config.request_timeout = Duration::from_secs(5);
-        config.reconnect = ReconnectPolicy {
-            max_attempts: Some(5),
-            initial_delay: Duration::from_millis(20),
-            max_delay: Duration::from_millis(100),
-        };
-        config
-    }
-
-    async fn login_and_chat(transport: Transport) {
-        let mut node = FakeNode::start(transport == Transport::WebSocket).await;
-        let route = FakeRoute::start(vec![node.route_answer("node-1")]).await;
-        let recorder = Arc::new(Recorder::default());
-        let (client, (mut sink, mut stream, login)) = tokio::join!(
-            Client::login(config(&route, transport), recorder.clone()),
-            node.accept_login("node-1"),
-        );
-        let client = client.unwrap();
-        assert_eq!(login.body, Body::Login { user_id: 1, user_name: "alice".into(), token: String::new() });
-        assert_eq!((client.node_id(), client.user_id()), ("node-1".to_owned(), 1));
-        assert!(client.is_connected());
-
-        // A private send is acknowledged with its message id.
-        let (sent, ()) = tokio::join!(client.send_private(2, "hi bob"), async {
-            let frame = next_frame(&mut stream).await;
-            assert_eq!(frame.body, Body::PrivateSend { to: 2, text: "hi bob".into() });
-            assert_ne!(frame.request_id, login.request_id);
-            sink.send(Frame::new(frame.request_id, Body::Ack { message_id: 77 })).await.unwrap();
-        });
-        assert_eq!(sent.unwrap(), 77);
-
-        // An ERROR answer becomes a typed error.
-        let (sent, ()) = tokio::join!(client.send_private(9, "anyone?"), async {
-            let frame = next_frame(&mut stream).await;
-            let error = Frame::error(frame.request_id, ErrorCode::UserOffline, "user 9 is not online");
-            sink.send(error).await.unwrap();
-        });
-        match sent {
-            Err(ClientError::Server { code: ErrorCode::UserOffline, message }) => {
-                assert_eq!(message, "user 9 is not online");
-            }
-            other => panic!("expected UserOffline, got {other:?}"),
-        }
-
-        let users = vec![User { id: 1, name: "alice".into() }, User { id: 2, name: "bob".into() }];
-        let (online, ()) = tokio::join!(client.online_users(), async {
-            let frame = next_frame(&mut stream).await;
-            assert_eq!(frame.body, Body::OnlineRequest);
-            let answer = Body::OnlineResponse { users: users.clone() };
-            sink.send(Frame::new(frame.request_id, answer)).await.unwrap();
-        });
-        assert_eq!(online.unwrap(), users);
-
-        let (sent, ()) = tokio::join!(client.send_group("hi all"), async {
-            let frame = next_frame(&mut stream).await;
-            assert_eq!(frame.body, Body::GroupSend { text: "hi all".into() });
-            sink.send(Frame::new(frame.request_id, Body::Ack { message_id: 78 })).await.unwrap();
-        });
-        assert_eq!(sent.unwrap(), 78);
-
-        sink.send(Frame::push(Body::Delivery(delivery(2, "hello alice")))).await.unwrap();
-        recorder.wait_for_deliveries(1).await;
-        assert_eq!(recorder.deliveries(), vec![delivery(2, "hello alice")]);
-
-        client.close().await;
-        assert!(stream.next().await.is_none(), "close ends the connection");
-        assert!(recorder.events().is_empty(), "a requested close is no event");
-        let request = route.requests().remove(0);
-        assert!(request.contains(r#""user_id":1"#), "{request}");
-    }
-
-    #[tokio::test]
-    async fn login_send_receive_and_close_over_tcp() {
-        login_and_chat(Transport::Tcp).await;
-    }
-
-    #[tokio::test]
-    async fn login_send_receive_and_close_over_websocket() {
-        login_and_chat(Transport::WebSocket).await;
-    }
-
-    #[tokio::test]
-    async fn duplicate_login_from_the_route_or_the_node_is_an_error() {
-        let route = FakeRoute::start(vec![(
-            409,
-            r#"{"error":"duplicate_login","message":"user 1 is already online"}"#.into(),
-        )])
-        .await;
-        let result = Client::login(config(&route, Transport::Tcp), Arc::new(Recorder::default()));
-        assert!(matches!(result.await, Err(ClientError::DuplicateLogin(_))));
-
-        let mut node = FakeNode::start(false).await;
-        route.answer(vec![node.route_answer("node-1")]);
-        let login = Client::login(config(&route, Transport::Tcp), Arc::new(Recorder::default()));
-        let (result, ()) = tokio::join!(login, async {
-            let (mut sink, mut stream) = node.accept().await;
-            let frame = next_frame(&mut stream).await;
-            let error = Frame::error(frame.request_id, ErrorCode::DuplicateLogin, "online");
-            sink.send(error).await.unwrap();
-        });
-        assert!(matches!(result, Err(ClientError::DuplicateLogin(m)) if m == "online"));
-    }
-
-    #[tokio::test]
-    async fn a_lost_connection_is_re_established_even_through_a_duplicate_login() {
-        let mut node = FakeNode::start(false).await;
-        let route = FakeRoute::start(vec![node.route_answer("node-1")]).await;
-        let recorder = Arc::new(Recorder::default());
-        let (client, (sink, stream, _)) = tokio::join!(
-            Client::login(config(&route, Transport::Tcp), recorder.clone()),
-            node.accept_login("node-1"),
-        );
-        let client = client.unwrap();
-
-        // The server still lists the user for a moment after the drop.
-        route.answer(vec![
-            (409, r#"{"error":"duplicate_login","message":"still online"}"#.into()),
-            node.route_answer("node-2"),
-        ]);
-        drop((sink, stream));
-        recorder.wait_for_events(|e| !e.is_empty()).await;
-        assert!(matches!(client.send_group("lost?").await, Err(ClientError::Closed)));
-
-        let (mut sink, mut stream, _) = node.accept_login("node-2").await;
-        recorder.wait_for_events(|e| e.iter().any(|e| matches!(e, ClientEvent::Reconnected { .. }))).await;
-        let events = recorder.events();
-        assert!(matches!(&events[0], ClientEvent::Reconnecting { attempt: 1, .. }), "{events:?}");
-        assert!(
-            matches!(&events[1], ClientEvent::Reconnecting { attempt: 2, reason } if reason.contains("still online")),
-            "{events:?}"
-        );
-        assert_eq!(events[2], ClientEvent::Reconnected { node_id: "node-2".into() });
-        assert_eq!(client.node_id(), "node-2");
-        assert_eq!(route.requests().len(), 3);
-
-        let (sent, ()) = tokio::join!(client.send_group("back"), async {
-            let frame = next_frame(&mut stream).await;
-            sink.send(Frame::new(frame.request_id, Body::Ack { message_id: 5 })).await.unwrap();
-        });
-        assert_eq!(sent.unwrap(), 5);
-        client.close().await;
-    }
-
-    #[tokio::test]
-    async fn a_kick_is_final() {
-        let mut node = FakeNode::start(false).await;
-        let route = FakeRoute::start(vec![node.route_answer("node-1")]).await;
-        let recorder = Arc::new(Recorder::default());
-        let (client, (mut sink, _stream, _)) = tokio::join!(
-            Client::login(config(&route, Transport::Tcp), recorder.clone()),
-            node.accept_login("node-1"),
-        );
-        let client = client.unwrap();
-        let kick = Body::Kick { code: ErrorCode::DuplicateLogin, reason: "logged in elsewhere".into() };
-        sink.send(Frame::push(kick)).await.unwrap();
-        recorder.wait_for_events(|e| !e.is_empty()).await;
-        assert_eq!(
-            recorder.events(),
-            vec![ClientEvent::Kicked {
-                code: ErrorCode::DuplicateLogin,
-                reason: "logged in elsewhere".into()
-            }]
-        );
-        assert!(!client.is_connected());
-        assert!(matches!(client.send_group("x").await, Err(ClientError::Closed)));
-        assert_eq!(route.requests().len(), 1, "no reconnect after a kick");
-    }
-
-    #[tokio::test]
-    async fn a_node_shutting_down_is_not_final() {
-        let mut node = FakeNode::start(false).await;
-        let route = FakeRoute::start(vec![node.route_answer("node-1")]).await;
-        let recorder = Arc::new(Recorder::default());
-        let (client, (mut sink, _stream, _)) = tokio::join!(
-            Client::login(config(&route, Transport::Tcp), recorder.clone()),
-            node.accept_login("node-1"),
-        );
-        let client = client.unwrap();
-        let kick = Body::Kick { code: ErrorCode::Unavailable, reason: "shutting down".into() };
-        sink.send(Frame::push(kick)).await.unwrap();
-        let _connection = node.accept_login("node-1").await;
-        recorder.wait_for_events(|e| e.iter().any(|e| matches!(e, ClientEvent::Reconnected { .. }))).await;
-        let events = recorder.events();
-        assert!(
-            matches!(&events[0], ClientEvent::Reconnecting { attempt: 1, reason } if reason.contains("shutting down")),
-            "{events:?}"
-        );
-        assert!(client.is_connected());
-        client.close().await;
-    }
-
-    #[tokio::test]
-    async fn reconnecting_gives_up_after_the_configured_attempts() {
-        let mut node = FakeNode::start(false).await;
-        let route = FakeRoute::start(vec![node.route_answer("node-1")]).await;
-        let recorder = Arc::new(Recorder::default());
-        let mut config = config(&route, Transport::Tcp);
-        config.reconnect.max_attempts = Some(2);
-        let (client, connection) =
-            tokio::join!(Client::login(config, recorder.clone()), node.accept_login("node-1"));
-        let _client = client.unwrap();
-        route.answer(vec![(503, r#"{"error":"unavailable","message":"store down"}"#.into())]);
-        drop(connection);
-        recorder.wait_for_events(|e| e.iter().any(|e| matches!(e, ClientEvent::Disconnected { .. }))).await;
-        let events = recorder.events();
-        assert_eq!(events.len(), 3, "{events:?}");
-        assert!(
-            matches!(&events[2], ClientEvent::Disconnected { reason }
-                if reason.contains("gave up after 2") && reason.contains("store down")),
-            "{events:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn oversized_messages_are_refused_before_sending() {
-        let mut node = FakeNode::start(false).await;
-        let route = FakeRoute::start(vec![node.route_answer("node-1")]).await;
-        let mut config = config(&route, Transport::Tcp);
-        config.max_frame = 100;
-        let (client, _connection) =
-            tokio::join!(Client::login(config, Arc::new(Recorder::default())), node.accept_login("node-1"),);
-        let client = client.unwrap();
-        let result = client.send_group("x".repeat(100)).await;
-        assert!(matches!(result, Err(ClientError::TooLarge { max: 100, .. })), "{result:?}");
-        assert!(client.is_connected());
-    }
-
-    #[test]
-    fn the_client_can_be_shared_between_tasks() {
-        fn shared<T: Send + Sync + 'static>() {}
-        shared::<Client>();
-    }
-
-    #[tokio::test]
-    async fn bad_configuration_is_refused() {
-        let route = FakeRoute::start(vec![]).await;
-        let mut config = config(&route, Transport::Tcp);
-        config.user_id = 0;
-        let result = Client::login(config, Arc::new(Recorder::default())).await;
-        assert!(matches!(result, Err(ClientError::Config(m)) if m.contains("user_id")));
-        assert!(route.requests().is_empty());
-    }
-}
+mod tests;

@@ -27,13 +27,35 @@ pub struct ReconnectPolicy {
     pub max_delay: Duration,
 }
 
+/// The default reconnect budget has to outlast the server's idle timeout (three heartbeat
+/// intervals, 180 s with the default 60 s): a connection that died silently keeps the user
+/// "online" on the server until then, and logins are refused as duplicates meanwhile.
 impl Default for ReconnectPolicy {
     fn default() -> Self {
         ReconnectPolicy {
-            max_attempts: Some(20),
+            max_attempts: Some(DEFAULT_RECONNECT_ATTEMPTS),
             initial_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(5),
+            max_delay: Duration::from_secs(10),
         }
+    }
+}
+
+/// Attempts of the default policy: with its delays (100 ms doubling to 10 s, each drawn
+/// from the upper half), at least 221 s and at most 443 s of waiting in all.
+pub const DEFAULT_RECONNECT_ATTEMPTS: u32 = 50;
+
+impl ReconnectPolicy {
+    /// The least total time the delays before all `max_attempts` attempts add up to (the
+    /// jitter never goes below half of each delay); `None` when it never gives up.
+    pub fn min_budget(&self) -> Option<Duration> {
+        let attempts = self.max_attempts?;
+        let mut total = Duration::ZERO;
+        let mut ceiling = self.initial_delay.min(self.max_delay);
+        for _ in 0..attempts {
+            total = total.saturating_add(ceiling / 2);
+            ceiling = ceiling.saturating_mul(2).min(self.max_delay);
+        }
+        Some(total)
     }
 }
 
@@ -126,6 +148,11 @@ mod tests {
     fn defaults_are_valid() {
         let config = ClientConfig::new("http://127.0.0.1:8080", 1, "alice");
         assert_eq!(config.heartbeat, Duration::from_secs(60));
+        // Longer than the server's idle timeout (3 heartbeats), so that a client whose
+        // connection died silently is still trying when the server lets its user go.
+        let budget = config.reconnect.min_budget().unwrap();
+        assert!(budget > 3 * DEFAULT_HEARTBEAT, "{budget:?}");
+        assert_eq!(budget.as_secs(), 221);
         assert_eq!(config.transport, Transport::Tcp);
         assert_eq!(config.validate(), Ok(()));
     }

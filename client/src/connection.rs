@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use cim_proto::{Body, ErrorCode, Frame, User};
+use cim_proto::{Body, Delivery, ErrorCode, Frame, MessageKind, User};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
-use tokio::time::timeout;
+use tokio::time::{Instant, MissedTickBehavior, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery::{ACK_INTERVAL, Deliveries};
 use crate::error::ClientError;
 use crate::handler::MessageHandler;
 use crate::pending::{Pending, Reply, RequestIds};
@@ -60,21 +61,34 @@ impl std::fmt::Debug for Identity<'_> {
     }
 }
 
-/// Sends LOGIN and waits (at most `deadline`) for its answer.
+/// Hands `delivery` to the handler unless its message was delivered before.
+fn deliver(deliveries: &Deliveries, handler: &dyn MessageHandler, delivery: &Delivery) {
+    if deliveries.accept(delivery) {
+        handler.on_delivery(delivery);
+    }
+}
+
+/// Sends LOGIN (resuming from the positions acknowledged so far, with the last resume token)
+/// and waits (at most `deadline`) for its answer. Tells the handler about messages the
+/// server no longer kept.
 pub(crate) async fn handshake(
     sink: &mut FrameSink,
     stream: &mut FrameStream,
     request_id: u64,
     who: Identity<'_>,
     deadline: Duration,
+    deliveries: &Deliveries,
     handler: &dyn MessageHandler,
 ) -> Result<LoginAccepted, ClientError> {
     let exchange = async {
-        let login = Body::Login {
+        let (resume_from, resume_token) = deliveries.resume();
+        let login = Body::Login(cim_proto::Login {
             user_id: who.user_id,
             user_name: who.user_name.to_owned(),
             token: who.token.to_owned(),
-        };
+            resume_from,
+            resume_token,
+        });
         sink.send(Frame::new(request_id, login)).await?;
         loop {
             let frame = match stream.next().await {
@@ -93,7 +107,24 @@ pub(crate) async fn handshake(
             };
             let ours = frame.request_id == request_id;
             match frame.body {
-                Body::LoginAck { node_id, heartbeat_secs, user, token_expires_at_ms } if ours => {
+                Body::LoginAck(cim_proto::LoginAck {
+                    node_id,
+                    heartbeat_secs,
+                    user,
+                    token_expires_at_ms,
+                    resume_from,
+                    missed_inbox,
+                    missed_group,
+                    resume_token,
+                }) if ours => {
+                    deliveries.logged_in(resume_from, &resume_token);
+                    for (missed, kind) in
+                        [(missed_inbox, MessageKind::Private), (missed_group, MessageKind::Group)]
+                    {
+                        if missed {
+                            handler.on_missed(kind);
+                        }
+                    }
                     return Ok(LoginAccepted { node_id, heartbeat_secs, user, token_expires_at_ms });
                 }
                 Body::Error { code, message, retry_after_ms } if ours || frame.request_id == 0 => {
@@ -101,7 +132,7 @@ pub(crate) async fn handshake(
                 }
                 Body::Kick { code, reason } => return Err(ClientError::from_server(code, reason)),
                 // A message is never dropped, even if it arrives earlier than expected.
-                Body::Delivery(delivery) => handler.on_delivery(&delivery),
+                Body::Delivery(delivery) => deliver(deliveries, handler, &delivery),
                 other => {
                     return Err(ClientError::Protocol(format!(
                         "expected login_ack for request {request_id}, got {} for request {}",
@@ -131,14 +162,16 @@ pub(crate) enum End {
 pub(crate) struct Connection<'a> {
     pub(crate) ids: &'a RequestIds,
     pub(crate) handler: &'a dyn MessageHandler,
+    pub(crate) deliveries: &'a Deliveries,
     /// PING when nothing was sent for this long; dead when nothing was received for
     /// [`DEAD_AFTER_HEARTBEATS`] times this long.
     pub(crate) heartbeat: Duration,
 }
 
 impl Connection<'_> {
-    /// Serves the connection until it ends; then closes the socket. Requests still waiting
-    /// for an answer, and those still queued in `commands`, fail as closed.
+    /// Serves the connection until it ends; then closes the socket (after acknowledging
+    /// everything received, on a requested close). Requests still waiting for an answer, and
+    /// those still queued in `commands`, fail as closed.
     pub(crate) async fn run(
         &self,
         mut sink: FrameSink,
@@ -153,6 +186,12 @@ impl Connection<'_> {
             end = self.read(&mut stream, &pending) => end,
             end = self.write(&mut sink, commands, &pending) => end,
         };
+        if end == End::Shutdown
+            && let Some(received) = self.deliveries.flush()
+            && timeout(CLOSE_GRACE, sink.send(ack(received))).await.is_err()
+        {
+            tracing::debug!("acknowledging at close timed out");
+        }
         if timeout(CLOSE_GRACE, sink.close()).await.is_err() {
             tracing::debug!("closing the connection timed out");
         }
@@ -165,18 +204,28 @@ impl Connection<'_> {
         mut commands: mpsc::Receiver<Command>,
         pending: &Pending,
     ) -> End {
+        // PING when nothing was sent until then.
+        let mut idle_at = Instant::now() + self.heartbeat;
+        let mut acks = tokio::time::interval_at(Instant::now() + ACK_INTERVAL, ACK_INTERVAL);
+        acks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            let frame = match timeout(self.heartbeat, commands.recv()).await {
-                Ok(Some(Command { body, reply })) => {
-                    if reply.is_closed() {
-                        continue; // the caller gave up while the request was queued
+            let frame = tokio::select! {
+                command = commands.recv() => match command {
+                    Some(Command { body, reply }) => {
+                        if reply.is_closed() {
+                            continue; // the caller gave up while the request was queued
+                        }
+                        let request_id = self.ids.next();
+                        pending.insert(request_id, reply);
+                        Frame::new(request_id, body)
                     }
-                    let request_id = self.ids.next();
-                    pending.insert(request_id, reply);
-                    Frame::new(request_id, body)
-                }
-                Ok(None) => return End::Shutdown,
-                Err(_) => {
+                    None => return End::Shutdown,
+                },
+                _ = acks.tick() => match self.deliveries.tick() {
+                    Some(received) => ack(received),
+                    None => continue,
+                },
+                () = sleep_until(idle_at) => {
                     pending.prune();
                     Frame::new(self.ids.next(), Body::Ping)
                 }
@@ -185,6 +234,7 @@ impl Connection<'_> {
             if let Err(e) = sink.send(frame).await {
                 return End::Lost(format!("sending {kind} failed: {e}"));
             }
+            idle_at = Instant::now() + self.heartbeat;
         }
     }
 
@@ -202,7 +252,7 @@ impl Connection<'_> {
                 Ok(Some(Ok(Ok(frame)))) => frame,
             };
             match frame.body {
-                Body::Delivery(delivery) => self.handler.on_delivery(&delivery),
+                Body::Delivery(delivery) => deliver(self.deliveries, self.handler, &delivery),
                 Body::Kick { code, reason } => return End::Kicked { code, reason },
                 body if frame.request_id != 0 => {
                     let kind = body.kind_name();
@@ -220,217 +270,10 @@ impl Connection<'_> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::test_support::{Recorder, delivery, next_frame};
-    use crate::transport::framed;
-    use std::sync::Arc;
-    use tokio::sync::oneshot;
-    use tokio::time::Instant;
-
-    const MAX: usize = cim_proto::DEFAULT_MAX_FRAME;
-    const ALICE: Identity<'static> = Identity { user_id: 1, user_name: "alice", token: "" };
-
-    /// A client end and a fake server end of an in-memory connection.
-    fn pipe() -> ((FrameSink, FrameStream), (FrameSink, FrameStream)) {
-        let (client, server) = tokio::io::duplex(64 * 1024);
-        (framed(client, MAX), framed(server, MAX))
-    }
-
-    #[tokio::test]
-    async fn login_ack_completes_the_handshake() {
-        let ((mut sink, mut stream), (mut server_sink, mut server_stream)) = pipe();
-        let server = tokio::spawn(async move {
-            let login = next_frame(&mut server_stream).await;
-            assert_eq!(
-                login.body,
-                Body::Login { user_id: 1, user_name: "alice".into(), token: String::new() }
-            );
-            let ack = Body::LoginAck {
-                node_id: "node-1".into(),
-                heartbeat_secs: 30,
-                user: cim_proto::User { id: 1, name: "alice".into() },
-                token_expires_at_ms: 0,
-            };
-            server_sink.send(Frame::new(login.request_id, ack)).await.unwrap();
-        });
-        let recorder = Recorder::default();
-        let accepted = handshake(&mut sink, &mut stream, 7, ALICE, Duration::from_secs(5), &recorder).await;
-        let accepted = accepted.unwrap();
-        assert_eq!((accepted.node_id.as_str(), accepted.heartbeat_secs), ("node-1", 30));
-        assert_eq!(accepted.user, cim_proto::User { id: 1, name: "alice".into() });
-        server.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn duplicate_login_is_reported_as_such() {
-        let ((mut sink, mut stream), (mut server_sink, mut server_stream)) = pipe();
-        tokio::spawn(async move {
-            let login = next_frame(&mut server_stream).await;
-            let error = Frame::error(login.request_id, ErrorCode::DuplicateLogin, "already online");
-            server_sink.send(error).await.unwrap();
-        });
-        let recorder = Recorder::default();
-        match handshake(&mut sink, &mut stream, 7, ALICE, Duration::from_secs(5), &recorder).await {
-            Err(ClientError::DuplicateLogin(m)) => assert_eq!(m, "already online"),
-            other => panic!("expected DuplicateLogin, got {other:?}"),
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_silent_server_times_the_login_out() {
-        let ((mut sink, mut stream), server) = pipe();
-        let recorder = Recorder::default();
-        let result = handshake(&mut sink, &mut stream, 7, ALICE, Duration::from_secs(5), &recorder).await;
-        assert!(matches!(result, Err(ClientError::Timeout { what: "login", .. })), "{result:?}");
-        drop(server);
-    }
-
-    #[tokio::test]
-    async fn a_server_that_hangs_up_fails_the_login() {
-        let ((mut sink, mut stream), server) = pipe();
-        drop(server);
-        let recorder = Recorder::default();
-        let result = handshake(&mut sink, &mut stream, 7, ALICE, Duration::from_secs(5), &recorder).await;
-        assert!(matches!(result, Err(ClientError::Io(_))), "{result:?}");
-    }
-
-    /// Starts [`Connection::run`] on the client end; returns the command queue, the
-    /// shutdown token, the recorder and the task.
-    fn start(
-        client: (FrameSink, FrameStream),
-        heartbeat: Duration,
-    ) -> (mpsc::Sender<Command>, CancellationToken, Arc<Recorder>, tokio::task::JoinHandle<End>) {
-        let (tx, rx) = mpsc::channel(8);
-        let shutdown = CancellationToken::new();
-        let recorder = Arc::new(Recorder::default());
-        let task = tokio::spawn({
-            let shutdown = shutdown.clone();
-            let recorder = recorder.clone();
-            async move {
-                let ids = RequestIds::new();
-                let connection = Connection { ids: &ids, handler: &*recorder, heartbeat };
-                connection.run(client.0, client.1, rx, &shutdown).await
-            }
-        });
-        (tx, shutdown, recorder, task)
-    }
-
-    async fn request(tx: &mpsc::Sender<Command>, body: Body) -> oneshot::Receiver<Body> {
-        let (reply, answer) = oneshot::channel();
-        tx.send(Command { body, reply }).await.unwrap();
-        answer
-    }
-
-    #[tokio::test]
-    async fn answers_reach_their_requests_and_deliveries_the_handler() {
-        let (client, (mut server_sink, mut server_stream)) = pipe();
-        let (tx, shutdown, recorder, task) = start(client, Duration::from_secs(60));
-
-        let first = request(&tx, Body::PrivateSend { to: 2, text: "hi".into() }).await;
-        let second = request(&tx, Body::OnlineRequest).await;
-        let send = next_frame(&mut server_stream).await;
-        assert_eq!(send.body, Body::PrivateSend { to: 2, text: "hi".into() });
-        let online = next_frame(&mut server_stream).await;
-        assert_eq!(online.body, Body::OnlineRequest);
-        assert_ne!(send.request_id, online.request_id);
-
-        // Answers out of order, with a push in between.
-        let users = vec![cim_proto::User { id: 1, name: "alice".into() }];
-        server_sink
-            .send(Frame::new(online.request_id, Body::OnlineResponse { users: users.clone() }))
-            .await
-            .unwrap();
-        server_sink.send(Frame::push(Body::Delivery(delivery(2, "yo")))).await.unwrap();
-        server_sink.send(Frame::new(send.request_id, Body::Ack { message_id: 99 })).await.unwrap();
-
-        assert_eq!(second.await.unwrap(), Body::OnlineResponse { users });
-        assert_eq!(first.await.unwrap(), Body::Ack { message_id: 99 });
-        assert_eq!(recorder.deliveries(), vec![delivery(2, "yo")]);
-
-        shutdown.cancel();
-        assert_eq!(task.await.unwrap(), End::Shutdown);
-        assert!(server_stream.next().await.is_none(), "the socket is closed");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn idle_connections_ping_and_silent_ones_are_dead() {
-        let (client, (mut server_sink, mut server_stream)) = pipe();
-        let (_tx, _shutdown, _recorder, task) = start(client, Duration::from_secs(60));
-        let started = Instant::now();
-
-        let ping = next_frame(&mut server_stream).await;
-        assert_eq!(ping.body, Body::Ping);
-        assert_ne!(ping.request_id, 0);
-        assert_eq!(started.elapsed(), Duration::from_secs(60));
-        server_sink.send(Frame::new(ping.request_id, Body::Pong)).await.unwrap();
-
-        // From now on the server says nothing: dead 180 s after the PONG.
-        let end = task.await.unwrap();
-        assert!(matches!(&end, End::Lost(reason) if reason.contains("180s")), "{end:?}");
-        assert_eq!(started.elapsed(), Duration::from_secs(240));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn requests_postpone_the_ping() {
-        let (client, (_server_sink, mut server_stream)) = pipe();
-        let (tx, _shutdown, _recorder, _task) = start(client, Duration::from_secs(60));
-        let started = Instant::now();
-        tokio::time::sleep(Duration::from_secs(40)).await;
-        let _answer = request(&tx, Body::GroupSend { text: "hello".into() }).await;
-        assert_eq!(next_frame(&mut server_stream).await.body, Body::GroupSend { text: "hello".into() });
-        assert_eq!(next_frame(&mut server_stream).await.body, Body::Ping);
-        assert_eq!(started.elapsed(), Duration::from_secs(100));
-    }
-
-    #[tokio::test]
-    async fn a_kick_ends_the_connection_and_fails_waiting_requests() {
-        let (client, (mut server_sink, mut server_stream)) = pipe();
-        let (tx, _shutdown, _recorder, task) = start(client, Duration::from_secs(60));
-        let answer = request(&tx, Body::GroupSend { text: "x".into() }).await;
-        next_frame(&mut server_stream).await;
-        let kick = Body::Kick { code: ErrorCode::DuplicateLogin, reason: "logged in elsewhere".into() };
-        server_sink.send(Frame::push(kick)).await.unwrap();
-        assert_eq!(
-            task.await.unwrap(),
-            End::Kicked { code: ErrorCode::DuplicateLogin, reason: "logged in elsewhere".into() }
-        );
-        assert!(answer.await.is_err(), "the request fails as closed");
-    }
-
-    #[tokio::test]
-    async fn a_hang_up_is_a_lost_connection() {
-        let (client, (server_sink, mut server_stream)) = pipe();
-        let (tx, _shutdown, _recorder, task) = start(client, Duration::from_secs(60));
-        let answer = request(&tx, Body::OnlineRequest).await;
-        next_frame(&mut server_stream).await;
-        drop((server_sink, server_stream));
-        let end = task.await.unwrap();
-        assert!(matches!(end, End::Lost(_)), "{end:?}");
-        assert!(answer.await.is_err());
-    }
-
-    #[tokio::test]
-    async fn undecodable_frames_and_stray_answers_are_skipped() {
-        use cim_proto::codec::encode_delimited;
-        use tokio::io::AsyncWriteExt;
-
-        let (client, mut server) = tokio::io::duplex(4096);
-        let (tx, shutdown, recorder, task) = start(framed(client, MAX), Duration::from_secs(60));
-        let mut bytes = vec![3u8, 0xff, 0xff, 0xff]; // a well-delimited frame of garbage
-        bytes.extend(encode_delimited(Frame::new(12345, Body::Pong)));
-        let error = Body::Error { code: ErrorCode::BadFrame, message: "?".into(), retry_after_ms: 0 };
-        bytes.extend(encode_delimited(Frame::push(error)));
-        bytes.extend(encode_delimited(Frame::push(Body::Delivery(delivery(3, "after")))));
-        server.write_all(&bytes).await.unwrap();
-        while recorder.deliveries().is_empty() {
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(recorder.deliveries(), vec![delivery(3, "after")]);
-        assert!(!task.is_finished());
-        drop(tx);
-        shutdown.cancel();
-        assert_eq!(task.await.unwrap(), End::Shutdown);
-    }
+/// The ACK that tells the server what was received (a push: it is not answered).
+fn ack(received: cim_proto::Positions) -> Frame {
+    Frame::push(Body::Ack { message_id: 0, stored: false, received: Some(received) })
 }
+
+#[cfg(test)]
+mod tests;

@@ -49,6 +49,12 @@ pub enum ClientError {
     /// The connection is closed (or being re-established): the request was not answered.
     #[error("connection closed")]
     Closed,
+    /// A send went out, but the connection dropped before the server answered, and resending
+    /// it did not work out in time: it may or may not be stored. Retry with this id
+    /// ([`Client::send_private_with_id`](crate::Client::send_private_with_id)): the server
+    /// stores it at most once.
+    #[error("not confirmed: {reason} (retry with client_msg_id {client_msg_id})")]
+    Unconfirmed { client_msg_id: String, reason: String },
 }
 
 impl ClientError {
@@ -91,6 +97,7 @@ impl ClientError {
             | ClientError::Route(_)
             | ClientError::Io(_)
             | ClientError::Timeout { .. }
+            | ClientError::Unconfirmed { .. }
             | ClientError::Closed => true,
         }
     }

@@ -9,8 +9,10 @@ pub enum Input {
     Quit,
     /// `:olu`
     OnlineUsers,
-    /// `:all`
+    /// `:all` (or `:help`)
     Help,
+    /// `:history [N]`: the last N messages (None: the default count).
+    History(Option<usize>),
     /// `ID;;text`
     Private { to: u64, text: String },
     /// Any other line.
@@ -23,7 +25,8 @@ pub enum Input {
 pub const COMMANDS: &str = "\
 :q           quit
 :olu         list the online users (<id> <name>)
-:all         list these commands
+:all, :help  list these commands
+:history [N] show your last N messages (default 20), private and group, oldest first
 ID;;text     send text to user ID only
 text         send text to every online user";
 
@@ -35,8 +38,20 @@ pub fn parse_line(line: &str) -> Input {
         "" => return Input::Empty,
         ":q" => return Input::Quit,
         ":olu" => return Input::OnlineUsers,
-        ":all" => return Input::Help,
+        ":all" | ":help" => return Input::Help,
         _ => {}
+    }
+    if let Some(rest) = trimmed.strip_prefix(":history") {
+        match rest.trim() {
+            "" => return Input::History(None),
+            n if rest.starts_with(char::is_whitespace) => {
+                if let Ok(n @ 1..) = n.parse::<usize>() {
+                    return Input::History(Some(n));
+                }
+                return Input::Unknown(trimmed.to_owned());
+            }
+            _ => {}
+        }
     }
     if let Some(word) = trimmed.strip_prefix(':')
         && !word.is_empty()
@@ -61,7 +76,13 @@ mod tests {
         assert_eq!(parse_line(":q"), Input::Quit);
         assert_eq!(parse_line(" :olu \r"), Input::OnlineUsers);
         assert_eq!(parse_line(":all"), Input::Help);
+        assert_eq!(parse_line(":help"), Input::Help);
         assert_eq!(parse_line(":quit"), Input::Unknown(":quit".into()));
+        assert_eq!(parse_line(":history"), Input::History(None));
+        assert_eq!(parse_line(" :history 10 "), Input::History(Some(10)));
+        assert_eq!(parse_line(":history 0"), Input::Unknown(":history 0".into()));
+        assert_eq!(parse_line(":history ten"), Input::Unknown(":history ten".into()));
+        assert_eq!(parse_line(":historyx"), Input::Unknown(":historyx".into()));
         assert_eq!(parse_line(""), Input::Empty);
         assert_eq!(parse_line("   \r\n"), Input::Empty);
     }

@@ -23,11 +23,16 @@
 //! ```
 //!
 //! # Layout
-//! - [`client`]: [`Client`], the public handle (login, send, online list, close).
+//! - [`client`]: [`Client`], the public handle (login, send with a client_msg_id and resend
+//!   after a reconnect, online list, history, close).
 //! - `supervisor`: the connection task — establish (route login, connect, LOGIN), serve,
 //!   reconnect with backoff after an unrequested disconnect.
 //! - `connection`: one connection — the LOGIN handshake, then the writer (requests from a
 //!   bounded queue, heartbeat PINGs) and the reader (answers, deliveries, KICK).
+//! - `delivery`: what the client keeps across connections — positions received and
+//!   acknowledged (batched ACKs, a one-tick lag; LOGIN resumes from them), the resume token,
+//!   and recent message ids (each message reaches the handler once).
+//! - [`history`]: `GET /history/<id>` on the route API, and merging the two streams.
 //! - `pending`: request ids and the map of requests waiting for their answer.
 //! - `transport`: TCP (length-delimited frames) or WebSocket (one envelope per binary
 //!   message), both seen as a sink and a stream of frames.
@@ -43,8 +48,10 @@ mod backoff;
 pub mod client;
 pub mod config;
 mod connection;
+mod delivery;
 pub mod error;
 pub mod handler;
+pub mod history;
 pub mod input;
 mod pending;
 pub mod route;
@@ -56,9 +63,10 @@ mod transport;
 mod test_support;
 
 pub use cim_proto::{Delivery, ErrorCode, MessageKind, User};
-pub use client::Client;
+pub use client::{Client, Sent};
 pub use config::{ClientConfig, ReconnectPolicy, Transport};
 pub use error::ClientError;
 pub use handler::{ClientEvent, MessageHandler};
+pub use history::{History, HistoryMessage, HistoryStream};
 pub use route::RouteInfo;
 pub use token::{StaticToken, TokenProvider, token_fn};

@@ -116,9 +116,9 @@ mod tests {
         let (tx, mut rx) = oneshot::channel();
         pending.insert(5, tx);
         assert!(!pending.complete(6, Body::Pong));
-        assert!(pending.complete(5, Body::Ack { message_id: 9 }));
-        assert_eq!(rx.try_recv().unwrap(), Body::Ack { message_id: 9 });
-        assert!(!pending.complete(5, Body::Ack { message_id: 9 }));
+        assert!(pending.complete(5, Body::ack(9)));
+        assert_eq!(rx.try_recv().unwrap(), Body::ack(9));
+        assert!(!pending.complete(5, Body::ack(9)));
         assert_eq!(pending.len(), 0);
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderMap, RETRY_AFTER};
-use hyper::{Request, StatusCode, Uri};
+use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
@@ -121,7 +121,7 @@ fn or_code(message: String, code: &str) -> String {
 }
 
 /// At most 200 characters of a body, for error messages.
-fn snippet(body: &[u8]) -> String {
+pub(crate) fn snippet(body: &[u8]) -> String {
     String::from_utf8_lossy(body).chars().take(200).collect()
 }
 
@@ -132,7 +132,26 @@ async fn post_json(
     token: Option<&str>,
     body: Vec<u8>,
 ) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
-    let route_err = |what: String| ClientError::Route(format!("POST {url}: {what}"));
+    call(Method::POST, url, token, Some(body)).await
+}
+
+/// One `GET` (with a bearer token, if given) on a fresh connection; returns the status, the
+/// headers and the body.
+pub(crate) async fn get(
+    url: &str,
+    token: Option<&str>,
+) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
+    call(Method::GET, url, token, None).await
+}
+
+/// One request on a fresh connection: a JSON body when given, a bearer token when given.
+async fn call(
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
+    let route_err = |what: String| ClientError::Route(format!("{method} {url}: {what}"));
     let uri: Uri = url.parse().map_err(|e| route_err(format!("not a valid URL: {e}")))?;
     if uri.scheme_str() != Some("http") {
         return Err(route_err("only http:// route URLs are supported".into()));
@@ -153,12 +172,15 @@ async fn post_json(
         }
     });
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut request =
-        Request::post(path).header(HOST, authority.as_str()).header(CONTENT_TYPE, "application/json");
+    let mut request = Request::builder().method(method.clone()).uri(path).header(HOST, authority.as_str());
+    if body.is_some() {
+        request = request.header(CONTENT_TYPE, "application/json");
+    }
     if let Some(token) = token {
         request = request.header(AUTHORIZATION, format!("Bearer {token}"));
     }
-    let request = request.body(Full::new(Bytes::from(body))).map_err(|e| route_err(e.to_string()))?;
+    let body = Full::new(body.map(Bytes::from).unwrap_or_default());
+    let request = request.body(body).map_err(|e| route_err(e.to_string()))?;
     let response = sender.send_request(request).await.map_err(|e| route_err(e.to_string()))?;
     let status = response.status();
     let headers = response.headers().clone();

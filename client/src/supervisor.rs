@@ -65,7 +65,9 @@ pub(crate) async fn establish(inner: &Inner) -> Result<Established, ClientError>
         within("connect", after, transport::connect(config.transport, &route, config.max_frame)).await?;
     let user_id = if route.user_id != 0 { route.user_id } else { user_id };
     let who = Identity { user_id, user_name, token: token.as_deref().unwrap_or_default() };
-    let accepted = handshake(&mut sink, &mut stream, inner.ids.next(), who, after, &*inner.handler).await?;
+    let accepted =
+        handshake(&mut sink, &mut stream, inner.ids.next(), who, after, &inner.deliveries, &*inner.handler)
+            .await?;
     let node_id = if accepted.node_id.is_empty() { route.node_id } else { accepted.node_id };
     // The server's word on who we are wins; older servers leave it empty.
     let user = if accepted.user.id != 0 {
@@ -87,7 +89,7 @@ pub(crate) async fn establish(inner: &Inner) -> Result<Established, ClientError>
 }
 
 /// A token from the provider, within the request timeout; `None` without a provider.
-async fn fresh_token(inner: &Inner) -> Result<Option<String>, ClientError> {
+pub(crate) async fn fresh_token(inner: &Inner) -> Result<Option<String>, ClientError> {
     let Some(provider) = &inner.config.token else { return Ok(None) };
     let after = inner.config.request_timeout;
     let token =
@@ -186,8 +188,9 @@ async fn within<T>(
 
 /// The connection task: serves `established` (refreshing its token), and the connections
 /// that replace it, until a shutdown, a KICK, or reconnecting fails for good. A KICK with
-/// code `UNAVAILABLE` (the node is shutting down) or `TOKEN_EXPIRED` (the connection
-/// outlived its token) is treated as a lost connection: the next login gets a new token.
+/// code `SHUTTING_DOWN` (or `UNAVAILABLE` from older servers), `IDLE_TIMEOUT` or
+/// `TOKEN_EXPIRED` (the connection outlived its token) is treated as a lost connection: the
+/// next login gets a new token.
 pub(crate) async fn supervise(
     inner: Arc<Inner>,
     mut established: Established,
@@ -195,8 +198,12 @@ pub(crate) async fn supervise(
     shutdown: CancellationToken,
 ) {
     loop {
-        let connection =
-            Connection { ids: &inner.ids, handler: &*inner.handler, heartbeat: established.heartbeat };
+        let connection = Connection {
+            ids: &inner.ids,
+            handler: &*inner.handler,
+            deliveries: &inner.deliveries,
+            heartbeat: established.heartbeat,
+        };
         let end = tokio::select! {
             end = connection.run(established.sink, established.stream, commands, &shutdown) => end,
             never = keep_fresh(&inner, established.token_expires_at_ms) => match never {},
@@ -204,10 +211,18 @@ pub(crate) async fn supervise(
         inner.detach();
         let reason = match end {
             End::Shutdown => return,
-            // The node is going away (shutting down), not refusing us: another node
-            // (or the same one, restarted) will take us.
+            // The node is going away (shutting down; UNAVAILABLE from servers before
+            // SHUTTING_DOWN existed), not refusing us: another node (or the same one,
+            // restarted) will take us. Heartbeats missed (a suspended laptop): log in again.
             // The token ran out before a refresh got through: a new one may do.
-            End::Kicked { code: code @ (ErrorCode::Unavailable | ErrorCode::TokenExpired), reason } => {
+            End::Kicked {
+                code:
+                    code @ (ErrorCode::ShuttingDown
+                    | ErrorCode::Unavailable
+                    | ErrorCode::IdleTimeout
+                    | ErrorCode::TokenExpired),
+                reason,
+            } => {
                 format!("{reason} ({code})")
             }
             End::Kicked { code, reason } => {

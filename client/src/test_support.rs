@@ -68,6 +68,8 @@ pub(crate) fn delivery(from: u64, text: &str) -> Delivery {
         kind: MessageKind::Private,
         text: text.into(),
         timestamp_ms: 1_700_000_000_000,
+        position: 0,
+        replayed: false,
     }
 }
 
@@ -212,8 +214,14 @@ impl FakeNode {
     ) -> (FrameSink, FrameStream, Frame) {
         let (mut sink, mut stream) = self.accept().await;
         let login = next_frame(&mut stream).await;
-        assert!(matches!(login.body, Body::Login { .. }), "{login:?}");
-        let ack = Body::LoginAck { node_id: node_id.into(), heartbeat_secs: 60, user, token_expires_at_ms };
+        assert!(matches!(login.body, Body::Login(_)), "{login:?}");
+        let ack = Body::LoginAck(cim_proto::LoginAck {
+            node_id: node_id.into(),
+            heartbeat_secs: 60,
+            user,
+            token_expires_at_ms,
+            ..Default::default()
+        });
         sink.send(Frame::new(login.request_id, ack)).await.unwrap();
         (sink, stream, login)
     }

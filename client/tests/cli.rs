@@ -77,6 +77,15 @@ impl Cli {
     }
 }
 
+/// A send with its client_msg_id checked and removed.
+fn without_id(body: Body) -> Body {
+    match body {
+        Body::PrivateSend { to, text, client_msg_id } if !client_msg_id.is_empty() => Body::private(to, text),
+        Body::GroupSend { text, client_msg_id } if !client_msg_id.is_empty() => Body::group(text),
+        other => panic!("expected a send with a client_msg_id, got {other:?}"),
+    }
+}
+
 async fn next(conn: &mut Conn) -> Frame {
     timeout(PATIENCE, conn.next()).await.unwrap().unwrap().unwrap().unwrap()
 }
@@ -95,13 +104,13 @@ async fn accept_login(listener: &TcpListener) -> Conn {
     let (stream, _) = timeout(PATIENCE, listener.accept()).await.unwrap().unwrap();
     let mut conn = Framed::new(stream, FrameCodec::default());
     let login = next(&mut conn).await;
-    assert_eq!(login.body, Body::Login { user_id: 1, user_name: "alice".into(), token: String::new() });
-    let ack = Body::LoginAck {
+    assert_eq!(login.body, Body::login(1, "alice".into(), String::new()));
+    let ack = Body::LoginAck(cim_proto::LoginAck {
         node_id: "node-1".into(),
         heartbeat_secs: 60,
         user: cim_proto::User { id: 1, name: "alice".into() },
-        token_expires_at_ms: 0,
-    };
+        ..Default::default()
+    });
     conn.send(Frame::new(login.request_id, ack)).await.unwrap();
     conn
 }
@@ -117,8 +126,15 @@ async fn chat_through_a_pipe() {
     cli.type_line("").await;
     cli.type_line("2;;hi bob").await;
     let send = next(&mut conn).await;
-    assert_eq!(send.body, Body::PrivateSend { to: 2, text: "hi bob".into() });
-    conn.send(Frame::new(send.request_id, Body::Ack { message_id: 10 })).await.unwrap();
+    assert_eq!(without_id(send.body), Body::private(2, "hi bob".into()));
+    conn.send(Frame::new(send.request_id, Body::ack(10))).await.unwrap();
+
+    // To an offline user: stored, and the terminal says so.
+    cli.type_line("3;;see you").await;
+    let send = next(&mut conn).await;
+    let stored = Body::Ack { message_id: 11, stored: true, received: None };
+    conn.send(Frame::new(send.request_id, stored)).await.unwrap();
+    assert_eq!(cli.line().await, "(user 3 is offline: stored, delivered when they log in)");
 
     cli.type_line("9;;anyone?").await;
     let send = next(&mut conn).await;
@@ -136,16 +152,19 @@ async fn chat_through_a_pipe() {
 
     cli.type_line("hello all").await;
     let send = next(&mut conn).await;
-    assert_eq!(send.body, Body::GroupSend { text: "hello all".into() });
-    conn.send(Frame::new(send.request_id, Body::Ack { message_id: 11 })).await.unwrap();
+    assert_eq!(without_id(send.body), Body::group("hello all".into()));
+    conn.send(Frame::new(send.request_id, Body::ack(11))).await.unwrap();
 
-    for (kind, text) in [(MessageKind::Group, "hi alice"), (MessageKind::Private, "psst")] {
+    for (message_id, kind, text) in [(12, MessageKind::Group, "hi alice"), (13, MessageKind::Private, "psst")]
+    {
         let delivery = Delivery {
-            message_id: 12,
+            message_id,
             sender: User { id: 2, name: "bob".into() },
             kind,
             text: text.into(),
             timestamp_ms: 0,
+            position: 0,
+            replayed: false,
         };
         conn.send(Frame::push(Body::Delivery(delivery))).await.unwrap();
     }

@@ -46,6 +46,31 @@ pub struct Config {
     pub rate_limits: Arc<RateLimits>,
     /// Limits and browser rules of the HTTP listener(s).
     pub http: HttpConfig,
+    /// A private message to a user who is not connected is stored and delivered at their
+    /// next login; `false` refuses it (`USER_OFFLINE`), as CIM does.
+    pub offline_messages: bool,
+    /// What a LOGIN of a user who is already online does without a resume token.
+    pub duplicate_login: DuplicateLogin,
+}
+
+/// `--offline-messages`: store a private message for a receiver who is not connected, or
+/// refuse it (see [`Config::offline_messages`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OfflineMessages {
+    Store,
+    Refuse,
+}
+
+/// What a second login of an online user does (one with the session's resume token always
+/// takes it over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DuplicateLogin {
+    /// Refused with `DUPLICATE_LOGIN`: the first session keeps the user.
+    #[default]
+    Refuse,
+    /// With a verified user token, the new login takes over and the old session is kicked
+    /// (`REPLACED`). Without tokens (development mode) it is refused, as anyone could.
+    Replace,
 }
 
 /// The HTTP listener's limits, timeouts and browser rules.
@@ -103,6 +128,8 @@ impl Default for Config {
             auth: Auth::default(),
             rate_limits: Arc::new(RateLimits::default()),
             http: HttpConfig::default(),
+            offline_messages: true,
+            duplicate_login: DuplicateLogin::Refuse,
         }
     }
 }

@@ -394,8 +394,10 @@ mod tests {
             let redis = &redis;
             async move {
                 let redis_store = redis.store().await;
-                let shared =
-                    Shared { bus: Bus::new(&redis_store), store: Store::Redis(Arc::new(redis_store)) };
+                let shared = Shared {
+                    bus: Bus::new(&redis_store),
+                    store: Store::from_redis(Arc::new(redis_store), Default::default()),
+                };
                 let config = crate::runtime::RuntimeConfig { max_instances: 16, ..Default::default() };
                 let runtime = Arc::new(Runtime::new(config).expect("runtime"));
                 runtime.install_manifest(&manifest).await.expect("install the manifest");

@@ -23,11 +23,14 @@
 //!   instances, deadlines, memory caps, hot swap); [`manifest`]: spin.toml.
 //! - [`deploy`]: pushed component versions, persisted in the data directory;
 //!   [`http::admin`]: the admin HTTP API over it; [`push`]: its command-line client.
-//! - [`build`]: `cim-host build`, running the manifest's component build commands.
+//! - [`build`]: `cim-host build`, running the manifest's component build commands;
+//!   [`check`]: `cim-host check`, a push's verdict offline; [`wit`]: the WIT contract
+//!   bundled into the binary (`cim-host wit`).
 //! - [`node`]: wiring: bind, run, drain on shutdown.
 
 pub mod auth;
 pub mod build;
+pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod deploy;
@@ -44,6 +47,7 @@ pub mod runtime;
 pub mod session;
 pub mod store;
 pub mod transport;
+pub mod wit;
 
 pub use config::Config;
 pub use node::Node;

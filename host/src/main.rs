@@ -7,20 +7,16 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use cim_host::auth::{Auth, Secret, Verifier, token};
-use cim_host::cluster::{Cluster, Strategy};
-use cim_host::config::HttpConfig;
-use cim_host::deploy::{Deployments, Shared};
-use cim_host::handlers::Backend;
-use cim_host::http::admin::Admin;
-use cim_host::limits::{Rate, RateConfig, RateLimits};
+use cim_host::handlers::Event;
 use cim_host::manifest::Manifest;
-use cim_host::node::Services;
-use cim_host::runtime::{Runtime, RuntimeConfig};
-use cim_host::store::{Quota, Store};
-use cim_host::{Config, Node};
+use cim_host::runtime::RuntimeConfig;
 use clap::{Args, Parser, Subcommand};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
+
+#[path = "cli/up.rs"]
+mod up;
+use up::{UpArgs, pool_sizing};
 
 /// cim-host: a node of the cim instant-messaging system, whose business logic runs in
 /// hot-swappable WebAssembly components.
@@ -57,6 +53,29 @@ enum Command {
     /// Mint a user token (HS256) for trying cim out with authentication on. Prints only the
     /// token. In production, the operator's own login service issues tokens.
     Token(TokenArgs),
+    /// Write the WIT contract this host checks components against (the `cim:im` package)
+    /// into a directory, for building handlers outside this repository.
+    Wit {
+        /// Where to write the `.wit` files (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Tell whether a push of FILE for EVENT would be accepted, without a running host: the
+    /// same checks (world, imports, pools, memory cap) with the same flags, and the memory
+    /// headroom. Exits non-zero with the reason and its fix when it would be refused.
+    Check {
+        /// The component's .wasm file.
+        file: PathBuf,
+        /// The event it would handle: login, private, group, online or callback.
+        #[arg(long, value_parser = parse_event)]
+        event: Event,
+        /// The manifest whose limits and capabilities apply (those of the component mapped
+        /// to EVENT) and whose components size the pools; ignored if the file does not exist.
+        #[arg(long, default_value = "spin.toml")]
+        manifest: PathBuf,
+        #[command(flatten)]
+        handlers: HandlerArgs,
+    },
     /// Roll a component on a running host back to its previous version.
     Rollback {
         /// The component's id in the manifest.
@@ -133,13 +152,13 @@ struct AuthArgs {
     #[arg(long, env = "CIM_AUTH_PUBLIC_KEY", value_name = "FILE")]
     auth_public_key: Option<PathBuf>,
     /// Refuse tokens whose `iss` is not this.
-    #[arg(long, value_name = "ISS")]
+    #[arg(long, env = "CIM_AUTH_ISSUER", value_name = "ISS")]
     auth_issuer: Option<String>,
     /// Refuse tokens whose `aud` does not include this.
-    #[arg(long, value_name = "AUD")]
+    #[arg(long, env = "CIM_AUTH_AUDIENCE", value_name = "AUD")]
     auth_audience: Option<String>,
     /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=300))]
+    #[arg(long, env = "CIM_AUTH_LEEWAY_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=300))]
     auth_leeway_secs: u64,
     /// The key backend services send (`Authorization: Bearer <key>`) to the service endpoints
     /// (`/send/*`, `/offline`, `/online`, anyone's `/history`, and `/metrics` with
@@ -149,148 +168,78 @@ struct AuthArgs {
     api_key_file: Option<PathBuf>,
     /// Serve without authentication on non-loopback addresses anyway. Anyone who can reach
     /// the ports can then log in as anyone: for isolated test networks only.
-    #[arg(long)]
+    #[arg(long, env = "CIM_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
 }
 
+/// The limits handler components run under (`up` and `check`).
 #[derive(Debug, Args)]
-struct UpArgs {
-    #[command(flatten)]
-    auth: AuthArgs,
-    /// The application manifest: which component handles which event.
-    #[arg(long, default_value = "spin.toml")]
-    manifest: PathBuf,
-    /// Build the manifest's components before serving (like `cim-host build`).
-    #[arg(long)]
-    build: bool,
-    /// Address of the TCP listener for clients (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:9000")]
-    tcp: SocketAddr,
-    /// Address of the HTTP listener: route API, /ws, /healthz, /metrics, and /admin unless
-    /// --admin-http gives it a listener of its own (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    http: SocketAddr,
-    /// Where clients reach the TCP listener (`HOST:PORT`), as the route API hands it out
-    /// [default: the bound address]. Needed when binding 0.0.0.0 or behind NAT.
-    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
-    advertise_tcp: Option<String>,
-    /// Where clients and other nodes reach the HTTP listener (`HOST:PORT`); the WebSocket
-    /// URL handed out is `ws://<this>/ws` [default: the bound address].
-    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
-    advertise_http: Option<String>,
-    /// This node's id in routes and the cluster registry [default: node-<pid>].
-    #[arg(long)]
-    node_id: Option<String>,
-    /// Heartbeat interval in seconds; a connection silent for three intervals is closed.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    heartbeat: u64,
-    /// Largest frame accepted, in bytes.
-    #[arg(long, default_value_t = cim_proto::DEFAULT_MAX_FRAME)]
-    max_frame: usize,
-    /// Most simultaneous client connections.
-    #[arg(long, default_value_t = 15_000)]
-    max_connections: usize,
-    /// Frames queued for one client before it is disconnected as a slow consumer.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    outbound_queue: u64,
-    /// Bytes queued for one client before it is disconnected as a slow consumer.
-    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
-    outbound_queue_bytes: u64,
-    /// Seconds a write to a client may make no progress before the connection is closed (a
-    /// client that pings but never reads).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
-    write_timeout: u64,
-    /// A rate limit, `ACTION.SCOPE=RATE[:BURST]` per second (burst defaults to twice the
-    /// rate; 0 turns it off); repeatable. ACTION: send, online, login; SCOPE: user, ip.
-    /// Defaults: send.user=50:200 send.ip=500:2000 online.user=2:10 online.ip=20:100
-    /// login.user=2:10 login.ip=20:100.
-    #[arg(long = "rate-limit", value_name = "ACTION.SCOPE=RATE[:BURST]", value_parser = parse_rate_limit)]
-    rate_limits: Vec<(String, Rate)>,
-    /// Turn every rate limit off (benchmarks; a closed test network).
-    #[arg(long, conflicts_with = "rate_limits")]
-    no_rate_limits: bool,
-    /// Seconds a new connection has to send LOGIN.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
-    login_timeout: u64,
-    /// Where pushed component versions and the compile cache are kept.
-    #[arg(long, default_value = "data")]
-    data_dir: PathBuf,
-    /// Enables the admin API (/admin/...) with this bearer token; without a token the admin
-    /// API answers 404. Prefer --admin-token-file or CIM_ADMIN_TOKEN (kept out of `ps`).
-    #[arg(long, env = "CIM_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_token)]
-    admin_token: Option<Token>,
-    /// Enables the admin API with the token in this file (one trailing newline is ignored);
-    /// wins over --admin-token.
-    #[arg(long, env = "CIM_ADMIN_TOKEN_FILE", value_name = "FILE")]
-    admin_token_file: Option<PathBuf>,
-    /// Serve the admin API on its own listener at this address (e.g. 127.0.0.1:8081) instead
-    /// of on the main HTTP port, which then answers 404 under /admin.
-    #[arg(long, value_name = "ADDR")]
-    admin_http: Option<SocketAddr>,
-    /// Most simultaneous HTTP connections per HTTP listener; one more is closed at once
-    /// (TCP chat connections are not counted here; see --max-connections).
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    http_max_connections: u64,
-    /// Time a client has to send its request headers (`10s`, `500ms`).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    http_header_timeout: Duration,
-    /// Time a client has to send its whole request body; a slower one gets 408 and is closed.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    http_body_timeout: Duration,
-    /// A browser origin allowed to open /ws (e.g. https://chat.example.com); repeatable.
-    /// Default: only the page's own origin (`http(s)://<Host header>`). Clients that send
-    /// no Origin (the terminal client, SDKs) are not affected.
-    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
-    allowed_origins: Vec<String>,
-    /// `GET /metrics` requires the API key (`Authorization: Bearer <key>`) too.
-    #[arg(long)]
-    metrics_require_key: bool,
+struct HandlerArgs {
     /// Wall-clock budget of one call to a handler on a sender's path (login, private, group,
     /// online), in milliseconds; a guest past it is stopped and the request fails.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    #[arg(long, env = "CIM_HANDLER_DEADLINE_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     handler_deadline_ms: u64,
     /// Wall-clock budget of one message-callback call, in milliseconds. It runs after
     /// delivery, off the senders' path, so it may wait longer on the store.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    #[arg(long, env = "CIM_CALLBACK_DEADLINE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     callback_deadline_ms: u64,
-    /// Memory cap of one handler instance, in MiB.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    /// Memory cap of one handler instance (each of its linear memories), in MiB; a
+    /// component's `memory_mib` in `[component.NAME.limits]` overrides it.
+    #[arg(long, env = "CIM_HANDLER_MEMORY_MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     handler_memory_mib: u64,
-    /// The most keys one key-value store may hold; a component's write past it gets
-    /// `too-large`. Exact on the memory store; counted by the hosts on Redis
-    /// (`<prefix>kv-usage:<store>`), which concurrent writers may overshoot a little.
-    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
-    kv_max_keys: u64,
-    /// The most one key-value store may hold, in MiB (keys plus values, a list counting its
-    /// entries); counted like --kv-max-keys.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
-    kv_max_mib: u64,
-    /// Log lines each handler component may write: `RATE` per second or `RATE:BURST`; `0`
-    /// turns the limit off. Lines over it are dropped, and the next line written is preceded
-    /// by one saying how many were.
-    #[arg(long, default_value = "100:200")]
-    handler_log_rate: Rate,
-    /// Use the built-in native handlers instead of the manifest's components (for comparisons).
-    #[arg(long)]
-    builtin_handlers: bool,
-    /// Where routes, presence and handler data live: `memory` (one node) or a Redis shared
-    /// by every node of a cluster: `redis://HOST:PORT[/DB]` (a Redis Cluster node is detected)
-    /// or `redis-cluster://HOST:PORT,HOST:PORT,...` (a Redis Cluster by several seed nodes).
-    #[arg(long, default_value = "memory")]
-    store: String,
-    /// Prefix of every Redis key and channel, so several clusters can share one Redis.
-    #[arg(long, default_value = cim_host::store::redis::DEFAULT_PREFIX)]
-    redis_prefix: String,
-    /// How `POST /login` picks a node for a user (cluster only).
-    #[arg(long, value_enum, default_value_t = Strategy::ConsistentHash)]
-    lb: Strategy,
-    /// Seconds a node's registry entry lives without a refresh (refreshed every third of it);
-    /// a dead node's users are cleaned up after about this long.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    node_ttl: u64,
+    /// The most handler instances alive at once (the pool's size), and the default of each
+    /// component's `max_instances`; a call past either fails at once.
+    #[arg(long, env = "CIM_HANDLER_MAX_INSTANCES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    handler_max_instances: u32,
+    /// Core instances the pools hold per handler instance [default: what the largest
+    /// component in the manifest needs, at least 4]. A pushed component that needs more is
+    /// refused.
+    #[arg(long, env = "CIM_POOL_CORE_INSTANCES", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pool_core_instances: Option<u32>,
+    /// Linear memories the pools hold per handler instance [default: from the manifest, at
+    /// least 2].
+    #[arg(long, env = "CIM_POOL_MEMORIES", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pool_memories: Option<u32>,
+    /// Tables the pools hold per handler instance [default: from the manifest, at least 4].
+    #[arg(long, env = "CIM_POOL_TABLES", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pool_tables: Option<u32>,
 }
 
-fn main() -> anyhow::Result<()> {
+impl HandlerArgs {
+    /// The runtime configuration these flags and the manifest's components give.
+    fn config(&self, manifest: Option<&Manifest>, data_dir: Option<&Path>) -> RuntimeConfig {
+        let memory_cap = usize::try_from(self.handler_memory_mib << 20).unwrap_or(usize::MAX);
+        let (pool, largest_memory_cap) = pool_sizing(
+            manifest,
+            [self.pool_core_instances, self.pool_memories, self.pool_tables],
+            memory_cap,
+        );
+        let base = data_dir.map_or_else(RuntimeConfig::default, RuntimeConfig::with_data_dir);
+        RuntimeConfig {
+            deadline: Duration::from_millis(self.handler_deadline_ms),
+            callback_deadline: Duration::from_millis(self.callback_deadline_ms),
+            memory_cap,
+            largest_memory_cap,
+            pool,
+            max_instances: self.handler_max_instances,
+            ..base
+        }
+    }
+}
+
+/// Errors end as one paragraph on stderr (`error: what: why: cause`), never as a Debug dump
+/// with a backtrace: a refused push is an answer to the operator, not a crash.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
@@ -299,11 +248,31 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::Up(args) => runtime.block_on(up(*args)),
+        Command::Up(args) => runtime.block_on(up::up(*args)),
         Command::Build { manifest } => cim_host::build::build_all(&load_manifest(&manifest)?),
         Command::Push { name, file, to, token } => {
             let token = token.secret()?;
             println!("{}", runtime.block_on(cim_host::push::push(&to, &token, &name, &file))?);
+            Ok(())
+        }
+        Command::Wit { out } => {
+            let written =
+                cim_host::wit::export(&out).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} files of {} to {}",
+                written.len(),
+                cim_host::runtime::WIT_PACKAGE,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Check { file, event, manifest, handlers } => {
+            let manifest = if manifest.exists() { Some(load_manifest(&manifest)?) } else { None };
+            let config = handlers.config(manifest.as_ref(), None);
+            println!(
+                "{}",
+                runtime.block_on(cim_host::check::check(&file, event, manifest.as_ref(), config))?
+            );
             Ok(())
         }
         Command::Token(args) => {
@@ -318,48 +287,11 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// `HOST:PORT` with a non-empty host (a name, an IPv4 address or a bracketed IPv6 one) and
-/// a port from 1 to 65535.
-fn parse_host_port(s: &str) -> Result<String, String> {
-    let (host, port) = s.rsplit_once(':').ok_or("expected HOST:PORT")?;
-    let port: u16 = port.parse().map_err(|_| format!("bad port {port:?}"))?;
-    if port == 0 {
-        return Err("port 0 cannot be advertised".into());
-    }
-    let bare_v6 = host.contains(':') && !(host.starts_with('[') && host.ends_with(']'));
-    if host.is_empty() || bare_v6 || host.contains(['/', ' ']) {
-        return Err(format!("bad host {host:?} (an IPv6 address goes in brackets: [::1]:9000)"));
-    }
-    Ok(s.to_owned())
-}
-
-fn parse_rate_limit(s: &str) -> Result<(String, Rate), String> {
-    let (key, rate) = s.split_once('=').ok_or("expected ACTION.SCOPE=RATE[:BURST], e.g. send.user=50:200")?;
-    let valid = ["send.user", "send.ip", "online.user", "online.ip", "login.user", "login.ip"];
-    if !valid.contains(&key) {
-        return Err(format!("unknown limit {key:?}; one of {}", valid.join(", ")));
-    }
-    Ok((key.to_owned(), rate.parse()?))
-}
-
-fn rate_config(args: &UpArgs) -> RateConfig {
-    if args.no_rate_limits {
-        return RateConfig::OFF;
-    }
-    let mut config = RateConfig::default();
-    for (key, rate) in &args.rate_limits {
-        let (action, scope) = key.split_once('.').unwrap_or_default();
-        let rates = match action {
-            "send" => &mut config.send,
-            "online" => &mut config.online,
-            _ => &mut config.login,
-        };
-        match scope {
-            "user" => rates.per_user = *rate,
-            _ => rates.per_ip = *rate,
-        }
-    }
-    config
+fn parse_event(s: &str) -> Result<Event, String> {
+    Event::ALL
+        .into_iter()
+        .find(|e| e.as_str() == s)
+        .ok_or_else(|| "expected one of login, private, group, online, callback".to_owned())
 }
 
 fn parse_claims(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
@@ -446,124 +378,6 @@ fn parse_token(s: &str) -> Result<Token, String> {
     Ok(Token(Secret::new(s.as_bytes(), "token").ok()))
 }
 
-/// The admin token from `--admin-token`/CIM_ADMIN_TOKEN or `--admin-token-file`; `None`
-/// (admin API off) when neither is given or the token is empty.
-fn admin_token(token: Option<&Token>, file: Option<&Path>) -> anyhow::Result<Option<Secret>> {
-    match (token, file) {
-        (_, Some(file)) => Ok(Some(Secret::from_file(file).context("--admin-token-file")?)),
-        (Some(Token(t)), None) => Ok(t.clone()),
-        (None, None) => Ok(None),
-    }
-}
-
 fn load_manifest(path: &Path) -> anyhow::Result<Manifest> {
     Manifest::load(path).with_context(|| format!("loading the manifest {}", path.display()))
-}
-
-async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let mut listeners = vec![("tcp", args.tcp), ("http", args.http)];
-    listeners.extend(args.admin_http.map(|a| ("admin", a)));
-    let auth = auth(&args.auth, &listeners)?;
-    let rates = rate_config(&args);
-    info!(sends = ?rates.send, online = ?rates.online, logins = ?rates.login, "rate limits");
-    let mut config = Config {
-        auth,
-        rate_limits: Arc::new(RateLimits::new(rates)),
-        outbound_queue_bytes: usize::try_from(args.outbound_queue_bytes).unwrap_or(1 << 20),
-        write_timeout: Duration::from_secs(args.write_timeout),
-        heartbeat: Duration::from_secs(args.heartbeat),
-        max_frame: args.max_frame,
-        max_connections: args.max_connections,
-        outbound_queue: usize::try_from(args.outbound_queue).unwrap_or(1024),
-        login_timeout: Duration::from_secs(args.login_timeout),
-        advertise_tcp: args.advertise_tcp,
-        advertise_http: args.advertise_http,
-        http: HttpConfig {
-            max_connections: usize::try_from(args.http_max_connections).unwrap_or(1024),
-            header_timeout: args.http_header_timeout,
-            body_timeout: args.http_body_timeout,
-            allowed_origins: args.allowed_origins,
-            metrics_require_key: args.metrics_require_key,
-        },
-        ..Config::default()
-    };
-    if let Some(id) = args.node_id {
-        config.node_id = id;
-    }
-    let store = match args.store.as_str() {
-        "memory" => Store::memory(),
-        url if ["redis://", "rediss://", cim_host::store::redis::CLUSTER_SCHEME]
-            .iter()
-            .any(|s| url.starts_with(s)) =>
-        {
-            Store::redis(url, &args.redis_prefix).await.with_context(|| {
-                format!("connecting to the store {}", cim_host::store::redis::redacted(url))
-            })?
-        }
-        other => {
-            anyhow::bail!("--store must be `memory`, a redis:// or a redis-cluster:// URL, got {other:?}")
-        }
-    };
-    let cluster = match &store {
-        Store::Redis(redis) => Some(Cluster::new(redis.clone(), args.lb, Duration::from_secs(args.node_ttl))),
-        Store::Memory(_) => None,
-    };
-    let services = if args.builtin_handlers {
-        info!("using the built-in handlers; the manifest is not loaded");
-        Services { store, cluster, ..Services::builtin() }
-    } else {
-        let manifest = load_manifest(&args.manifest)?;
-        if args.build {
-            cim_host::build::build_all(&manifest)?;
-        }
-        let runtime = Arc::new(Runtime::new(RuntimeConfig {
-            deadline: Duration::from_millis(args.handler_deadline_ms),
-            callback_deadline: Duration::from_millis(args.callback_deadline_ms),
-            memory_cap: usize::try_from(args.handler_memory_mib << 20).unwrap_or(usize::MAX),
-            kv_quota: Quota { max_keys: args.kv_max_keys, max_bytes: args.kv_max_mib << 20 },
-            log_rate: args.handler_log_rate,
-            ..RuntimeConfig::with_data_dir(&args.data_dir)
-        })?);
-        runtime.install_manifest(&manifest).await.with_context(|| {
-            format!(
-                "installing the components of {} (not built yet? run `cim-host build` or start with `cim-host up --build`)",
-                args.manifest.display()
-            )
-        })?;
-        let shared = cluster.as_ref().map(|c| Shared { store: store.clone(), bus: c.bus.clone() });
-        let deployments =
-            Arc::new(Deployments::new(&args.data_dir, Arc::new(manifest), runtime.clone(), shared));
-        deployments.restore().await?;
-        let admin = admin_token(args.admin_token.as_ref(), args.admin_token_file.as_deref())?
-            .map(|t| Admin::new(t, deployments.clone()));
-        Services {
-            store,
-            backend: Backend::Components(runtime),
-            admin,
-            deployments: Some(deployments),
-            cluster,
-        }
-    };
-    let node_id = config.node_id.clone();
-    if args.admin_http.is_some() && services.admin.is_none() {
-        warn!("--admin-http is set but no admin token is: the admin listener answers 404");
-    }
-    let node = Node::bind(config, args.tcp, args.http, args.admin_http, services)
-        .await
-        .context("starting the node")?;
-    // Exactly one line on stdout: scripts and tests wait for it.
-    let admin = node.admin_addr.map(|a| format!(" admin={a}")).unwrap_or_default();
-    println!("cim-host ready node={node_id} tcp={} http={}{admin}", node.tcp_addr, node.http_addr);
-    shutdown_signal().await?;
-    node.shutdown().await;
-    Ok(())
-}
-
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
-    Ok(())
 }

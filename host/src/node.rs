@@ -2,7 +2,9 @@
 //! within a deadline.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -10,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::cluster::node_number::NodeNumber;
 use crate::cluster::{Cluster, NodeInfo};
 use crate::config::Config;
 use crate::deploy::Deployments;
@@ -31,6 +34,10 @@ pub struct Services {
     pub deployments: Option<Arc<Deployments>>,
     /// Set when the store is Redis: this node joins the cluster.
     pub cluster: Option<Cluster>,
+    /// Where a node outside a cluster reserves its message ids (`message-ids` in the data
+    /// directory), so that a restart never repeats one. `None`: only in memory, unique while
+    /// the process runs (see `message_id`).
+    pub ids_dir: Option<PathBuf>,
 }
 
 impl Services {
@@ -42,6 +49,7 @@ impl Services {
             admin: None,
             deployments: None,
             cluster: None,
+            ids_dir: None,
         }
     }
 }
@@ -78,6 +86,25 @@ async fn forget_idle_rate_limits(limits: Arc<crate::limits::RateLimits>, shutdow
         tokio::select! {
             _ = tick.tick() => limits.forget_idle(),
             _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Every few seconds renews the data-directory reservation of message ids, so that `next`
+/// seldom has to write the file itself.
+async fn refill_ids(router: Arc<Router>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let r = router.clone();
+        match tokio::task::spawn_blocking(move || r.ids().refill()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "could not reserve more message ids in the data directory"),
+            Err(e) => warn!(error = %e, "the message-id reservation task failed"),
         }
     }
 }
@@ -149,10 +176,28 @@ impl Node {
                 http_addr: http_public,
                 connections: 0,
             };
+            // The number first: its wait (a fresh cluster's quarantine) may be longer than
+            // the registry TTL, and the registry entry is refreshed only once the member
+            // tasks run, so registering before it would let the entry expire (and peers
+            // reap this node's users) before the first heartbeat.
+            let mut number = NodeNumber::new(&cluster.store, &me.id, cluster.ttl);
+            number.acquire(router.ids()).await.context("leasing a node number for message ids")?;
+            info!(number = ?number.number(), "leased this node's number in message ids");
             let inbox = cluster.join(&me).await.context("joining the cluster")?;
-            router.set_node_number(cluster.store.next_node_number().await.context("joining the cluster")?);
             router.set_cluster(cluster.clone());
-            tracker.spawn(crate::cluster::member::run(cluster, router.clone(), me, inbox, shutdown.clone()));
+            tracker.spawn(crate::cluster::member::run(
+                cluster,
+                router.clone(),
+                me,
+                number,
+                inbox,
+                shutdown.clone(),
+            ));
+        } else if let Some(dir) = &services.ids_dir {
+            router.ids().persist_in(dir).with_context(|| {
+                format!("reserving message ids in {}", dir.join(crate::message_id::FILE_NAME).display())
+            })?;
+            tracker.spawn(refill_ids(router.clone(), shutdown.clone()));
         }
         tracker.spawn(forget_idle_rate_limits(router.config().rate_limits.clone(), shutdown.clone()));
         let sessions = Sessions::new(router.clone(), services.admin, shutdown.clone(), tracker.clone());

@@ -67,7 +67,15 @@ fn describe(v: &serde_json::Value) -> String {
 pub async fn push(base: &str, token: &Secret, name: &str, file: &Path) -> anyhow::Result<String> {
     let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let v = admin_request(base, "PUT", &format!("/admin/components/{name}"), token, wasm).await?;
-    Ok(format!("pushed {}", describe(&v)))
+    let mut out = format!("pushed {}", describe(&v));
+    if let Some(headroom) = v["headroom"].as_str() {
+        let limits = &v["limits"];
+        out.push_str(&format!(
+            "\n{headroom}; deadline {} ms, at most {} instances",
+            limits["deadline_ms"], limits["max_instances"]
+        ));
+    }
+    Ok(out)
 }
 
 /// Rolls component `name` back to its previous version; returns a line describing it.

@@ -62,8 +62,19 @@ fn peek_length(buf: &[u8]) -> Result<Option<(u64, usize)>, CodecError> {
 
 /// Decodes one envelope's bytes into a [`Frame`].
 pub fn decode_message(bytes: &[u8]) -> Result<Frame, FrameError> {
-    let env = pb::Envelope::decode(bytes).map_err(|e| FrameError::Protobuf(e.to_string()))?;
+    let env = pb::Envelope::decode(bytes).map_err(|e| FrameError::Protobuf {
+        request_id: EnvelopeHead::decode(bytes).map_or(0, |h| h.request_id),
+        reason: e.to_string(),
+    })?;
     Frame::try_from(env)
+}
+
+/// An envelope's request id alone, read when the whole envelope cannot be (the field is
+/// first on the wire as every encoder writes it; a broken payload after it may still fail).
+#[derive(Clone, PartialEq, prost::Message)]
+struct EnvelopeHead {
+    #[prost(uint64, tag = "1")]
+    request_id: u64,
 }
 
 /// Encodes a [`Frame`] as one envelope (no length prefix): a WebSocket binary message.
@@ -147,7 +158,7 @@ pub fn encode_delimited(frame: Frame) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{Body, Delivery, ErrorCode, MessageKind, User};
+    use crate::frame::{Body, Delivery, ErrorCode, Login, LoginAck, MessageKind, Positions, User};
     use proptest::prelude::*;
 
     fn decode_all(codec: &mut FrameCodec, bytes: &[u8]) -> Vec<Result<Frame, FrameError>> {
@@ -161,7 +172,7 @@ mod tests {
 
     #[test]
     fn round_trip_one_frame() {
-        let frame = Frame::new(7, Body::PrivateSend { to: 42, text: "hi".into() });
+        let frame = Frame::new(7, Body::private(42, "hi".into()));
         let mut codec = FrameCodec::default();
         let mut buf = BytesMut::new();
         codec.encode(frame.clone(), &mut buf).unwrap();
@@ -170,7 +181,7 @@ mod tests {
 
     #[test]
     fn pre_encoded_frames_decode_like_frames() {
-        let frame = Frame::new(3, Body::GroupSend { text: "once".into() });
+        let frame = Frame::new(3, Body::group("once".into()));
         let mut codec = FrameCodec::default();
         let mut buf = BytesMut::new();
         codec.encode(Encoded::from(frame.clone()), &mut buf).unwrap();
@@ -180,7 +191,7 @@ mod tests {
 
     #[test]
     fn truncated_frame_waits_for_more_bytes() {
-        let bytes = encode_delimited(Frame::new(1, Body::GroupSend { text: "hello".into() }));
+        let bytes = encode_delimited(Frame::new(1, Body::group("hello".into())));
         let mut codec = FrameCodec::default();
         for cut in 0..bytes.len() {
             let mut buf = BytesMut::from(&bytes[..cut]);
@@ -214,7 +225,7 @@ mod tests {
     fn encoder_refuses_oversized_frame() {
         let mut codec = FrameCodec::new(16);
         let mut buf = BytesMut::new();
-        let frame = Frame::new(1, Body::GroupSend { text: "x".repeat(100) });
+        let frame = Frame::new(1, Body::group("x".repeat(100)));
         assert!(matches!(codec.encode(frame, &mut buf), Err(CodecError::TooLarge { .. })));
     }
 
@@ -231,14 +242,14 @@ mod tests {
         bytes.extend(encode_delimited(Frame::new(2, Body::Ping)));
         let items = decode_all(&mut FrameCodec::default(), &bytes);
         assert_eq!(items.len(), 2);
-        assert!(matches!(items[0], Err(FrameError::Protobuf(_))));
+        assert!(matches!(items[0], Err(FrameError::Protobuf { .. })));
         assert_eq!(items[1], Ok(Frame::new(2, Body::Ping)));
     }
 
     #[test]
     fn empty_envelope_has_no_payload() {
         let items = decode_all(&mut FrameCodec::default(), &[0u8]);
-        assert_eq!(items, vec![Err(FrameError::MissingPayload(0))]);
+        assert_eq!(items, vec![Err(FrameError::MissingPayload { request_id: 0, kind: 0 })]);
     }
 
     #[test]
@@ -250,10 +261,17 @@ mod tests {
         };
         let err = decode_message(&env.encode_to_vec()).unwrap_err();
         assert!(matches!(err, FrameError::KindMismatch { payload: "ping", .. }), "{err}");
+        assert_eq!(err.request_id(), 1, "the request id was decoded");
     }
 
     fn arb_user() -> impl Strategy<Value = User> {
         (any::<u64>(), ".{0,20}").prop_map(|(id, name)| User { id, name })
+    }
+
+    /// Positions as they survive the wire: all zeros are "absent", so `Some(zeros)` is not
+    /// generated for an ack.
+    fn arb_positions() -> impl Strategy<Value = Positions> {
+        (1..u64::MAX, any::<u64>()).prop_map(|(inbox, group)| Positions { inbox, group })
     }
 
     fn arb_code() -> impl Strategy<Value = ErrorCode> {
@@ -265,40 +283,70 @@ mod tests {
             Just(ErrorCode::Unauthenticated),
             Just(ErrorCode::TokenExpired),
             Just(ErrorCode::RateLimited),
+            Just(ErrorCode::Replaced),
+            Just(ErrorCode::IdleTimeout),
+            Just(ErrorCode::TakenOffline),
+            Just(ErrorCode::ShuttingDown),
         ]
     }
 
     fn arb_body() -> impl Strategy<Value = Body> {
         prop_oneof![
-            (any::<u64>(), ".{0,32}", "[A-Za-z0-9._-]{0,64}")
-                .prop_map(|(user_id, user_name, token)| Body::Login { user_id, user_name, token }),
-            (".{0,16}", any::<u32>(), arb_user(), any::<u64>()).prop_map(
-                |(node_id, heartbeat_secs, user, token_expires_at_ms)| Body::LoginAck {
-                    node_id,
-                    heartbeat_secs,
-                    user,
-                    token_expires_at_ms
-                }
+            (any::<u64>(), ".{0,32}", "[A-Za-z0-9._-]{0,64}", arb_positions(), "[A-Za-z0-9]{0,16}").prop_map(
+                |(user_id, user_name, token, resume_from, resume_token)| Body::Login(Login {
+                    user_id,
+                    user_name,
+                    token,
+                    resume_from,
+                    resume_token
+                })
             ),
+            (".{0,16}", any::<u32>(), arb_user(), any::<u64>(), arb_positions(), any::<(bool, bool)>())
+                .prop_map(
+                    |(
+                        node_id,
+                        heartbeat_secs,
+                        user,
+                        token_expires_at_ms,
+                        resume_from,
+                        (missed_inbox, missed_group),
+                    )| {
+                        Body::LoginAck(LoginAck {
+                            node_id,
+                            heartbeat_secs,
+                            user,
+                            token_expires_at_ms,
+                            resume_from,
+                            missed_inbox,
+                            missed_group,
+                            resume_token: "t".into(),
+                        })
+                    }
+                ),
             "[A-Za-z0-9._-]{0,64}".prop_map(|token| Body::Refresh { token }),
             Just(Body::Ping),
             Just(Body::Pong),
-            (any::<u64>(), ".{0,64}").prop_map(|(to, text)| Body::PrivateSend { to, text }),
-            ".{0,64}".prop_map(|text| Body::GroupSend { text }),
+            (any::<u64>(), ".{0,64}", "[a-z0-9-]{0,64}")
+                .prop_map(|(to, text, client_msg_id)| Body::PrivateSend { to, text, client_msg_id }),
+            (".{0,64}", "[a-z0-9-]{0,64}")
+                .prop_map(|(text, client_msg_id)| Body::GroupSend { text, client_msg_id }),
             Just(Body::OnlineRequest),
             proptest::collection::vec(arb_user(), 0..8).prop_map(|users| Body::OnlineResponse { users }),
-            (any::<u64>(), arb_user(), any::<bool>(), ".{0,64}", any::<u64>()).prop_map(
-                |(message_id, sender, private, text, timestamp_ms)| {
+            (any::<u64>(), arb_user(), any::<bool>(), ".{0,64}", any::<(u64, u64, bool)>()).prop_map(
+                |(message_id, sender, private, text, (timestamp_ms, position, replayed))| {
                     Body::Delivery(Delivery {
                         message_id,
                         sender,
                         kind: if private { MessageKind::Private } else { MessageKind::Group },
                         text,
                         timestamp_ms,
+                        position,
+                        replayed,
                     })
                 }
             ),
-            any::<u64>().prop_map(|message_id| Body::Ack { message_id }),
+            (any::<u64>(), any::<bool>(), proptest::option::of(arb_positions()))
+                .prop_map(|(message_id, stored, received)| Body::Ack { message_id, stored, received }),
             (arb_code(), ".{0,32}", any::<u64>()).prop_map(|(code, message, retry_after_ms)| Body::Error {
                 code,
                 message,

@@ -4,7 +4,7 @@ use crate::pb;
 use crate::pb::envelope::Payload;
 
 /// A user as the protocol names one.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct User {
     pub id: u64,
     pub name: String,
@@ -26,6 +26,38 @@ impl MessageKind {
     }
 }
 
+/// A place in a user's two streams: the last position received in their inbox (private
+/// messages) and in the group stream. 0 means "nothing yet" (or, in a LOGIN, "not known").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Positions {
+    pub inbox: u64,
+    pub group: u64,
+}
+
+impl Positions {
+    /// The later of two positions, stream by stream.
+    pub fn max(self, other: Positions) -> Positions {
+        Positions { inbox: self.inbox.max(other.inbox), group: self.group.max(other.group) }
+    }
+
+    /// The position of `kind`'s stream.
+    pub fn of(&self, kind: MessageKind) -> u64 {
+        match kind {
+            MessageKind::Private => self.inbox,
+            MessageKind::Group => self.group,
+        }
+    }
+
+    /// Moves `kind`'s stream forward to `position` (never back).
+    pub fn advance(&mut self, kind: MessageKind, position: u64) {
+        let p = match kind {
+            MessageKind::Private => &mut self.inbox,
+            MessageKind::Group => &mut self.group,
+        };
+        *p = (*p).max(position);
+    }
+}
+
 /// A message on its way to one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
@@ -36,6 +68,10 @@ pub struct Delivery {
     pub text: String,
     /// Unix time in milliseconds at which the server accepted the message.
     pub timestamp_ms: u64,
+    /// Its position in the recipient's inbox (private) or the group stream (group).
+    pub position: u64,
+    /// Replayed at login rather than delivered live.
+    pub replayed: bool,
 }
 
 /// Why a request failed; mirrors `cim.v1.ErrorCode`.
@@ -56,9 +92,18 @@ pub enum ErrorCode {
     Unauthenticated,
     TokenExpired,
     RateLimited,
+    Replaced,
+    IdleTimeout,
+    TakenOffline,
+    ShuttingDown,
 }
 
 impl ErrorCode {
+    /// Its number on the wire (`proto/cim.proto`).
+    pub fn number(self) -> i32 {
+        code_to_pb(self) as i32
+    }
+
     /// A short stable name, used in logs, the HTTP API and the terminal client.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -77,6 +122,10 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Replaced => "replaced",
+            ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::TakenOffline => "taken_offline",
+            ErrorCode::ShuttingDown => "shutting_down",
         }
     }
 }
@@ -90,40 +139,35 @@ impl std::fmt::Display for ErrorCode {
 /// What a frame carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
-    /// `token` is empty when the client has none.
-    Login {
-        user_id: u64,
-        user_name: String,
-        token: String,
-    },
-    /// `user` is the user as the server bound them; `token_expires_at_ms` is 0 when the
-    /// server verifies no tokens.
-    LoginAck {
-        node_id: String,
-        heartbeat_secs: u32,
-        user: User,
-        token_expires_at_ms: u64,
-    },
+    Login(Login),
+    LoginAck(LoginAck),
     /// A new token for the open connection.
     Refresh {
         token: String,
     },
     Ping,
     Pong,
+    /// `client_msg_id` is empty when the client gave none.
     PrivateSend {
         to: u64,
         text: String,
+        client_msg_id: String,
     },
     GroupSend {
         text: String,
+        client_msg_id: String,
     },
     OnlineRequest,
     OnlineResponse {
         users: Vec<User>,
     },
     Delivery(Delivery),
+    /// Server to client: a request was accepted (`message_id` of a send, `stored` when its
+    /// receiver was offline). Client to server: `received` is where it is.
     Ack {
         message_id: u64,
+        stored: bool,
+        received: Option<Positions>,
     },
     /// `retry_after_ms` is set for [`ErrorCode::RateLimited`], 0 otherwise.
     Error {
@@ -137,12 +181,61 @@ pub enum Body {
     },
 }
 
+/// The first frame of a connection. `token` and `resume_token` are empty when the client has
+/// none; `resume_from` fields are 0 when it does not know them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Login {
+    pub user_id: u64,
+    pub user_name: String,
+    pub token: String,
+    pub resume_from: Positions,
+    pub resume_token: String,
+}
+
+/// The server's answer to an accepted LOGIN.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoginAck {
+    pub node_id: String,
+    pub heartbeat_secs: u32,
+    /// The user as the server bound them.
+    pub user: User,
+    /// 0 when the server verifies no tokens.
+    pub token_expires_at_ms: u64,
+    /// Replay starts after these positions.
+    pub resume_from: Positions,
+    /// Messages after `resume_from` fell out of retention and will not be replayed.
+    pub missed_inbox: bool,
+    pub missed_group: bool,
+    /// Presented in the next LOGIN, it takes this session over.
+    pub resume_token: String,
+}
+
 impl Body {
+    /// A LOGIN that resumes from where the server kept this user's acks.
+    pub fn login(user_id: u64, user_name: String, token: String) -> Body {
+        Body::Login(Login { user_id, user_name, token, ..Login::default() })
+    }
+
+    /// A send's acceptance: its message id (delivered, or nothing to say about storage).
+    pub fn ack(message_id: u64) -> Body {
+        Body::Ack { message_id, stored: false, received: None }
+    }
+
+    /// A private send without a client message id.
+    pub fn private(to: u64, text: String) -> Body {
+        Body::PrivateSend { to, text, client_msg_id: String::new() }
+    }
+
+    /// A group send without a client message id.
+    pub fn group(text: String) -> Body {
+        Body::GroupSend { text, client_msg_id: String::new() }
+    }
+
     /// The protocol name of this kind, for logs and error messages.
     pub fn kind_name(&self) -> &'static str {
         match self {
-            Body::Login { .. } => "login",
-            Body::LoginAck { .. } => "login_ack",
+            Body::Login(_) => "login",
+            Body::LoginAck(_) => "login_ack",
             Body::Refresh { .. } => "refresh",
             Body::Ping => "ping",
             Body::Pong => "pong",
@@ -188,19 +281,33 @@ impl Frame {
 }
 
 /// A frame that was delimited correctly but whose content is not a valid envelope.
-/// The connection can go on: the next frame starts at a known offset.
+/// The connection can go on: the next frame starts at a known offset. Carries the frame's
+/// request id whenever it could be read (0 otherwise), so the answer names the request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame is not a valid cim envelope: {0}")]
-    Protobuf(String),
-    #[error("frame has no payload (kind {0})")]
-    MissingPayload(i32),
+    #[error("frame is not a valid cim envelope: {reason}")]
+    Protobuf { request_id: u64, reason: String },
+    #[error("frame has no payload (kind {kind})")]
+    MissingPayload { request_id: u64, kind: i32 },
     #[error("frame kind {kind} does not match its payload ({payload})")]
-    KindMismatch { kind: i32, payload: &'static str },
+    KindMismatch { request_id: u64, kind: i32, payload: &'static str },
     #[error("frame field {field} is missing")]
-    MissingField { field: &'static str },
+    MissingField { request_id: u64, field: &'static str },
     #[error("text WebSocket messages are not accepted: send each envelope as a binary message")]
     TextMessage,
+}
+
+impl FrameError {
+    /// The request id of the frame, when it could be read; 0 otherwise.
+    pub fn request_id(&self) -> u64 {
+        match self {
+            FrameError::Protobuf { request_id, .. }
+            | FrameError::MissingPayload { request_id, .. }
+            | FrameError::KindMismatch { request_id, .. }
+            | FrameError::MissingField { request_id, .. } => *request_id,
+            FrameError::TextMessage => 0,
+        }
+    }
 }
 
 fn code_from_pb(code: i32) -> ErrorCode {
@@ -220,6 +327,10 @@ fn code_from_pb(code: i32) -> ErrorCode {
         pb::ErrorCode::Unauthenticated => ErrorCode::Unauthenticated,
         pb::ErrorCode::TokenExpired => ErrorCode::TokenExpired,
         pb::ErrorCode::RateLimited => ErrorCode::RateLimited,
+        pb::ErrorCode::Replaced => ErrorCode::Replaced,
+        pb::ErrorCode::IdleTimeout => ErrorCode::IdleTimeout,
+        pb::ErrorCode::TakenOffline => ErrorCode::TakenOffline,
+        pb::ErrorCode::ShuttingDown => ErrorCode::ShuttingDown,
     }
 }
 
@@ -240,16 +351,30 @@ fn code_to_pb(code: ErrorCode) -> pb::ErrorCode {
         ErrorCode::Unauthenticated => pb::ErrorCode::Unauthenticated,
         ErrorCode::TokenExpired => pb::ErrorCode::TokenExpired,
         ErrorCode::RateLimited => pb::ErrorCode::RateLimited,
+        ErrorCode::Replaced => pb::ErrorCode::Replaced,
+        ErrorCode::IdleTimeout => pb::ErrorCode::IdleTimeout,
+        ErrorCode::TakenOffline => pb::ErrorCode::TakenOffline,
+        ErrorCode::ShuttingDown => pb::ErrorCode::ShuttingDown,
     }
 }
 
-fn user_from_pb(user: Option<pb::User>) -> Result<User, FrameError> {
-    let user = user.ok_or(FrameError::MissingField { field: "delivery.sender" })?;
+fn user_from_pb(request_id: u64, user: Option<pb::User>) -> Result<User, FrameError> {
+    let user = user.ok_or(FrameError::MissingField { request_id, field: "delivery.sender" })?;
     Ok(User { id: user.id, name: user.name })
 }
 
 fn user_to_pb(user: User) -> pb::User {
     pb::User { id: user.id, name: user.name }
+}
+
+/// An absent `Positions` is all zeros ("not known").
+fn positions_from_pb(p: Option<pb::Positions>) -> Positions {
+    p.map(|p| Positions { inbox: p.inbox, group: p.group }).unwrap_or_default()
+}
+
+/// All zeros go on the wire as absent.
+fn positions_to_pb(p: Positions) -> Option<pb::Positions> {
+    (p != Positions::default()).then_some(pb::Positions { inbox: p.inbox, group: p.group })
 }
 
 fn payload_kind(payload: &Payload) -> (pb::Kind, &'static str) {
@@ -274,15 +399,22 @@ impl TryFrom<pb::Envelope> for Frame {
     type Error = FrameError;
 
     fn try_from(env: pb::Envelope) -> Result<Self, FrameError> {
-        let payload = env.payload.ok_or(FrameError::MissingPayload(env.kind))?;
+        let request_id = env.request_id;
+        let payload = env.payload.ok_or(FrameError::MissingPayload { request_id, kind: env.kind })?;
         let (kind, name) = payload_kind(&payload);
         // Kind 0 (unspecified) is accepted: the payload alone is unambiguous.
         if env.kind != 0 && env.kind != kind as i32 {
-            return Err(FrameError::KindMismatch { kind: env.kind, payload: name });
+            return Err(FrameError::KindMismatch { request_id, kind: env.kind, payload: name });
         }
         let body = match payload {
-            Payload::Login(p) => Body::Login { user_id: p.user_id, user_name: p.user_name, token: p.token },
-            Payload::LoginAck(p) => Body::LoginAck {
+            Payload::Login(p) => Body::Login(Login {
+                user_id: p.user_id,
+                user_name: p.user_name,
+                token: p.token,
+                resume_from: positions_from_pb(p.resume_from),
+                resume_token: p.resume_token,
+            }),
+            Payload::LoginAck(p) => Body::LoginAck(LoginAck {
                 node_id: p.node_id,
                 heartbeat_secs: p.heartbeat_secs,
                 user: p
@@ -290,12 +422,18 @@ impl TryFrom<pb::Envelope> for Frame {
                     .map(|u| User { id: u.id, name: u.name })
                     .unwrap_or(User { id: 0, name: String::new() }),
                 token_expires_at_ms: p.token_expires_at_ms,
-            },
+                resume_from: positions_from_pb(p.resume_from),
+                missed_inbox: p.missed_inbox,
+                missed_group: p.missed_group,
+                resume_token: p.resume_token,
+            }),
             Payload::Refresh(p) => Body::Refresh { token: p.token },
             Payload::Ping(_) => Body::Ping,
             Payload::Pong(_) => Body::Pong,
-            Payload::PrivateSend(p) => Body::PrivateSend { to: p.to_user_id, text: p.text },
-            Payload::GroupSend(p) => Body::GroupSend { text: p.text },
+            Payload::PrivateSend(p) => {
+                Body::PrivateSend { to: p.to_user_id, text: p.text, client_msg_id: p.client_msg_id }
+            }
+            Payload::GroupSend(p) => Body::GroupSend { text: p.text, client_msg_id: p.client_msg_id },
             Payload::OnlineRequest(_) => Body::OnlineRequest,
             Payload::OnlineResponse(p) => Body::OnlineResponse {
                 users: p.users.into_iter().map(|u| User { id: u.id, name: u.name }).collect(),
@@ -304,17 +442,23 @@ impl TryFrom<pb::Envelope> for Frame {
                 let kind = match pb::MessageKind::try_from(p.kind) {
                     Ok(pb::MessageKind::Private) => MessageKind::Private,
                     Ok(pb::MessageKind::Group) => MessageKind::Group,
-                    _ => return Err(FrameError::MissingField { field: "delivery.kind" }),
+                    _ => return Err(FrameError::MissingField { request_id, field: "delivery.kind" }),
                 };
                 Body::Delivery(Delivery {
                     message_id: p.message_id,
-                    sender: user_from_pb(p.sender)?,
+                    sender: user_from_pb(request_id, p.sender)?,
                     kind,
                     text: p.text,
                     timestamp_ms: p.timestamp_ms,
+                    position: p.position,
+                    replayed: p.replayed,
                 })
             }
-            Payload::Ack(p) => Body::Ack { message_id: p.message_id },
+            Payload::Ack(p) => Body::Ack {
+                message_id: p.message_id,
+                stored: p.stored,
+                received: p.received.map(|r| Positions { inbox: r.inbox, group: r.group }),
+            },
             Payload::Error(p) => Body::Error {
                 code: code_from_pb(p.code),
                 message: p.message,
@@ -329,22 +473,32 @@ impl TryFrom<pb::Envelope> for Frame {
 impl From<Frame> for pb::Envelope {
     fn from(frame: Frame) -> Self {
         let payload = match frame.body {
-            Body::Login { user_id, user_name, token } => {
-                Payload::Login(pb::Login { user_id, user_name, token })
-            }
-            Body::LoginAck { node_id, heartbeat_secs, user, token_expires_at_ms } => {
-                Payload::LoginAck(pb::LoginAck {
-                    node_id,
-                    heartbeat_secs,
-                    user: Some(user_to_pb(user)),
-                    token_expires_at_ms,
-                })
-            }
+            Body::Login(l) => Payload::Login(pb::Login {
+                user_id: l.user_id,
+                user_name: l.user_name,
+                token: l.token,
+                resume_from: positions_to_pb(l.resume_from),
+                resume_token: l.resume_token,
+            }),
+            Body::LoginAck(a) => Payload::LoginAck(pb::LoginAck {
+                node_id: a.node_id,
+                heartbeat_secs: a.heartbeat_secs,
+                user: Some(user_to_pb(a.user)),
+                token_expires_at_ms: a.token_expires_at_ms,
+                resume_from: positions_to_pb(a.resume_from),
+                missed_inbox: a.missed_inbox,
+                missed_group: a.missed_group,
+                resume_token: a.resume_token,
+            }),
             Body::Refresh { token } => Payload::Refresh(pb::Refresh { token }),
             Body::Ping => Payload::Ping(pb::Ping {}),
             Body::Pong => Payload::Pong(pb::Pong {}),
-            Body::PrivateSend { to, text } => Payload::PrivateSend(pb::PrivateSend { to_user_id: to, text }),
-            Body::GroupSend { text } => Payload::GroupSend(pb::GroupSend { text }),
+            Body::PrivateSend { to, text, client_msg_id } => {
+                Payload::PrivateSend(pb::PrivateSend { to_user_id: to, text, client_msg_id })
+            }
+            Body::GroupSend { text, client_msg_id } => {
+                Payload::GroupSend(pb::GroupSend { text, client_msg_id })
+            }
             Body::OnlineRequest => Payload::OnlineRequest(pb::OnlineRequest {}),
             Body::OnlineResponse { users } => Payload::OnlineResponse(pb::OnlineResponse {
                 users: users.into_iter().map(user_to_pb).collect(),
@@ -358,8 +512,14 @@ impl From<Frame> for pb::Envelope {
                 } as i32,
                 text: d.text,
                 timestamp_ms: d.timestamp_ms,
+                position: d.position,
+                replayed: d.replayed,
             }),
-            Body::Ack { message_id } => Payload::Ack(pb::Ack { message_id }),
+            Body::Ack { message_id, stored, received } => Payload::Ack(pb::Ack {
+                message_id,
+                stored,
+                received: received.map(|r| pb::Positions { inbox: r.inbox, group: r.group }),
+            }),
             Body::Error { code, message, retry_after_ms } => {
                 Payload::Error(pb::Error { code: code_to_pb(code) as i32, message, retry_after_ms })
             }

@@ -21,7 +21,9 @@ pub mod pb {
 }
 
 pub use codec::{CodecError, Encoded, FrameCodec, decode_message, encode_message};
-pub use frame::{Body, Delivery, ErrorCode, Frame, FrameError, MessageKind, User};
+pub use frame::{
+    Body, Delivery, ErrorCode, Frame, FrameError, Login, LoginAck, MessageKind, Positions, User,
+};
 
 /// Default hard limit on one encoded frame (64 KiB).
 pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;

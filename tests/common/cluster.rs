@@ -247,21 +247,33 @@ pub fn cim_host_cli(args: &[&str]) -> String {
     stdout
 }
 
-/// A `redis-server` of the test's own on a free port, without persistence, so that it can
-/// be stopped and started again empty. Killed on drop.
+/// A `redis-server` of the test's own on a free port, killed on drop. Without persistence
+/// ([`OwnRedis::start`]) it is stopped and started again empty; with an append-only file
+/// fsynced on every write ([`OwnRedis::start_aof`]) a restart reloads everything it
+/// acknowledged, even after SIGKILL.
 pub struct OwnRedis {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    aof: bool,
 }
 
 impl OwnRedis {
     pub async fn start() -> OwnRedis {
+        OwnRedis::start_with(false).await
+    }
+
+    /// With `--appendonly yes --appendfsync always` in a data directory of its own.
+    pub async fn start_aof() -> OwnRedis {
+        OwnRedis::start_with(true).await
+    }
+
+    async fn start_with(aof: bool) -> OwnRedis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let mut redis = OwnRedis { port, child: None, dir: tempfile::tempdir().expect("tempdir") };
+        let mut redis = OwnRedis { port, child: None, dir: tempfile::tempdir().expect("tempdir"), aof };
         redis.start_again().await;
         redis
     }
@@ -274,16 +286,12 @@ impl OwnRedis {
     pub async fn start_again(&mut self) {
         assert!(self.child.is_none(), "redis-server is already running");
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(if self.aof {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())
@@ -303,7 +311,8 @@ impl OwnRedis {
         .await;
     }
 
-    /// Kills the server (SIGKILL: it keeps nothing) and waits for it to be gone.
+    /// Kills the server (SIGKILL: without an append-only file it keeps nothing) and waits
+    /// for it to be gone.
     pub async fn stop(&mut self) {
         let mut child = self.child.take().expect("redis-server is not running");
         child.kill().await.expect("kill redis-server");

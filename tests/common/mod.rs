@@ -58,6 +58,19 @@ pub fn components() -> PathBuf {
     dir.join("target/wasm32-wasip2/release")
 }
 
+/// The repository's spin.toml with its paths made absolute and `extra` appended, written
+/// into `dir`; returns its path.
+pub fn manifest_with(dir: &std::path::Path, extra: &str) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("spin.toml")).expect("spin.toml");
+    let root = root().canonicalize().expect("repository root");
+    let text = text
+        .replace("source = \"components/", &format!("source = \"{}/components/", root.display()))
+        .replace("workdir = \"components\"", &format!("workdir = \"{}/components\"", root.display()));
+    let path = dir.join("spin.toml");
+    std::fs::write(&path, format!("{text}\n{extra}")).expect("write the manifest");
+    path
+}
+
 /// Path to a component's built `.wasm` (`word_filter`, `loop_forever`, ...).
 pub fn component(file_stem: &str) -> PathBuf {
     components().join(format!("{file_stem}.wasm"))
@@ -134,17 +147,41 @@ impl Host {
         data_dir: std::sync::Arc<tempfile::TempDir>,
         extra: &[&str],
     ) -> anyhow::Result<Host> {
+        Host::start_with_env(data_dir, extra, &[]).await
+    }
+
+    /// Like [`Host::start_in`], with environment variables set for the host.
+    pub async fn start_with_env(
+        data_dir: std::sync::Arc<tempfile::TempDir>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Host> {
+        Host::spawn(data_dir, &root().join("spin.toml"), extra, env).await
+    }
+
+    /// Like [`Host::start`], with another manifest.
+    pub async fn start_with_manifest(manifest: &std::path::Path, extra: &[&str]) -> anyhow::Result<Host> {
+        Host::spawn(std::sync::Arc::new(tempfile::tempdir()?), manifest, extra, &[]).await
+    }
+
+    async fn spawn(
+        data_dir: std::sync::Arc<tempfile::TempDir>,
+        manifest: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Host> {
         components();
         let mut cmd = Command::new(binary("cim-host"));
         cmd.args(["up", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
             .arg("--manifest")
-            .arg(root().join("spin.toml"))
+            .arg(manifest)
             .arg("--data-dir")
             .arg(data_dir.path())
             .args(extra);
         if !extra.contains(&"--admin-token") {
             cmd.args(["--admin-token", ADMIN_TOKEN]);
         }
+        cmd.envs(env.iter().copied());
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -179,6 +216,13 @@ impl Host {
 
     pub fn route(&self) -> String {
         format!("http://{}", self.http)
+    }
+
+    /// Asks the host to shut down (SIGTERM), as an operator or a container runtime would.
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("the host is running").to_string();
+        let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("running kill");
+        assert!(status.success(), "kill -TERM {pid}");
     }
 
     pub fn ws_url(&self) -> String {
@@ -295,10 +339,9 @@ impl RawClient {
     }
 
     pub async fn login(&mut self, id: u64, name: &str) {
-        self.send(Frame::new(1, Body::Login { user_id: id, user_name: name.into(), token: String::new() }))
-            .await;
+        self.send(Frame::new(1, Body::login(id, name.into(), String::new()))).await;
         match self.recv().await {
-            Some(Ok(Frame { request_id: 1, body: Body::LoginAck { .. } })) => {}
+            Some(Ok(Frame { request_id: 1, body: Body::LoginAck(_) })) => {}
             other => panic!("expected login ack for {id}, got {other:?}"),
         }
     }
@@ -400,6 +443,7 @@ pub fn expect_error(body: Body, code: ErrorCode) -> String {
         other => panic!("expected error {code}, got {other:?}"),
     }
 }
+pub mod chaos_client;
 pub mod cluster;
 pub mod proxy;
 pub mod terminal;

@@ -80,6 +80,7 @@ mod tests {
 
     fn p2p(max: f64) -> P2pReport {
         P2pReport {
+            qos: 0,
             pairs: 16,
             messages_per_pair: 100,
             size: 64,

@@ -6,6 +6,11 @@
 //! - [`mqtt`]: Mosquitto (or any MQTT 3.1.1 broker) through `rumqttc`, QoS 0; a topic per
 //!   receiver, one topic for the group.
 //! - [`nats`]: NATS through `async-nats`; a subject per receiver, one subject for the group.
+//!
+//! [`Delivery::AtLeastOnce`] puts every target in its durable mode: cim sends carry a
+//! `client_msg_id` and receivers acknowledge positions; MQTT QoS 1 with persistent sessions;
+//! NATS JetStream (one file stream, a durable consumer per receiver). Senders then hear of
+//! each message the server has taken on (`Hooks::on_acked`).
 
 pub mod cim;
 pub mod mqtt;
@@ -94,10 +99,22 @@ pub enum Dest {
     Group,
 }
 
+/// What a send's acceptance means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// Each target's plain mode (cim still answers every send; MQTT QoS 0, core NATS).
+    #[default]
+    AtMostOnce,
+    /// Each target's durable mode (see the module documentation).
+    AtLeastOnce,
+}
+
 /// Called with each received payload, on the connection's reader task.
 pub type OnMessage = Arc<dyn Fn(&[u8]) + Send + Sync>;
 /// Called once for each request the server refused (the message will never arrive).
 pub type OnFailed = Arc<dyn Fn() + Send + Sync>;
+/// Called once for each send the server acknowledged (cim ACK, MQTT PUBACK, JetStream PubAck).
+pub type OnAcked = Arc<dyn Fn() + Send + Sync>;
 
 /// Errors seen during a run: counted, the first few kept for the report.
 #[derive(Debug, Default)]
@@ -133,6 +150,7 @@ impl ErrorLog {
 pub struct Hooks {
     pub on_message: Option<OnMessage>,
     pub on_failed: Option<OnFailed>,
+    pub on_acked: Option<OnAcked>,
     pub errors: Arc<ErrorLog>,
 }
 
@@ -144,7 +162,7 @@ impl fmt::Debug for Hooks {
 
 impl Hooks {
     pub fn new(errors: Arc<ErrorLog>) -> Hooks {
-        Hooks { on_message: None, on_failed: None, errors }
+        Hooks { on_message: None, on_failed: None, on_acked: None, errors }
     }
 
     pub fn on_message(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Hooks {
@@ -156,6 +174,17 @@ impl Hooks {
         self.on_failed = Some(Arc::new(f));
         self
     }
+
+    pub fn on_acked(mut self, f: impl Fn() + Send + Sync + 'static) -> Hooks {
+        self.on_acked = Some(Arc::new(f));
+        self
+    }
+
+    fn acked(&self) {
+        if let Some(f) = &self.on_acked {
+            f();
+        }
+    }
 }
 
 /// Opens connections to one target for one run. Names (user ids, topics, subjects) carry
@@ -164,7 +193,10 @@ impl Hooks {
 pub struct Connector {
     pub target: Target,
     pub run: u64,
+    pub delivery: Delivery,
     route: Option<cim::RouteClient>,
+    /// NATS at least once: the run's stream, created by the first connection.
+    stream: tokio::sync::OnceCell<()>,
 }
 
 impl Connector {
@@ -177,7 +209,13 @@ impl Connector {
             Target::Cim { route } => Some(cim::RouteClient::new(route.clone(), tokens)),
             _ => None,
         };
-        Connector { target, run, route }
+        Connector { target, run, delivery: Delivery::AtMostOnce, route, stream: tokio::sync::OnceCell::new() }
+    }
+
+    /// Every connection in `delivery`'s mode.
+    pub fn with_delivery(mut self, delivery: Delivery) -> Connector {
+        self.delivery = delivery;
+        self
     }
 
     /// The server's own counters (cim only: `GET /metrics`); `None` for other targets or
@@ -206,12 +244,17 @@ impl Connector {
         }
     }
 
+    /// The JetStream stream holding every receiver's subject of this run.
+    fn nats_stream(&self) -> (String, String) {
+        (format!("CIMBENCH_{}", self.run), format!("cimbench.{}.u.*", self.run))
+    }
+
     /// Connects (and logs in) user `id`; with `listen`, subscribes before returning.
     pub async fn connect(&self, id: u64, listen: Listen, hooks: Hooks) -> anyhow::Result<Peer> {
         let conn = match &self.target {
             Target::Cim { .. } => {
                 let route = self.route.as_ref().context("cim target without a route client")?;
-                Conn::Cim(cim::Conn::connect(route, id, hooks).await?)
+                Conn::Cim(cim::Conn::connect(route, id, hooks, self.delivery).await?)
             }
             Target::Mqtt { host, port } => {
                 let topic = match listen {
@@ -220,7 +263,7 @@ impl Connector {
                     Listen::Group => Some(self.mqtt_topic(Dest::Group)),
                 };
                 let client_id = format!("cb{}-{id}", self.run);
-                Conn::Mqtt(mqtt::Conn::connect(host, *port, client_id, topic, hooks).await?)
+                Conn::Mqtt(mqtt::Conn::connect(host, *port, client_id, topic, hooks, self.delivery).await?)
             }
             Target::Nats { url } => {
                 let subject = match listen {
@@ -228,7 +271,15 @@ impl Connector {
                     Listen::Own => Some(self.nats_subject(Dest::User(id))),
                     Listen::Group => Some(self.nats_subject(Dest::Group)),
                 };
-                Conn::Nats(nats::Conn::connect(url, subject, hooks).await?)
+                match self.delivery {
+                    Delivery::AtMostOnce => Conn::Nats(nats::Conn::connect(url, subject, hooks).await?),
+                    Delivery::AtLeastOnce => {
+                        let (name, subjects) = self.nats_stream();
+                        let stream =
+                            nats::JsStream { name: &name, subjects: &subjects, created: &self.stream };
+                        Conn::Js(nats::JsConn::connect(url, stream, id, subject, hooks).await?)
+                    }
+                }
             }
         };
         Ok(Peer { id, conn })
@@ -240,6 +291,7 @@ impl Connector {
             Conn::Cim(c) => c.send(dest, texts).await,
             Conn::Mqtt(c) => c.send(self.mqtt_topic(dest), texts).await,
             Conn::Nats(c) => c.send(self.nats_subject(dest), texts).await,
+            Conn::Js(c) => c.send(self.nats_subject(dest), texts).await,
         }
     }
 }
@@ -256,6 +308,7 @@ enum Conn {
     Cim(cim::Conn),
     Mqtt(mqtt::Conn),
     Nats(nats::Conn),
+    Js(nats::JsConn),
 }
 
 impl Peer {
@@ -265,6 +318,7 @@ impl Peer {
             Conn::Cim(c) => c.close().await,
             Conn::Mqtt(c) => c.close().await,
             Conn::Nats(c) => c.close().await,
+            Conn::Js(c) => c.close().await,
         }
     }
 }

@@ -1,5 +1,9 @@
 //! MQTT 3.1.1 through `rumqttc`, QoS 0: one connection per user, its event loop polled by
 //! one task that hands incoming publishes to the hooks.
+//!
+//! At least once ([`Delivery::AtLeastOnce`]): QoS 1 both ways (publish and subscription) on a
+//! persistent session (clean session off, the run's fixed client id); each PUBACK goes to
+//! `Hooks::on_acked`, and `rumqttc` acknowledges each incoming publish itself.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +13,7 @@ use anyhow::{Context as _, bail};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::task::JoinHandle;
 
-use super::Hooks;
+use super::{Delivery, Hooks};
 
 /// How long connecting and subscribing may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -19,6 +23,7 @@ const REQUEST_QUEUE: usize = 1024;
 #[derive(Debug)]
 pub struct Conn {
     client: AsyncClient,
+    qos: QoS,
     closing: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
@@ -30,10 +35,15 @@ impl Conn {
         client_id: String,
         topic: Option<String>,
         hooks: Hooks,
+        delivery: Delivery,
     ) -> anyhow::Result<Conn> {
+        let qos = match delivery {
+            Delivery::AtMostOnce => QoS::AtMostOnce,
+            Delivery::AtLeastOnce => QoS::AtLeastOnce,
+        };
         let mut opts = MqttOptions::new(client_id.clone(), host, port);
         opts.set_keep_alive(Duration::from_secs(60))
-            .set_clean_session(true)
+            .set_clean_session(delivery == Delivery::AtMostOnce)
             .set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = AsyncClient::new(opts, REQUEST_QUEUE);
         let mut net = NetworkOptions::new();
@@ -43,7 +53,7 @@ impl Conn {
         tokio::time::timeout(SETUP_TIMEOUT, async {
             wait_for(&mut events, |p| matches!(p, Packet::ConnAck(_))).await?;
             if let Some(topic) = topic {
-                client.subscribe(topic.clone(), QoS::AtMostOnce).await?;
+                client.subscribe(topic.clone(), qos).await?;
                 wait_for(&mut events, |p| matches!(p, Packet::SubAck(_)))
                     .await
                     .with_context(|| format!("subscribing to {topic}"))?;
@@ -55,12 +65,12 @@ impl Conn {
         .with_context(|| format!("MQTT client {client_id}"))?;
         let closing = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(poll_loop(events, hooks, closing.clone(), client_id));
-        Ok(Conn { client, closing, task })
+        Ok(Conn { client, qos, closing, task })
     }
 
     pub async fn send(&mut self, topic: String, texts: Vec<String>) -> anyhow::Result<()> {
         for text in texts {
-            self.client.publish(topic.clone(), QoS::AtMostOnce, false, text.into_bytes()).await?;
+            self.client.publish(topic.clone(), self.qos, false, text.into_bytes()).await?;
         }
         Ok(())
     }
@@ -100,6 +110,7 @@ async fn poll_loop(mut events: EventLoop, hooks: Hooks, closing: Arc<AtomicBool>
                     f(&p.payload);
                 }
             }
+            Ok(Event::Incoming(Packet::PubAck(_))) => hooks.acked(),
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) if closing.load(Ordering::Relaxed) => return,
             Ok(_) => {}
             Err(e) => {

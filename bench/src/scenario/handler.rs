@@ -54,7 +54,14 @@ pub async fn run(args: &HandlerArgs) -> anyhow::Result<HandlerReport> {
     runtime.install_manifest(&manifest).await.context("installing the manifest's components")?;
     let store = Store::memory();
     for id in 1..=ONLINE {
-        store.claim(OnlineEntry { user: user(id), node_id: "bench".into(), conn_id: id }).await?;
+        store
+            .claim(OnlineEntry {
+                user: user(id),
+                node_id: "bench".into(),
+                conn_id: id,
+                resume: String::new(),
+            })
+            .await?;
     }
     let ctx = Context::new(store);
     let batch = args.batch.max(1);

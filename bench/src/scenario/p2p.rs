@@ -7,6 +7,13 @@
 //! rate, each sender follows its own schedule (phases spread over the interval) and sends
 //! whatever is due in one write, so the server sees small bursts as from a 1 ms timer.
 //! The payload is stamped with the send time just before the write.
+//!
+//! At least once (`--qos 1`, [`Delivery::AtLeastOnce`]): each target in its durable mode (see
+//! [`crate::peer`]). The window stays end to end; a message counts as sent when the server
+//! acknowledged it (cim ACK: in the log; MQTT PUBACK; JetStream PubAck), and a phase ends
+//! only once every write has been acknowledged (or nothing moved for the idle timeout), so
+//! `lost` is acknowledged but never delivered. Every mode counts duplicates (a sequence
+//! number delivered twice within a phase); they neither count as delivered nor free a slot.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -18,7 +25,7 @@ use tokio::sync::Semaphore;
 
 use super::{Env, all_ok, close_all, connect_all, errors};
 use crate::payload;
-use crate::peer::{Dest, ErrorLog, Hooks, Listen, Peer};
+use crate::peer::{Delivery, Dest, ErrorLog, Hooks, Listen, Peer};
 use crate::progress;
 use crate::report::{P2pPhase, P2pReport};
 use crate::stats::{CpuMeter, Latency, Recorder, histogram};
@@ -44,11 +51,16 @@ pub struct P2pArgs {
     pub half_load: bool,
     /// A phase without any delivery for this long ends; what is missing counts as lost.
     pub idle_timeout: Duration,
+    /// Each target's plain or durable mode (the connector's).
+    pub delivery: Delivery,
 }
 
 #[derive(Debug)]
 struct Pair {
     received: AtomicU64,
+    duplicated: AtomicU64,
+    /// One bit per sequence number of the current phase: delivered already.
+    seen: Vec<AtomicU64>,
     last_ns: AtomicU64,
     recorder: Recorder,
     window: Semaphore,
@@ -58,6 +70,8 @@ struct Pair {
 struct Shared {
     phase: AtomicU32,
     delivered: AtomicU64,
+    /// Sends the servers acknowledged in this phase.
+    acked: AtomicU64,
     pairs: Vec<Pair>,
 }
 
@@ -72,9 +86,12 @@ pub async fn run(env: &Env, args: &P2pArgs) -> anyhow::Result<P2pReport> {
     let shared = Arc::new(Shared {
         phase: AtomicU32::new(0),
         delivered: AtomicU64::new(0),
+        acked: AtomicU64::new(0),
         pairs: (0..args.pairs)
             .map(|_| Pair {
                 received: AtomicU64::new(0),
+                duplicated: AtomicU64::new(0),
+                seen: (0..args.messages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
                 last_ns: AtomicU64::new(0),
                 recorder: Recorder::default(),
                 window: Semaphore::new(window),
@@ -94,7 +111,12 @@ pub async fn run(env: &Env, args: &P2pArgs) -> anyhow::Result<P2pReport> {
     let receivers = all_ok(receivers).context("connecting the receivers")?;
     let hooks = |i: usize| {
         let shared = shared.clone();
-        Hooks::new(errors.clone()).on_failed(move || shared.pairs[i].window.add_permits(1))
+        let acked = shared.clone();
+        Hooks::new(errors.clone()).on_failed(move || shared.pairs[i].window.add_permits(1)).on_acked(
+            move || {
+                acked.acked.fetch_add(1, Ordering::Relaxed);
+            },
+        )
     };
     let (senders, _) = connect_all(env, &sender_ids, Listen::Nothing, hooks, "senders").await;
     let mut senders = all_ok(senders).context("connecting the senders")?;
@@ -125,6 +147,10 @@ pub async fn run(env: &Env, args: &P2pArgs) -> anyhow::Result<P2pReport> {
     close_all(senders).await;
     close_all(receivers).await;
     Ok(P2pReport {
+        qos: match args.delivery {
+            Delivery::AtMostOnce => 0,
+            Delivery::AtLeastOnce => 1,
+        },
         pairs: args.pairs,
         messages_per_pair: args.messages,
         size: args.size,
@@ -141,6 +167,14 @@ fn receive(shared: &Shared, i: usize, payload: &[u8]) {
     }
     let now = payload::now_ns();
     let pair = &shared.pairs[i];
+    let k = (seq & ((1 << PHASE_SHIFT) - 1)) as usize;
+    if let Some(word) = pair.seen.get(k / 64) {
+        let bit = 1u64 << (k % 64);
+        if word.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+            pair.duplicated.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
     pair.recorder.record(now.saturating_sub(sent_ns));
     pair.last_ns.fetch_max(now, Ordering::Relaxed);
     pair.received.fetch_add(1, Ordering::Relaxed);
@@ -171,6 +205,10 @@ async fn run_phase(
     let phase = shared.phase.fetch_add(1, Ordering::SeqCst) + 1;
     for pair in &shared.pairs {
         pair.received.store(0, Ordering::Relaxed);
+        pair.duplicated.store(0, Ordering::Relaxed);
+        for word in &pair.seen {
+            word.store(0, Ordering::Relaxed);
+        }
         pair.last_ns.store(0, Ordering::Relaxed);
         pair.recorder.reset();
         let free = pair.window.available_permits();
@@ -179,6 +217,7 @@ async fn run_phase(
         }
     }
     shared.delivered.store(0, Ordering::SeqCst);
+    shared.acked.store(0, Ordering::SeqCst);
     let errors_before = errors.count();
     let total = args.pairs as u64 * args.messages;
     let sent = Arc::new(AtomicU64::new(0));
@@ -227,11 +266,25 @@ async fn run_phase(
         }
     }
     bar.finish_and_clear();
-    let cpu = cpu.stop();
     let mut senders = Vec::with_capacity(tasks.len());
     for t in tasks {
         senders.push(t.await.context("a sender task panicked")?);
     }
+    let written = sent.load(Ordering::SeqCst);
+    if args.delivery == Delivery::AtLeastOnce {
+        // Acks may trail the deliveries: wait for all of them (or for them to stop coming).
+        let mut last_seen = shared.acked.load(Ordering::SeqCst);
+        let mut last_progress = Instant::now();
+        while last_seen < written && last_progress.elapsed() < args.idle_timeout {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let acked = shared.acked.load(Ordering::SeqCst);
+            if acked != last_seen {
+                last_seen = acked;
+                last_progress = Instant::now();
+            }
+        }
+    }
+    let cpu = cpu.stop();
     let delivered = shared.delivered.load(Ordering::SeqCst);
     let end_ns = shared.pairs.iter().map(|p| p.last_ns.load(Ordering::Relaxed)).max().unwrap_or(start_ns);
     let elapsed_s = (end_ns.saturating_sub(start_ns) as f64 / 1e9).max(1e-9);
@@ -239,13 +292,18 @@ async fn run_phase(
     for pair in &shared.pairs {
         pair.recorder.merge_into(&mut h);
     }
-    let sent = sent.load(Ordering::SeqCst);
+    let sent = match args.delivery {
+        Delivery::AtMostOnce => written,
+        Delivery::AtLeastOnce => shared.acked.load(Ordering::SeqCst),
+    };
+    let duplicated = shared.pairs.iter().map(|p| p.duplicated.load(Ordering::Relaxed)).sum();
     let report = P2pPhase {
         mode: if rate.is_some() { "paced" } else { "max" }.to_owned(),
         target_rate: rate,
         sent,
         delivered,
         lost: sent.saturating_sub(delivered),
+        duplicated,
         errors: errors.count() - errors_before,
         first_errors: errors.first(),
         elapsed_s,

@@ -25,6 +25,7 @@ pub async fn run(env: &Env, manifest: Option<PathBuf>) -> SmokeReport {
         runs: 1,
         half_load: true,
         idle_timeout,
+        delivery: env.connector.delivery,
     };
     checks.push(match p2p::run(env, &p2p_args).await {
         Ok(r) => {

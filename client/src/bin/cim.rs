@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use cim_client::history::merge;
 use cim_client::input::{COMMANDS, Input, parse_line};
 use cim_client::token::{BoxError, TokenFuture, TokenProvider};
 use cim_client::{
-    Client, ClientConfig, ClientError, ClientEvent, Delivery, ErrorCode, MessageHandler, ReconnectPolicy,
-    StaticToken, Transport,
+    Client, ClientConfig, ClientError, ClientEvent, Delivery, ErrorCode, HistoryMessage, HistoryStream,
+    MessageHandler, MessageKind, ReconnectPolicy, StaticToken, Transport,
 };
 use clap::Parser;
 use tokio::io::AsyncBufReadExt;
@@ -21,6 +22,8 @@ use tokio::sync::mpsc;
 const EXIT_DUPLICATE_LOGIN: u8 = 2;
 /// Exit status when the server refuses the token.
 const EXIT_UNAUTHENTICATED: u8 = 3;
+/// How many messages `:history` shows without a count.
+const DEFAULT_HISTORY: usize = 20;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,8 +33,10 @@ const EXIT_UNAUTHENTICATED: u8 = 3;
     long_about = "Terminal client of the cim instant-messaging system.\n\n\
         Logs in through the route API of any cim-host node, connects to the node it picks \
         (TCP, or WebSocket with --ws), then reads stdin line by line and prints every received \
-        message on stdout as `[private] NAME(ID): text` or `[group] NAME(ID): text`. \
-        Errors are printed on stdout as `error: ...`. End of input quits.\n\n\
+        message on stdout as `[private] NAME(ID): text` or `[group] NAME(ID): text` (messages \
+        sent while you were away come first when you log in, printed the same way; each \
+        message is printed once). A private message to a user who is offline is stored and \
+        delivered when they log in. Errors are printed on stdout as `error: ...`. End of input quits.\n\n\
         When the server verifies user tokens, give one with --token (or CIM_TOKEN), or a \
         command that prints one with --token-command; the token then says who you are, so \
         --user-id and --name may be left out. The client refreshes the token before it \
@@ -85,8 +90,9 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     timeout: u64,
 
-    /// Reconnect attempts after a lost connection before giving up (0: do not reconnect)
-    #[arg(long, value_name = "N", default_value_t = 20)]
+    /// Reconnect attempts after a lost connection before giving up (0: do not reconnect);
+    /// the default keeps trying for 4 to 7 minutes, past the server's idle timeout
+    #[arg(long, value_name = "N", default_value_t = cim_client::config::DEFAULT_RECONNECT_ATTEMPTS)]
     max_reconnects: u32,
 }
 
@@ -122,11 +128,44 @@ fn describe(error: &ClientError) -> String {
 /// Prints deliveries and connection events; reports the end of the client to `main`.
 struct Printer {
     exits: mpsc::UnboundedSender<u8>,
+    /// Lines that came before the "logged in" line (messages replayed at login), held until
+    /// it is printed; `None` once it is.
+    held: std::sync::Mutex<Option<Vec<String>>>,
+}
+
+impl Printer {
+    fn new(exits: mpsc::UnboundedSender<u8>) -> Self {
+        Printer { exits, held: std::sync::Mutex::new(Some(Vec::new())) }
+    }
+
+    /// Prints `line`, or holds it until [`Printer::release`].
+    fn print(&self, line: String) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        match held.as_mut() {
+            Some(lines) => lines.push(line),
+            None => say(line),
+        }
+    }
+
+    /// Prints the held lines; from now on lines are printed at once.
+    fn release(&self) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for line in held.take().unwrap_or_default() {
+            say(line);
+        }
+    }
 }
 
 impl MessageHandler for Printer {
     fn on_delivery(&self, d: &Delivery) {
-        say(format_args!("[{}] {}({}): {}", d.kind.as_str(), d.sender.name, d.sender.id, d.text));
+        self.print(format!("[{}] {}({}): {}", d.kind.as_str(), d.sender.name, d.sender.id, d.text));
+    }
+
+    fn on_missed(&self, kind: MessageKind) {
+        self.print(format!(
+            "info: some {} messages sent while you were away are no longer kept (:history shows what is)",
+            kind.as_str()
+        ));
     }
 
     fn on_event(&self, event: &ClientEvent) {
@@ -155,6 +194,27 @@ impl MessageHandler for Printer {
             }
         }
     }
+}
+
+/// `:history N`: the newest `limit` messages of both streams, oldest first, after a line
+/// that says how many there are.
+async fn print_history(client: &Client, limit: usize) -> Result<(), ClientError> {
+    let inbox = client.history(HistoryStream::Inbox, limit).await?;
+    let group = client.history(HistoryStream::Group, limit).await?;
+    let messages = merge(&[inbox, group], limit);
+    say(format_args!("── history: {} messages ──", messages.len()));
+    for m in &messages {
+        say(history_line(m));
+    }
+    Ok(())
+}
+
+/// `HH:MM:SS [private] NAME(ID) -> TO: text` (UTC), or `[group] NAME(ID): text`.
+fn history_line(m: &HistoryMessage) -> String {
+    let secs = (m.timestamp_ms / 1000) % 86_400;
+    let time = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
+    let to = m.to.map(|to| format!(" -> {to}")).unwrap_or_default();
+    format!("{time} [{}] {}({}){to}: {}", m.kind, m.from.name, m.from.id, m.text)
 }
 
 /// Runs `sh -c CMD` for every token; its stdout, trimmed, is the token.
@@ -222,7 +282,8 @@ async fn run(args: Args) -> u8 {
     config.reconnect = ReconnectPolicy { max_attempts: Some(args.max_reconnects), ..config.reconnect };
 
     let (exits_tx, mut exits) = mpsc::unbounded_channel();
-    let client = match Client::login(config, Arc::new(Printer { exits: exits_tx })).await {
+    let printer = Arc::new(Printer::new(exits_tx));
+    let client = match Client::login(config, printer.clone()).await {
         Ok(client) => client,
         Err(e @ ClientError::DuplicateLogin(_)) => {
             say(format_args!("error: {e}"));
@@ -243,6 +304,7 @@ async fn run(args: Args) -> u8 {
     };
     let me = client.user();
     say(format_args!("logged in as {}({}) on node {}", me.name, me.id, client.node_id()));
+    printer.release();
 
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let status = loop {
@@ -273,8 +335,15 @@ async fn run(args: Args) -> u8 {
                 }
                 Err(e) => say(format_args!("error: {}", describe(&e))),
             },
-            Input::Private { to, text } => {
-                if let Err(e) = client.send_private(to, text).await {
+            Input::Private { to, text } => match client.send_private(to, text).await {
+                Ok(sent) if sent.stored => {
+                    say(format_args!("(user {to} is offline: stored, delivered when they log in)"));
+                }
+                Ok(_) => {}
+                Err(e) => say(format_args!("error: {}", describe(&e))),
+            },
+            Input::History(limit) => {
+                if let Err(e) = print_history(&client, limit.unwrap_or(DEFAULT_HISTORY)).await {
                     say(format_args!("error: {}", describe(&e)));
                 }
             }

@@ -48,7 +48,7 @@ async fn next_request(stream: &mut crate::transport::FrameStream) -> Frame {
 
 fn token_of(frame: &Frame) -> String {
     match &frame.body {
-        Body::Login { token, .. } | Body::Refresh { token } => token.clone(),
+        Body::Login(cim_proto::Login { token, .. }) | Body::Refresh { token } => token.clone(),
         other => panic!("expected login or refresh, got {other:?}"),
     }
 }
@@ -64,7 +64,7 @@ async fn login_carries_the_token_and_the_server_names_the_user() {
         node.accept_login_as("node-1", bob(), 0)
     );
     let client = client.unwrap();
-    assert_eq!(login.body, Body::Login { user_id: 42, user_name: "bob".into(), token: token.clone() });
+    assert_eq!(login.body, Body::login(42, "bob".into(), token.clone()));
     assert_eq!(client.user(), bob());
     let request = route.requests().remove(0);
     assert!(request.contains(&format!("authorization: Bearer {token}\r\n")), "{request}");
@@ -106,7 +106,7 @@ async fn refresh_is_sent_before_the_token_expires() {
     // 80 % of the (just under) 100 s left.
     assert!(waited > Duration::from_secs(75) && waited < Duration::from_secs(81), "{waited:?}");
     assert_eq!(token_of(&refresh), nth(1));
-    sink.send(Frame::new(refresh.request_id, Body::Ack { message_id: 0 })).await.unwrap();
+    sink.send(Frame::new(refresh.request_id, Body::ack(0))).await.unwrap();
 
     // The next one is scheduled from the new token's `exp`.
     let started = Instant::now();

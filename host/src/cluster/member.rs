@@ -1,15 +1,17 @@
 //! This node as a member of a cluster, as four tasks that never wait for each other:
-//! - the **heartbeat** refreshes the registry entry every `ttl / 3` (every 250 ms while Redis
-//!   does not answer) and nothing else, so a slow rebuild or compile never lets it expire;
+//! - the **heartbeat** refreshes the registry entry and the message-id number lease every
+//!   `ttl / 3` (every 250 ms while Redis does not answer) and nothing else, so a slow rebuild
+//!   or compile never lets them expire;
 //! - the **inbox** hands what other nodes publish to local sessions at once;
 //! - **housekeeping** puts this node's users back when Redis lost them (the heartbeat found
-//!   the node's own entry gone), releases entries left by sessions that closed while Redis was
+//!   the node's own entry gone, or a presence check every `ttl / 2` found some of its
+//!   entries gone while that entry survived), releases entries left by sessions that closed while Redis was
 //!   away, and reaps nodes that died;
 //! - **components** follows pushes made on other nodes (a compile may take a while).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc};
@@ -17,8 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::lb::{Balancer, Strategy};
-use super::reconcile::{reconcile, release_leftovers};
-use super::{Bus, ClusterMessage, NodeInfo, Registry, Subscription};
+use super::node_number::NodeNumber;
+use super::reconcile::{missing_entries, reconcile, release_leftovers};
+use super::{Bus, ClusterMessage, Inbound, NodeInfo, Registry, Subscription};
+use cim_proto::{ErrorCode, Positions};
+
 use crate::router::Router;
 use crate::store::{RedisStore, StoreError};
 
@@ -34,6 +39,8 @@ pub struct Cluster {
     pub balancer: Arc<Balancer>,
     /// Registry entries live this long unless refreshed (every third of it).
     pub ttl: Duration,
+    /// Rebuilds of this node's presence so far (see [`super::reconcile`]).
+    pub rebuilds: Arc<AtomicU64>,
 }
 
 impl Cluster {
@@ -44,6 +51,7 @@ impl Cluster {
             store,
             balancer: Arc::new(Balancer::new(strategy)),
             ttl,
+            rebuilds: Arc::default(),
         }
     }
 
@@ -82,11 +90,12 @@ impl Lost {
 
 /// Runs until shutdown (or until the inbox subscription ends): the heartbeat, the inbox,
 /// housekeeping and component sync, each its own task. Removes this node from the registry
-/// on the way out.
+/// and gives its node number up on the way out.
 pub async fn run(
     cluster: Cluster,
     router: Arc<Router>,
     me: NodeInfo,
+    number: NodeNumber,
     inbox: Subscription,
     shutdown: CancellationToken,
 ) {
@@ -95,7 +104,7 @@ pub async fn run(
     let (changes, changed) = mpsc::unbounded_channel();
     let node_id = me.id.clone();
     let tasks = [
-        tokio::spawn(heartbeat(cluster.clone(), router.clone(), me, lost.clone(), stop.clone())),
+        tokio::spawn(heartbeat(cluster.clone(), router.clone(), me, number, lost.clone(), stop.clone())),
         tokio::spawn(deliver(router.clone(), inbox, changes, stop.clone())),
         tokio::spawn(housekeeping(cluster.clone(), router.clone(), node_id.clone(), lost, stop.clone())),
         tokio::spawn(follow_components(router, changed, cluster.ttl / 3, stop.clone())),
@@ -113,11 +122,13 @@ pub async fn run(
 
 /// Refreshes the registry entry every `ttl / 3`, and raises `lost` when the refresh finds the
 /// entry gone: Redis restarted empty, or this node stalled past its TTL and may have been
-/// reaped. Never waits for anything but the refresh itself.
+/// reaped. Renews the node-number lease right after (which raises the message-id ceiling).
+/// Never waits for anything but the refresh itself.
 async fn heartbeat(
     cluster: Cluster,
     router: Arc<Router>,
     mut me: NodeInfo,
+    mut number: NodeNumber,
     lost: Arc<Lost>,
     stop: CancellationToken,
 ) {
@@ -142,7 +153,14 @@ async fn heartbeat(
                     );
                     lost.raise();
                 }
-                period
+                match number.renew(router.ids()).await {
+                    Ok(None) => period,
+                    Ok(Some(wait)) => wait.clamp(RETRY, period),
+                    Err(e) => {
+                        warn!(error = %e, "could not renew this node's message-id number lease; will retry");
+                        RETRY.min(period)
+                    }
+                }
             }
             Err(e) => {
                 if healthy {
@@ -153,10 +171,24 @@ async fn heartbeat(
             }
         };
     }
+    if let Err(e) = number.release(router.ids()).await {
+        warn!(error = %e, "could not give this node's message-id number up");
+    }
 }
+
+/// How often the inbox task notes where every session is, for a catch-up after a loss.
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
 
 /// Hands inbox messages to local sessions as they come; component changes go to
 /// [`follow_components`] so that a compile never holds up a delivery.
+///
+/// Deliveries published while the inbox subscription was lost never arrive; the log has
+/// them. When the subscription reports the loss, every live session here is held (its seam
+/// closes: later deliveries wait); when it reports the resubscription, a catch-up sends each
+/// session what the log holds past where it was, then lets the held ones through, so that
+/// each conversation stays in order. The catch-up starts from where each session was one
+/// snapshot before the loss was seen: deliveries from users on this node may have moved a
+/// session's position past ones lost on the bus in the meantime.
 async fn deliver(
     router: Arc<Router>,
     mut inbox: Subscription,
@@ -165,31 +197,127 @@ async fn deliver(
 ) {
     // A closed inbox ends the member: this node can no longer hear other nodes.
     let _end_all = stop.clone().drop_guard();
+    let mut snapshot = router.queued_positions();
+    let mut catch_up_from: Option<HashMap<u64, Positions>> = None;
+    let mut held = Vec::new();
+    let mut tick = tokio::time::interval(SNAPSHOT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let msg = tokio::select! {
+        let event = tokio::select! {
             _ = stop.cancelled() => break,
-            msg = inbox.recv() => msg,
+            _ = tick.tick() => {
+                if catch_up_from.is_none() {
+                    snapshot = router.queued_positions();
+                }
+                continue;
+            }
+            event = inbox.next_event() => event,
+        };
+        let msg = match event {
+            Some(Inbound::Message(msg)) => msg,
+            Some(Inbound::Lost) => {
+                catch_up_from.get_or_insert_with(|| std::mem::take(&mut snapshot));
+                held.extend(router.hold_live());
+                continue;
+            }
+            Some(Inbound::Resubscribed) => {
+                // (A cluster client may resubscribe without a reported loss.)
+                let from = catch_up_from.take().unwrap_or_else(|| std::mem::take(&mut snapshot));
+                held.extend(router.hold_live());
+                tokio::spawn(catch_up(router.clone(), std::mem::take(&mut held), from));
+                continue;
+            }
+            None => {
+                // No resubscription will come: let held sessions go; one whose held
+                // deliveries follow a gap is closed, to resume from the log at its next login.
+                for conn in held.drain(..) {
+                    go_live_or_resume(&router, &conn);
+                }
+                break;
+            }
         };
         match msg {
-            Some(ClusterMessage::Deliver { recipients, delivery }) => {
-                router.deliver_local(&recipients, delivery.into());
+            ClusterMessage::Deliver { recipients, delivery } => {
+                // The sending node's `send` span carries the same message id.
+                let _span = tracing::debug_span!("delivery", message_id = delivery.message_id).entered();
+                let prev = delivery.prev;
+                router.deliver_local(&recipients, delivery.into(), prev);
             }
-            Some(ClusterMessage::Kick { user_id, reason }) => router.kick_local(user_id, &reason),
-            Some(ClusterMessage::ComponentChanged { name, sha256 }) => {
+            ClusterMessage::Kick { user_id, reason, conn_id: None, .. } => {
+                router.kick_local(user_id, &reason)
+            }
+            ClusterMessage::Kick { user_id, reason, conn_id: Some(conn), replaced } => {
+                let code = if replaced { ErrorCode::Replaced } else { ErrorCode::Unexpected };
+                router.kick_conn(user_id, conn, code, &reason);
+            }
+            ClusterMessage::ComponentChanged { name, sha256 } => {
                 // Only fails once the components task has stopped, i.e. at shutdown.
                 let _ = changes.send((name, sha256));
             }
             // A subscription opens batches; nodes never nest them.
-            Some(ClusterMessage::Batch { messages }) => {
+            ClusterMessage::Batch { messages } => {
                 warn!(messages = messages.len(), "ignoring a nested cluster message batch")
             }
-            None => break,
         }
     }
 }
 
-/// Rebuilds this node's entries when `lost` is raised, releases what closed sessions left,
-/// and reaps dead nodes. Runs every `ttl / 6` and whenever `lost` is raised.
+/// Housekeeping rounds between two presence checks ([`missing_entries`]): every `ttl / 2`.
+const CHECK_EVERY: u32 = 3;
+
+/// Catches `held` sessions up from the log after the inbox was resubscribed, trying again
+/// while the store does not answer (a Redis Cluster still forming says CLUSTERDOWN for a
+/// while); sessions stay held meanwhile. After [`CATCH_UP_FOR`] the rest go live without it
+/// (what they missed then comes at their next login).
+async fn catch_up(
+    router: Arc<Router>,
+    mut held: Vec<crate::router::LocalConn>,
+    from: HashMap<u64, Positions>,
+) {
+    let started = Instant::now();
+    let mut wait = RETRY;
+    loop {
+        match router.catch_up(held.clone(), &from).await {
+            Ok(n) => {
+                info!(deliveries = n, "caught local sessions up after the cluster inbox was resubscribed");
+                return;
+            }
+            Err(e) if started.elapsed() < CATCH_UP_FOR => {
+                warn!(error = %e, retry_in = ?wait, "could not catch local sessions up from the log yet");
+            }
+            Err(e) => {
+                warn!(error = %e, "could not catch local sessions up from the log: they get it at their next login");
+                for conn in &held {
+                    go_live_or_resume(&router, conn);
+                }
+                return;
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+        // Those already caught up went live.
+        held.retain(|c| !c.seam.is_live());
+    }
+}
+
+/// Lets a held session go live without a catch-up; one whose held deliveries follow a gap
+/// is closed with `UNAVAILABLE` instead, so that it resumes from its acknowledged position
+/// at its next login (letting it acknowledge past the gap would lose those messages).
+fn go_live_or_resume(router: &Router, conn: &crate::router::LocalConn) {
+    if !conn.go_live(conn.seam.queued(), &router.metrics) {
+        conn.kick(
+            ErrorCode::Unavailable,
+            "the message log could not be read to send what this session missed; log in again to resume",
+        );
+    }
+}
+
+/// How long a catch-up keeps trying while the store does not answer.
+const CATCH_UP_FOR: Duration = Duration::from_secs(30);
+
+/// Rebuilds this node's entries when `lost` is raised or a presence check finds some gone,
+/// releases what closed sessions left, and reaps dead nodes. Runs every `ttl / 6` and
+/// whenever `lost` is raised.
 ///
 /// A node found without a registry entry is reaped only once it has stayed so for `ttl / 2`:
 /// after Redis restarts empty, every live node's entry is missing until its next refresh
@@ -205,6 +333,7 @@ async fn housekeeping(
     let grace = cluster.ttl / 2;
     let mut suspects: HashMap<String, Instant> = HashMap::new();
     let mut wait = period;
+    let mut round = 0u32;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -212,7 +341,22 @@ async fn housekeeping(
             _ = tokio::time::sleep(wait) => {}
         }
         wait = period;
+        round = round.wrapping_add(1);
+        if round.is_multiple_of(CHECK_EVERY) && !lost.pending.load(Ordering::SeqCst) {
+            match missing_entries(&cluster.store, &router).await {
+                Ok(0) => {}
+                Ok(missing) => {
+                    warn!(
+                        missing,
+                        "some of this node's online entries are gone from redis while its registry entry is there: putting them back"
+                    );
+                    lost.pending.store(true, Ordering::SeqCst);
+                }
+                Err(e) => warn!(error = %e, "could not check this node's online entries"),
+            }
+        }
         if lost.take() {
+            cluster.rebuilds.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
             match reconcile(&cluster.store, &router).await {
                 Ok(r) => info!(

@@ -9,6 +9,13 @@
 //! a session leaves the local map before its own release is sent, so either that release
 //! runs after the claim, or this check — made after the claim's reply — sees the session
 //! gone and releases it.
+//!
+//! Redis can also lose some of a node's entries while the node's registry entry survives (a
+//! Redis Cluster failover that lost the last writes, someone deleting `online` entries):
+//! [`missing_entries`] finds that cheaply, so housekeeping can rebuild then too, and never
+//! because of ordinary churn.
+
+use std::collections::HashSet;
 
 use cim_proto::ErrorCode;
 use tracing::{info, warn};
@@ -58,6 +65,32 @@ pub async fn reconcile(store: &RedisStore, router: &Router) -> Result<Reconciled
         }
     }
     Ok(done)
+}
+
+/// How many local sessions have no online entry in Redis at all (a loss to rebuild).
+///
+/// First one round trip of counts ([`RedisStore::presence_counts`]): the node's `node-users`
+/// set holds at least its local sessions (a login claims before it binds locally, a logout
+/// unbinds before it releases, so churn only ever makes the set larger for a moment), and
+/// the `online` hash has as many entries as all `node-users` sets have members (every
+/// presence script changes both at once). Only when either fails does it compare by sets:
+/// it reads the local users' entries (one `HMGET` per thousand) and counts those with no
+/// entry whose session is still here after the reply (a session that left meanwhile was
+/// released, not lost). An entry naming another node is not a loss either: a take-over
+/// moved it, and the kick is on its way.
+pub async fn missing_entries(store: &RedisStore, router: &Router) -> Result<usize, StoreError> {
+    let counts = store.presence_counts(&router.config().node_id).await?;
+    let local = router.local_connections() as u64;
+    if counts.mine >= local && counts.entries == counts.members {
+        return Ok(0);
+    }
+    let sessions = router.local_entries();
+    let ids: Vec<u64> = sessions.iter().map(|e| e.user.id).collect();
+    let present: HashSet<u64> = store.lookup_many(&ids).await?.into_iter().map(|e| e.user.id).collect();
+    Ok(sessions
+        .iter()
+        .filter(|e| !present.contains(&e.user.id) && router.holds(e.user.id, e.conn_id))
+        .count())
 }
 
 /// Releases the entries of sessions that closed while Redis could not be reached (see

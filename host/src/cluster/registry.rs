@@ -232,7 +232,12 @@ mod tests {
     }
 
     fn entry(id: u64, node: &str) -> OnlineEntry {
-        OnlineEntry { user: User { id, name: format!("u{id}") }, node_id: node.into(), conn_id: id }
+        OnlineEntry {
+            user: User { id, name: format!("u{id}") },
+            node_id: node.into(),
+            conn_id: id,
+            resume: String::new(),
+        }
     }
 
     #[tokio::test]

@@ -31,7 +31,7 @@ fn node(id: &str) -> NodeInfo {
 
 fn router(store: &Arc<RedisStore>, node_id: &str) -> Arc<Router> {
     let config = Config { node_id: node_id.into(), ..Config::default() };
-    Router::new(Arc::new(config), Store::Redis(store.clone()), Backend::Builtin)
+    Router::new(Arc::new(config), Store::from_redis(store.clone(), Default::default()), Backend::Builtin)
 }
 
 /// Logs user `id` in on `router` (claims it in Redis, binds it locally); returns its conn id.
@@ -39,8 +39,15 @@ async fn login(router: &Router, id: u64) -> u64 {
     let (tx, _rx) = Outbox::new(4, 1 << 16);
     let conn_id = router.next_conn_id();
     let user = User { id, name: format!("u{id}") };
-    let conn = LocalConn { conn_id, user, tx, closer: Closer::child_of(&CancellationToken::new()) };
-    router.login(conn, None).await.expect("login");
+    let conn = LocalConn {
+        conn_id,
+        user,
+        tx,
+        closer: Closer::child_of(&CancellationToken::new()),
+        seam: crate::router::Seam::live(),
+        resume: String::new(),
+    };
+    router.login(conn, None, "").await.expect("login");
     conn_id
 }
 
@@ -115,9 +122,12 @@ async fn a_member_puts_its_users_back_after_redis_lost_them() {
     let ttl = Duration::from_millis(600);
     let cluster = Cluster::new(store.clone(), Strategy::RoundRobin, ttl);
     let a = router(&store, "a");
+    let mut number = super::node_number::NodeNumber::new(&store, "a", ttl);
+    number.acquire(a.ids()).await.unwrap();
     let inbox = cluster.join(&node("a")).await.unwrap();
     let stop = CancellationToken::new();
-    let member = tokio::spawn(super::member::run(cluster.clone(), a.clone(), node("a"), inbox, stop.clone()));
+    let member =
+        tokio::spawn(super::member::run(cluster.clone(), a.clone(), node("a"), number, inbox, stop.clone()));
     for id in 1..=50 {
         login(&a, id).await;
     }
@@ -232,5 +242,123 @@ async fn churn_during_a_rebuild_leaves_no_ghost() {
     assert_eq!(online_on(&store, "a").await, BTreeSet::new(), "ghosts left after everyone left");
     let users: usize = store.connection().scard(store.keys().node_users("a")).await.unwrap();
     assert_eq!(users, 0);
+    t.cleanup().await;
+}
+
+/// A member of a cluster with a `ttl` registry entry, running until `stop` is cancelled.
+async fn start_member(
+    store: &Arc<RedisStore>,
+    a: &Arc<Router>,
+    ttl: Duration,
+    stop: &CancellationToken,
+) -> (Cluster, tokio::task::JoinHandle<()>) {
+    let cluster = Cluster::new(store.clone(), Strategy::RoundRobin, ttl);
+    let mut number = super::node_number::NodeNumber::new(store, "a", ttl);
+    number.acquire(a.ids()).await.unwrap();
+    let inbox = cluster.join(&node("a")).await.unwrap();
+    let run = super::member::run(cluster.clone(), a.clone(), node("a"), number, inbox, stop.clone());
+    (cluster, tokio::spawn(run))
+}
+
+/// Redis loses some of a node's entries while its registry entry survives (someone deletes
+/// `online` entries; a failover loses the last claims, entry and set member both): the
+/// presence check notices and they are back within a few heartbeats, each time with one
+/// rebuild, while the node's registry entry never went away.
+#[tokio::test]
+async fn entries_lost_behind_a_live_nodes_back_come_back() {
+    let t = TestRedis::new();
+    let store = Arc::new(t.store().await);
+    let ttl = Duration::from_millis(600);
+    let a = router(&store, "a");
+    let stop = CancellationToken::new();
+    let (cluster, member) = start_member(&store, &a, ttl, &stop).await;
+    for id in 1..=50 {
+        login(&a, id).await;
+    }
+    let all: BTreeSet<u64> = (1..=50).collect();
+    let keys = store.keys().clone();
+    let mut conn = store.connection();
+
+    // 1. Ten `online` entries deleted; the node's set still names them.
+    let gone: Vec<u64> = (1..=10).collect();
+    conn.hdel::<_, _, ()>(keys.online(), &gone).await.unwrap();
+    let deleted = Instant::now();
+    eventually(ttl * 3, "the deleted entries to be back", || async { online_on(&store, "a").await == all })
+        .await;
+    eprintln!("10 deleted online entries back {:?} after (ttl {ttl:?})", deleted.elapsed());
+    assert_eq!(cluster.rebuilds.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    // 2. Five claims lost as a failover would lose them: the entries and the set members.
+    let gone: Vec<u64> = (20..25).collect();
+    redis::pipe()
+        .hdel(keys.online(), &gone)
+        .srem(keys.node_users("a"), &gone)
+        .exec_async(&mut conn)
+        .await
+        .unwrap();
+    let lost = Instant::now();
+    eventually(ttl * 3, "the lost claims to be back", || async { online_on(&store, "a").await == all }).await;
+    eprintln!("5 lost claims back {:?} after", lost.elapsed());
+    assert_eq!(cluster.rebuilds.load(std::sync::atomic::Ordering::Relaxed), 2);
+    let members: BTreeSet<u64> = conn.smembers(keys.node_users("a")).await.unwrap();
+    assert_eq!(members, all, "the node's set is whole again");
+    assert!(cluster.registry.register(&node("a"), ttl).await.unwrap(), "a's registry entry never went away");
+
+    stop.cancel();
+    member.await.unwrap();
+    t.cleanup().await;
+}
+
+/// Logins and logouts go on for many presence checks: no check finds anything missing and
+/// the member never rebuilds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_alone_never_triggers_a_rebuild() {
+    let t = TestRedis::new();
+    let store = Arc::new(t.store().await);
+    let ttl = Duration::from_millis(600);
+    let a = router(&store, "a");
+    let stop = CancellationToken::new();
+    let (cluster, member) = start_member(&store, &a, ttl, &stop).await;
+    for id in 1..=200 {
+        login(&a, id).await;
+    }
+    let churn_for = ttl * 5;
+    let started = Instant::now();
+    let churn: Vec<_> = (0..4u64)
+        .map(|lane| {
+            let a = a.clone();
+            tokio::spawn(async move {
+                let mut cycles = 0u64;
+                while started.elapsed() < churn_for {
+                    let id = 1_000 + lane * 100_000 + cycles;
+                    let conn = login(&a, id).await;
+                    a.logout(id, conn).await;
+                    cycles += 1;
+                }
+                cycles
+            })
+        })
+        .collect();
+    // The check itself, asked as often as it can be while the churn runs.
+    let mut checks = 0;
+    while started.elapsed() < churn_for {
+        assert_eq!(
+            super::reconcile::missing_entries(&store, &a).await.unwrap(),
+            0,
+            "a check saw churn as loss"
+        );
+        checks += 1;
+    }
+    let mut cycles = 0;
+    for c in churn {
+        cycles += c.await.unwrap();
+    }
+    eprintln!("{cycles} login/logout cycles, {checks} direct checks, over {churn_for:?}");
+    assert!(cycles > 100, "too little churn: {cycles}");
+    assert_eq!(cluster.rebuilds.load(std::sync::atomic::Ordering::Relaxed), 0, "churn triggered a rebuild");
+    assert_eq!(online_on(&store, "a").await, (1..=200).collect(), "ghosts or losses after the churn");
+
+    stop.cancel();
+    member.await.unwrap();
     t.cleanup().await;
 }

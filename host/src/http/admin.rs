@@ -81,6 +81,9 @@ fn info_json(loaded: &Loaded) -> serde_json::Value {
         "sha256": loaded.sha256,
         "size": loaded.size,
         "source": loaded.source,
+        "limits": crate::runtime::LimitsJson::from(loaded.limits),
+        "starting_memory": loaded.headroom().map(|h| h.starting),
+        "headroom": loaded.headroom().map(|h| h.to_string()),
     })
 }
 

@@ -4,7 +4,8 @@
 use axum::Router;
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use cim_proto::User;
@@ -14,14 +15,15 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::extract::{ApiError, ApiJson, Caller, json_response};
-use crate::handlers::builtin::{GROUP_HISTORY_KEY, HISTORY_LEN, HISTORY_STORE, history_key};
 use crate::limits::Action;
-use crate::router::RouteError;
-use crate::store::MAX_PAGE;
+use crate::router::{MAX_HISTORY_PAGE, Page, RouteError};
 use crate::transport::Sessions;
 
 /// The browser chat page: WebSocket at `/ws`, route login at `/login`.
 const CHAT_PAGE: &str = include_str!("../../web/index.html");
+/// The page's script: the JavaScript SDK and the page, bundled from `sdk/js` (committed, so
+/// the host builds without npm; CI checks it matches a fresh bundle).
+const CHAT_SCRIPT: &str = include_str!("../../web/chat.js");
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -29,9 +31,16 @@ fn ok(value: Value) -> ApiResult {
     Ok(json_response(StatusCode::OK, &value))
 }
 
+/// A message id as JSON: a decimal string, since ids are above 2^53 and a JavaScript number
+/// would round them.
+fn message_id(id: u64) -> Value {
+    Value::String(id.to_string())
+}
+
 pub fn router() -> Router<Sessions> {
     Router::new()
         .route("/", get(page))
+        .route("/chat.js", get(script))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/online", get(online))
@@ -44,6 +53,10 @@ pub fn router() -> Router<Sessions> {
 
 async fn page() -> Html<&'static str> {
     Html(CHAT_PAGE)
+}
+
+async fn script() -> impl IntoResponse {
+    ([(CONTENT_TYPE, HeaderValue::from_static("text/javascript; charset=utf-8"))], CHAT_SCRIPT)
 }
 
 async fn healthz(State(s): State<Sessions>) -> ApiResult {
@@ -63,7 +76,7 @@ async fn metrics(State(s): State<Sessions>, caller: Caller) -> ApiResult {
         caller.service(&config.auth)?;
     }
     let mut resp = s.router.metrics.render(&config.node_id).into_response();
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
     Ok(resp)
 }
 
@@ -81,8 +94,16 @@ async fn online(State(s): State<Sessions>, caller: Caller) -> ApiResult {
     ok(json!({ "users": users }))
 }
 
-/// `GET /history/{id}`: the service reads anyone's, a user only their own.
-async fn history(State(s): State<Sessions>, caller: Caller, Path(id): Path<String>) -> ApiResult {
+/// `GET /history/{id}?stream=inbox|group&before=P|after=P&limit=N`: one page of a user's
+/// inbox (private messages, both directions) or of the group as they see it, from the log.
+/// The service reads anyone's, a user only their own.
+async fn history(
+    State(s): State<Sessions>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> ApiResult {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))?;
     let id: u64 = id.parse().map_err(|_| ApiError::bad_request("expected /history/<user id>"))?;
     match &caller {
         Caller::User(v) if v.user_id == id => {}
@@ -94,24 +115,59 @@ async fn history(State(s): State<Sessions>, caller: Caller, Path(id): Path<Strin
         }
         _ => caller.service(&s.router.config().auth)?,
     }
-    let store = s.router.store();
-    let mine =
-        store.kv_range(HISTORY_STORE, &history_key(id), 0, -1, MAX_PAGE).await.map_err(RouteError::from)?;
-    let group =
-        store.kv_range(HISTORY_STORE, GROUP_HISTORY_KEY, 0, -1, MAX_PAGE).await.map_err(RouteError::from)?;
-    // Entries are JSON written by the message callback; anything else is shown as text.
-    let mut messages: Vec<Value> = mine
+    let group = match q.stream.as_deref() {
+        None | Some("inbox") => false,
+        Some("group") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!("`stream` must be `inbox` or `group`, got {other:?}")));
+        }
+    };
+    let page = match (q.before, q.after) {
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("give `before` or `after`, not both")),
+        (Some(p), None) => Page::Before(p),
+        (None, Some(p)) => Page::After(p),
+        (None, None) => Page::Before(0),
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_HISTORY_PAGE);
+    if !(1..=MAX_HISTORY_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!("`limit` must be 1 to {MAX_HISTORY_PAGE}, got {limit}")));
+    }
+    let found = s.router.history(id, group, page, limit).await?;
+    let messages: Vec<Value> = found
+        .entries
         .iter()
-        .chain(&group)
         .map(|e| {
-            serde_json::from_slice(e)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(e).into_owned()))
+            let m = &e.message;
+            json!({
+                "position": e.position.to_string(),
+                "id": message_id(m.id),
+                "kind": m.kind().as_str(),
+                "from": { "id": m.sender_id, "name": m.sender_name },
+                "to": (!m.group).then_some(m.to),
+                "text": m.text,
+                "timestamp_ms": m.timestamp_ms,
+            })
         })
         .collect();
-    // Newest first across both lists (message ids increase with time).
-    messages.sort_by_key(|m| std::cmp::Reverse(m["id"].as_u64().unwrap_or(0)));
-    messages.truncate(HISTORY_LEN);
-    ok(json!({ "user_id": id, "messages": messages }))
+    ok(json!({
+        "user_id": id,
+        "stream": if group { "group" } else { "inbox" },
+        "messages": messages,
+        "trimmed_through": found.trimmed_through.to_string(),
+        "last": found.last.to_string(),
+    }))
+}
+
+/// Entries in a history page unless `limit` says otherwise.
+const DEFAULT_HISTORY_PAGE: usize = 50;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    stream: Option<String>,
+    before: Option<u64>,
+    after: Option<u64>,
+    limit: Option<usize>,
 }
 
 /// `POST /login`. With user tokens on, the caller is the token's `sub`: a `user_id` in the
@@ -153,7 +209,8 @@ async fn login(
         crate::metrics::Metrics::inc(&s.router.metrics.rate_limited_total);
         return Err(limited.into());
     }
-    let answer = s.router.route_login(&user).await?;
+    let verified = config.auth.required();
+    let answer = s.router.route_login(&user, body.resume_token.as_deref().unwrap_or(""), verified).await?;
     let mut value = serde_json::to_value(answer).unwrap_or_else(|_| json!({}));
     value["user_id"] = json!(user.id);
     value["user_name"] = json!(user.name);
@@ -167,8 +224,8 @@ async fn send_private(
 ) -> ApiResult {
     caller.service(&s.router.config().auth)?;
     let sender = sender(&s, body.from).await?;
-    let message_id = s.router.send_private(&sender, body.to, body.text).await?;
-    ok(json!({ "message_id": message_id }))
+    let sent = s.router.send_private(&sender, body.to, body.text, body.client_msg_id).await?;
+    ok(json!({ "message_id": message_id(sent.message_id), "stored": sent.stored }))
 }
 
 async fn send_group(
@@ -178,8 +235,8 @@ async fn send_group(
 ) -> ApiResult {
     caller.service(&s.router.config().auth)?;
     let sender = sender(&s, body.from).await?;
-    let (message_id, recipients) = s.router.send_group(&sender, body.text).await?;
-    ok(json!({ "message_id": message_id, "recipients": recipients }))
+    let (sent, recipients) = s.router.send_group(&sender, body.text, body.client_msg_id).await?;
+    ok(json!({ "message_id": message_id(sent.message_id), "recipients": recipients }))
 }
 
 async fn offline(
@@ -210,6 +267,10 @@ struct LoginBody {
     /// With user tokens on: used only when the token has no `name` claim.
     #[serde(default)]
     user_name: Option<String>,
+    /// The resume token of the user's last session: a user still shown online (their node
+    /// died, or the old connection is half-open) is routed instead of refused.
+    #[serde(default)]
+    resume_token: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -218,6 +279,9 @@ struct PrivateBody {
     from: u64,
     to: u64,
     text: String,
+    /// Optional: a resend with the same id within the de-dup window stores nothing new.
+    #[serde(default)]
+    client_msg_id: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,6 +289,8 @@ struct PrivateBody {
 struct GroupBody {
     from: u64,
     text: String,
+    #[serde(default)]
+    client_msg_id: String,
 }
 
 #[derive(Debug, Deserialize)]

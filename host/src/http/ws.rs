@@ -7,13 +7,16 @@ use std::net::SocketAddr;
 
 use axum::Router;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
-use cim_proto::{CodecError, Encoded, FrameError, decode_message};
-use futures_util::{SinkExt, StreamExt, future};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use cim_proto::{Body, CodecError, Encoded, ErrorCode, FrameError, decode_message};
+use futures_util::{StreamExt, future};
 use hyper::StatusCode;
 use hyper::header::{HOST, ORIGIN};
 use tracing::debug;
@@ -77,10 +80,70 @@ async fn run(socket: WebSocket, s: Sessions, peer: SocketAddr) {
     let max = s.router.config().max_frame;
     let (sink, stream) = socket.split();
     let stream = stream.filter_map(move |m| future::ready(inbound(m, max)));
-    let sink = sink
-        .sink_map_err(|e| CodecError::Io(io::Error::other(e)))
-        .with(|e: Encoded| future::ready(Ok::<_, CodecError>(Message::Binary(e.0))));
-    session::run(s.router, stream, Box::pin(sink), peer, s.shutdown).await;
+    let sink = WsSink { inner: sink, last: None, close: None };
+    session::run(s.router, stream, sink, peer, s.shutdown).await;
+}
+
+/// The session's frames as binary WebSocket messages. Closing sends a Close frame whose
+/// status says why, from the last frame sent: a KICK or ERROR that ended the session gives
+/// [`close_status`]; anything else is a normal closure (1000).
+struct WsSink {
+    inner: futures_util::stream::SplitSink<WebSocket, Message>,
+    /// The last frame sent, kept (a reference count) to name the close status.
+    last: Option<bytes::Bytes>,
+    /// The Close frame, once made (it is sent once, then the sink closes).
+    close: Option<Option<Message>>,
+}
+
+impl futures_util::Sink<Encoded> for WsSink {
+    type Error = CodecError;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        Pin::new(&mut self.inner).poll_ready(cx).map_err(ws_error)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: Encoded) -> Result<(), CodecError> {
+        self.last = Some(item.0.clone());
+        Pin::new(&mut self.inner).start_send(Message::Binary(item.0)).map_err(ws_error)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        Pin::new(&mut self.inner).poll_flush(cx).map_err(ws_error)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        if self.close.is_none() {
+            let (code, reason) = close_status(self.last.as_deref());
+            self.close = Some(Some(Message::Close(Some(CloseFrame { code, reason: reason.into() }))));
+        }
+        if let Some(Some(_)) = &self.close {
+            std::task::ready!(Pin::new(&mut self.inner).poll_ready(cx)).map_err(ws_error)?;
+            let close = self.close.as_mut().and_then(Option::take).expect("checked above");
+            Pin::new(&mut self.inner).start_send(close).map_err(ws_error)?;
+        }
+        Pin::new(&mut self.inner).poll_close(cx).map_err(ws_error)
+    }
+}
+
+fn ws_error(e: axum::Error) -> CodecError {
+    CodecError::Io(io::Error::other(e))
+}
+
+/// The WebSocket close status for a session whose last frame was `last`: a KICK or ERROR
+/// (the reason it was closed) gives `4000 + its ErrorCode number` and the code's name
+/// (`4016 idle_timeout`), except `SHUTTING_DOWN` (1001 going away) and `FRAME_TOO_LARGE`
+/// (1009 message too big); anything else is 1000 (normal closure).
+pub fn close_status(last: Option<&[u8]>) -> (u16, String) {
+    let code = last.and_then(|b| decode_message(b).ok()).and_then(|f| match f.body {
+        Body::Kick { code, .. } | Body::Error { code, .. } => Some(code),
+        _ => None,
+    });
+    match code {
+        None => (close_code::NORMAL, "closed".into()),
+        Some(ErrorCode::ShuttingDown) => (close_code::AWAY, ErrorCode::ShuttingDown.as_str().into()),
+        Some(ErrorCode::FrameTooLarge) => (close_code::SIZE, ErrorCode::FrameTooLarge.as_str().into()),
+        Some(code) => (4000 + u16::try_from(code.number()).unwrap_or(0), code.as_str().into()),
+    }
 }
 
 /// Maps one WebSocket message onto the session's frame stream.
@@ -114,6 +177,20 @@ mod tests {
             h.insert(ORIGIN, o.parse().unwrap());
         }
         h
+    }
+
+    #[test]
+    fn close_status_names_the_reason() {
+        let kick =
+            |code| cim_proto::encode_message(cim_proto::Frame::push(Body::Kick { code, reason: "x".into() }));
+        assert_eq!(close_status(None), (1000, "closed".into()));
+        assert_eq!(close_status(Some(&kick(ErrorCode::IdleTimeout))), (4016, "idle_timeout".into()));
+        assert_eq!(close_status(Some(&kick(ErrorCode::Replaced))), (4015, "replaced".into()));
+        assert_eq!(close_status(Some(&kick(ErrorCode::ShuttingDown))), (1001, "shutting_down".into()));
+        let error = cim_proto::encode_message(cim_proto::Frame::error(3, ErrorCode::FrameTooLarge, "big"));
+        assert_eq!(close_status(Some(&error)), (1009, "frame_too_large".into()));
+        let delivery = cim_proto::encode_message(cim_proto::Frame::new(1, Body::Pong));
+        assert_eq!(close_status(Some(&delivery)), (1000, "closed".into()));
     }
 
     #[test]

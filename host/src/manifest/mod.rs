@@ -17,6 +17,10 @@
 //! key_value_stores = ["default"]
 //! [component.group-send.variables]
 //! blocked_words = "{{ blocked_words }}"
+//! [component.group-send.limits]   # optional; each key defaults to the cim-host flag
+//! memory_mib = 32                  # --handler-memory-mib
+//! deadline_ms = 200                # --handler-deadline-ms (--callback-deadline-ms)
+//! max_instances = 100              # --handler-max-instances
 //! ```
 //!
 //! Variables resolve like Spin's: the environment variable `CIM_VARIABLE_<NAME>`, then
@@ -29,6 +33,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::handlers::Event;
+use crate::runtime::LimitOverrides;
 
 /// The only manifest version understood.
 pub const MANIFEST_VERSION: i64 = 2;
@@ -79,6 +84,8 @@ pub enum ManifestError {
     BadVariableName { context: String, name: String },
     #[error("variable `{variable}` has both a default and `required = true`")]
     DefaultAndRequired { variable: String },
+    #[error("[component.{component}.limits] `{key}` = {value}: {detail}")]
+    BadLimit { component: String, key: &'static str, value: String, detail: String },
     #[error("component `{component}` variable `{key}`: {detail}")]
     BadTemplate { component: String, key: String, detail: String },
     #[error(
@@ -145,6 +152,8 @@ pub struct ComponentSpec {
     /// prints the names only.
     pub variables: HashMap<String, String>,
     pub build: Option<BuildSpec>,
+    /// `[component.<id>.limits]`, validated; absent keys take the host's flags.
+    pub limits: LimitOverrides,
 }
 
 impl fmt::Debug for ComponentSpec {
@@ -157,6 +166,7 @@ impl fmt::Debug for ComponentSpec {
             .field("key_value_stores", &self.key_value_stores)
             .field("variables", &names)
             .field("build", &self.build)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
@@ -254,7 +264,21 @@ struct RawComponent {
     #[serde(default)]
     variables: BTreeMap<String, String>,
     build: Option<RawBuild>,
+    limits: Option<RawLimits>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    memory_mib: Option<i64>,
+    deadline_ms: Option<i64>,
+    max_instances: Option<i64>,
+}
+
+/// The ranges `[component.<id>.limits]` accepts (the same as the cim-host flags).
+pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<i64> = 1..=4096;
+pub const DEADLINE_MS_RANGE: std::ops::RangeInclusive<i64> = 1..=60_000;
+pub const MAX_INSTANCES_RANGE: std::ops::RangeInclusive<i64> = 1..=100_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -374,6 +398,7 @@ fn validate_component(
         let value = expand_template(id, &key, &template, values)?;
         variables.insert(key, value);
     }
+    let limits = validate_limits(id, raw.limits.unwrap_or_default())?;
     let build = raw.build.map(|b| BuildSpec {
         command: b.command,
         workdir: b.workdir.map_or_else(|| dir.to_owned(), |w| dir.join(w)),
@@ -387,6 +412,27 @@ fn validate_component(
         key_value_stores: raw.key_value_stores,
         variables,
         build,
+        limits,
+    })
+}
+
+fn validate_limits(id: &str, raw: RawLimits) -> Result<LimitOverrides, ManifestError> {
+    let check =
+        |key: &'static str, value: Option<i64>, range: std::ops::RangeInclusive<i64>, unit: &str| match value
+        {
+            Some(v) if !range.contains(&v) => Err(ManifestError::BadLimit {
+                component: id.to_owned(),
+                key,
+                value: v.to_string(),
+                detail: format!("must be {} to {} {unit}", range.start(), range.end()),
+            }),
+            _ => Ok(value.map(|v| v.unsigned_abs())),
+        };
+    Ok(LimitOverrides {
+        memory_mib: check("memory_mib", raw.memory_mib, MEMORY_MIB_RANGE, "MiB")?,
+        deadline_ms: check("deadline_ms", raw.deadline_ms, DEADLINE_MS_RANGE, "milliseconds")?,
+        max_instances: check("max_instances", raw.max_instances, MAX_INSTANCES_RANGE, "instances")?
+            .and_then(|v| u32::try_from(v).ok()),
     })
 }
 

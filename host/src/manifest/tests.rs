@@ -228,3 +228,44 @@ fn load_reads_relative_to_the_manifest_directory() {
     assert!(err.to_string().contains("missing.toml"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn component_limits_are_read_and_default_to_none() {
+    let text = GOOD.replace(
+        "[component.group-send.build]",
+        "[component.group-send.limits]\nmemory_mib = 32\ndeadline_ms = 250\nmax_instances = 8\n[component.group-send.build]",
+    );
+    let m = parse(&text).expect("valid");
+    let group = m.component_for(Event::Group).expect("group");
+    assert_eq!(
+        group.limits,
+        LimitOverrides { memory_mib: Some(32), deadline_ms: Some(250), max_instances: Some(8) }
+    );
+    assert_eq!(m.component_for(Event::Login).expect("login").limits, LimitOverrides::default());
+    let partial = GOOD
+        .replace("[component.private-send]\n", "[component.private-send]\nlimits = { memory_mib = 64 }\n");
+    let private = parse(&partial).expect("valid");
+    let limits = private.component_for(Event::Private).expect("private").limits;
+    assert_eq!(limits, LimitOverrides { memory_mib: Some(64), ..LimitOverrides::default() });
+}
+
+#[test]
+fn bad_component_limits_name_the_key_and_range() {
+    let with = |limits: &str| {
+        GOOD.replace(
+            "[component.online-list]\n",
+            &format!("[component.online-list]\nlimits = {{ {limits} }}\n"),
+        )
+    };
+    let err = parse(&with("memory_mib = 0")).expect_err("zero memory");
+    assert!(matches!(&err, ManifestError::BadLimit { key: "memory_mib", .. }), "{err}");
+    assert_eq!(err.to_string(), "[component.online-list.limits] `memory_mib` = 0: must be 1 to 4096 MiB");
+    let err = parse(&with("deadline_ms = 600000")).expect_err("ten minutes");
+    assert!(err.to_string().contains("`deadline_ms` = 600000: must be 1 to 60000 milliseconds"), "{err}");
+    let err = parse(&with("max_instances = -1")).expect_err("negative");
+    assert!(err.to_string().contains("`max_instances` = -1"), "{err}");
+    let err = parse(&with("memory = 3")).expect_err("unknown key");
+    assert!(err.to_string().contains("unknown field `memory`"), "{err}");
+    let err = parse(&with("memory_mib = \"32\"")).expect_err("a string");
+    assert!(matches!(err, ManifestError::Parse { .. }), "{err}");
+}

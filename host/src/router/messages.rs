@@ -1,15 +1,15 @@
-//! Sending: a message's id and checks, carrying out the handlers' decisions (local
-//! delivery, or the recipient's node through the cluster bus, in the sender's turn), and
-//! handing what was delivered to the message callback.
+//! Sending: a message's id and checks, carrying out the handlers' decisions (append to the
+//! durable log, then local delivery or the recipient's node through the cluster bus, in the
+//! sender's turn), and handing what was accepted to the message callback.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use cim_proto::{Body, Delivery, Encoded, Frame, MessageKind, User};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::conn::Offered;
 use super::{LocalConn, RouteError, Router, Turn};
 use crate::cluster::{BusDelivery, ClusterMessage};
 use crate::config::Config;
@@ -19,7 +19,31 @@ use crate::handlers::{
 };
 use crate::message_id::now_ms;
 use crate::metrics::Metrics;
-use crate::store::StoreError;
+use crate::store::log::MAX_CLIENT_MSG_ID;
+use crate::store::{Append, Appended, LogStream, LoggedMessage, Placed, StoreError};
+
+/// What became of an accepted send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub message_id: u64,
+    /// A private message whose receiver was not connected: it is in the log and reaches
+    /// them at their next login.
+    pub stored: bool,
+}
+
+/// Checks a client message id: at most [`MAX_CLIENT_MSG_ID`] bytes, printable.
+pub fn validate_client_msg_id(id: &str) -> Result<(), RouteError> {
+    if id.len() > MAX_CLIENT_MSG_ID {
+        return Err(RouteError::Invalid(format!(
+            "client_msg_id is {} bytes; the limit is {MAX_CLIENT_MSG_ID}",
+            id.len()
+        )));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(RouteError::Invalid("client_msg_id must not contain control characters".into()));
+    }
+    Ok(())
+}
 
 /// Most messages handed to one callback call.
 pub(super) const CALLBACK_BATCH: usize = 512;
@@ -42,18 +66,66 @@ pub(super) fn validate_text(config: &Config, text: &str) -> Result<(), RouteErro
 }
 
 impl Router {
-    fn new_message(&self, sender: &User, kind: MessageKind, text: String) -> Message {
+    fn new_message(&self, sender: &User, kind: MessageKind, text: String) -> Result<Message, RouteError> {
+        let id = self.ids.next().ok_or_else(|| {
+            StoreError::Unavailable(
+                "no message id can be issued: this node's id reservation ran out (its node-number lease in redis could not be renewed)".into(),
+            )
+        })?;
         Metrics::inc(&self.metrics.messages_total);
-        Message { id: self.ids.next(), sender: sender.clone(), kind, text, timestamp_ms: now_ms() }
+        Ok(Message { id, sender: sender.clone(), kind, text, timestamp_ms: now_ms() })
     }
 
-    fn delivery(message: &Message) -> Delivery {
+    fn delivery(message: &Message, position: u64) -> Delivery {
         Delivery {
             message_id: message.id,
             sender: message.sender.clone(),
             kind: message.kind,
             text: message.text.clone(),
             timestamp_ms: message.timestamp_ms,
+            position,
+            replayed: false,
+        }
+    }
+
+    /// Writes `message` to `streams` of the log (once, whatever the number of streams);
+    /// `Err(Sent)` when `client_msg_id` was already used: the first send's answer. When the
+    /// first send with that id may not have been written (its node died mid-way), the log
+    /// writes this one under the first send's id, which `message` then takes.
+    async fn append(
+        &self,
+        turn: &mut Turn,
+        message: &mut Message,
+        to: u64,
+        recipients: Option<Vec<u64>>,
+        streams: Vec<LogStream>,
+        client_msg_id: String,
+    ) -> Result<Result<Vec<Placed>, Sent>, RouteError> {
+        let logged = LoggedMessage {
+            id: message.id,
+            sender_id: message.sender.id,
+            sender_name: message.sender.name.clone(),
+            group: message.kind == MessageKind::Group,
+            text: message.text.clone(),
+            timestamp_ms: message.timestamp_ms,
+            to,
+            recipients,
+        };
+        let append = Append { message: logged, streams, client_msg_id };
+        let started = std::time::Instant::now();
+        let appended = turn.append(self.store().log(), append).await;
+        self.metrics.log_append_seconds.observe(started.elapsed().as_secs_f64());
+        match appended? {
+            Appended::Stored(placed) => Ok(Ok(placed)),
+            Appended::Rewritten { message_id, placed } => {
+                Metrics::inc(&self.metrics.duplicate_sends_total);
+                message.id = message_id;
+                Ok(Ok(placed))
+            }
+            Appended::Duplicate { message_id } => {
+                Metrics::inc(&self.metrics.duplicate_sends_total);
+                Ok(Err(Sent { message_id, stored: false }))
+            }
         }
     }
 
@@ -62,78 +134,131 @@ impl Router {
         Encoded::from(Frame::push(Body::Delivery(delivery)))
     }
 
-    /// Sends `text` from `sender` to user `to`; returns the message id.
-    pub async fn send_private(&self, sender: &User, to: u64, text: String) -> Result<u64, RouteError> {
+    /// Sends `text` from `sender` to user `to`.
+    pub async fn send_private(
+        &self,
+        sender: &User,
+        to: u64,
+        text: String,
+        client_msg_id: String,
+    ) -> Result<Sent, RouteError> {
+        validate_client_msg_id(&client_msg_id)?;
         let message = self.prepare(sender, MessageKind::Private, text)?;
         let decision = self.handlers.private(PrivateRequest { message: message.clone(), to }).await;
-        self.finish_private(message, to, decision, Turn::any()).await
+        self.finish_private(message, to, client_msg_id, decision, Turn::any()).await
     }
 
     /// Checks a message and gives it its id: the first step of a send. The handler's
     /// decision comes next (`Handlers::submit_*`), then `finish_*` carries it out.
     pub fn prepare(&self, sender: &User, kind: MessageKind, text: String) -> Result<Message, RouteError> {
         validate_text(&self.config, &text)?;
-        Ok(self.new_message(sender, kind, text))
+        self.new_message(sender, kind, text)
     }
 
-    /// Carries out the private-send handler's decision on `message`. The delivery is handed
-    /// on (queued locally, or queued for the receiver's node) in `turn`: a session finishes
-    /// several sends at once, overlapping their store round trips, and turns keep its
-    /// deliveries in the order it sent them.
+    /// Carries out the private-send handler's decision on `message`: writes it to the
+    /// receiver's inbox and the sender's, then hands the delivery on (queued locally, or
+    /// queued for the receiver's node) in `turn`. A session finishes several sends at once,
+    /// overlapping their store round trips, and turns keep its deliveries in the order it
+    /// sent them. A receiver who is not connected gets it at their next login (`stored`).
     pub async fn finish_private(
         &self,
         mut message: Message,
         to: u64,
+        client_msg_id: String,
         decision: Result<SendDecision, HandlerError>,
         mut turn: Turn,
-    ) -> Result<u64, RouteError> {
+    ) -> Result<Sent, RouteError> {
+        if to == 0 {
+            return Err(RouteError::Invalid("the receiver's user id must be a positive integer".into()));
+        }
         match decision? {
             SendDecision::Deliver => {}
             SendDecision::Rewrite(text) => message.text = self.checked_rewrite(Event::Private, text)?,
             SendDecision::Reject(reason) => return Err(RouteError::Rejected(reason)),
         }
-        let delivery = Self::delivery(&message);
+        // Where the receiver is, before the append: an offline one may be refused.
         let conn = self.local().get(&to).cloned();
-        match (conn, self.cluster.get()) {
-            (Some(conn), _) => {
-                turn.wait().await;
-                if !conn.offer(Self::encode_delivery(delivery), &self.metrics) {
-                    return Err(RouteError::UserOffline(to));
-                }
-                turn.pass();
+        let remote = match (&conn, self.cluster.get()) {
+            (None, Some(_)) => self.store().lookup(to).await?.filter(|e| e.node_id != self.config.node_id),
+            _ => None,
+        };
+        if conn.is_none() && remote.is_none() && !self.config.offline_messages {
+            return Err(RouteError::UserOffline(to));
+        }
+        let sender = message.sender.id;
+        let streams = if to == sender {
+            vec![LogStream::Inbox(to)]
+        } else {
+            vec![LogStream::Inbox(to), LogStream::Inbox(sender)]
+        };
+        let placed = match self.append(&mut turn, &mut message, to, None, streams, client_msg_id).await? {
+            Ok(placed) => placed,
+            Err(first) => return Ok(first),
+        };
+        let at = placed[0];
+        let delivery = Self::delivery(&message, at.position);
+        // The sender's copy moves their session's inbox past it (it is not sent to them).
+        let own = |router: &Router| {
+            if let (Some(own), Some(conn)) = (placed.get(1), router.local().get(&sender).cloned()) {
+                router.offer(&conn, MessageKind::Private, *own, None);
             }
-            (None, Some(cluster)) => match self.store().lookup(to).await? {
-                Some(e) if e.node_id != self.config.node_id => {
-                    let msg = ClusterMessage::Deliver {
-                        recipients: vec![to],
-                        delivery: BusDelivery::from(&delivery),
-                    };
-                    turn.wait().await;
-                    let published = cluster.bus.enqueue(&e.node_id, msg);
-                    turn.pass();
-                    if published.await? == 0 {
-                        return Err(RouteError::Store(StoreError::Unavailable(format!(
-                            "user {to} is on node {} which does not answer",
-                            e.node_id
-                        ))));
+        };
+        let delivered = match (conn, remote, self.cluster.get()) {
+            (Some(conn), _, _) => {
+                turn.wait().await;
+                let queued =
+                    self.offer(&conn, MessageKind::Private, at, Some(Self::encode_delivery(delivery)));
+                own(self);
+                turn.pass();
+                queued
+            }
+            (None, Some(e), Some(cluster)) => {
+                let msg = ClusterMessage::Deliver {
+                    recipients: vec![to],
+                    delivery: BusDelivery::new(&delivery, at.prev),
+                };
+                turn.wait().await;
+                let published = cluster.bus.enqueue(&e.node_id, msg);
+                own(self);
+                turn.pass();
+                match published.await {
+                    Ok(n) => n > 0,
+                    Err(err) => {
+                        // It is in the log: the receiver gets it when they next log in.
+                        warn!(node = %e.node_id, error = %err, "could not publish a private message; it stays stored");
+                        false
                     }
                 }
-                _ => return Err(RouteError::UserOffline(to)),
-            },
-            (None, None) => return Err(RouteError::UserOffline(to)),
+            }
+            _ => {
+                turn.wait().await;
+                own(self);
+                turn.pass();
+                false
+            }
+        };
+        if delivered {
+            Metrics::inc(&self.metrics.deliveries_total);
+        } else {
+            Metrics::inc(&self.metrics.stored_offline_total);
         }
-        Metrics::inc(&self.metrics.deliveries_total);
         let id = message.id;
         self.after_delivery(Delivered { message, recipients: vec![to] }).await;
-        Ok(id)
+        Ok(Sent { message_id: id, stored: !delivered })
     }
 
     /// Sends `text` from `sender` to the group; returns the message id and how many
-    /// recipients it was queued to.
-    pub async fn send_group(&self, sender: &User, text: String) -> Result<(u64, usize), RouteError> {
+    /// recipients it was queued to live (the others get it at their next login).
+    pub async fn send_group(
+        &self,
+        sender: &User,
+        text: String,
+        client_msg_id: String,
+    ) -> Result<(Sent, usize), RouteError> {
+        validate_client_msg_id(&client_msg_id)?;
         let message = self.prepare(sender, MessageKind::Group, text)?;
         let decision = self.handlers.group(message.clone()).await;
-        self.finish_group(message, decision, Turn::any()).await
+        self.finish_group(message, client_msg_id, decision, Turn::any()).await
     }
 
     /// Carries out the group-send handler's decision on `message`; hands the deliveries on
@@ -141,9 +266,10 @@ impl Router {
     pub async fn finish_group(
         &self,
         mut message: Message,
+        client_msg_id: String,
         decision: Result<GroupDecision, HandlerError>,
         mut turn: Turn,
-    ) -> Result<(u64, usize), RouteError> {
+    ) -> Result<(Sent, usize), RouteError> {
         let decision = decision?;
         let sender = message.sender.clone();
         match decision.decision {
@@ -151,29 +277,54 @@ impl Router {
             SendDecision::Rewrite(text) => message.text = self.checked_rewrite(Event::Group, text)?,
             SendDecision::Reject(reason) => return Err(RouteError::Rejected(reason)),
         }
-        let delivery = Self::delivery(&message);
-        let frame = Self::encode_delivery(delivery.clone());
-        // Remote recipients first: if the store cannot be read, nothing is delivered at all.
+        // Remote recipients first: if the store cannot be read, nothing is written at all.
         let remote = self.remote_recipients(sender.id, &decision.recipients).await?;
+        // Once in the group stream, with the recipients the handler chose, so that a replay
+        // gives each member what they were meant to get.
+        let chosen = match &decision.recipients {
+            Recipients::AllOnlineExceptSender => None,
+            Recipients::Only(ids) => {
+                Some(ids.iter().copied().collect::<BTreeSet<u64>>().into_iter().collect())
+            }
+        };
+        let at = match self
+            .append(&mut turn, &mut message, 0, chosen, vec![LogStream::Group], client_msg_id)
+            .await?
+        {
+            Ok(placed) => placed[0],
+            Err(first) => return Ok((first, 0)),
+        };
+        let delivery = Self::delivery(&message, at.position);
+        let frame = Self::encode_delivery(delivery.clone());
         turn.wait().await;
-        let targets: Vec<LocalConn> = {
+        let (targets, own): (Vec<LocalConn>, Option<LocalConn>) = {
             let local = self.local();
-            match &decision.recipients {
+            let targets = match &decision.recipients {
                 Recipients::AllOnlineExceptSender => {
                     local.values().filter(|c| c.user.id != sender.id).cloned().collect()
                 }
                 Recipients::Only(ids) => ids.iter().filter_map(|id| local.get(id).cloned()).collect(),
-            }
+            };
+            (targets, local.get(&sender.id).cloned())
         };
         let mut recipients = Vec::with_capacity(targets.len());
         for conn in targets {
-            if conn.offer(frame.clone(), &self.metrics) {
+            if self.offer(&conn, MessageKind::Group, at, Some(frame.clone())) {
                 recipients.push(conn.user.id);
             }
         }
-        self.metrics.deliveries_total.fetch_add(recipients.len() as u64, Ordering::Relaxed);
+        // The sender's own line moves their session's group stream past it, unless the
+        // handler's member list sent it to them too.
+        if let Some(own) = own.filter(|o| !recipients.contains(&o.user.id)) {
+            self.offer(&own, MessageKind::Group, at, None);
+        }
+        // Those here the member list left out: their group stream moves past it too.
+        if let Recipients::Only(ids) = &decision.recipients {
+            self.pass_over(ids, sender.id, at);
+        }
+        self.metrics.deliveries_total.inc_by(recipients.len() as u64);
         if let Some(cluster) = self.cluster.get() {
-            let delivery = BusDelivery::from(&delivery);
+            let delivery = BusDelivery::new(&delivery, at.prev);
             // One message per node that holds recipients, not one per user.
             let published: Vec<_> = remote
                 .into_iter()
@@ -199,7 +350,7 @@ impl Router {
         let count = recipients.len();
         debug!(message = id, recipients = count, "group message delivered");
         self.after_delivery(Delivered { message, recipients }).await;
-        Ok((id, count))
+        Ok((Sent { message_id: id, stored: false }, count))
     }
 
     /// Recipients of a group message on other nodes, by node.
@@ -229,18 +380,52 @@ impl Router {
         Ok(by_node)
     }
 
-    /// Delivers a message another node routed here to its local recipients.
-    pub fn deliver_local(&self, recipients: &[u64], delivery: Delivery) {
+    /// Delivers a message another node routed here to its local recipients; `prev` is the
+    /// position written before it in its stream (see [`Placed`]).
+    pub fn deliver_local(&self, recipients: &[u64], delivery: Delivery, prev: u64) {
+        let (kind, at) = (delivery.kind, Placed { position: delivery.position, prev });
         let frame = Self::encode_delivery(delivery);
         let conns: Vec<LocalConn> = {
             let local = self.local();
             recipients.iter().filter_map(|id| local.get(id).cloned()).collect()
         };
         for conn in conns {
-            if conn.offer(frame.clone(), &self.metrics) {
+            if self.offer(&conn, kind, at, Some(frame.clone())) {
                 Metrics::inc(&self.metrics.deliveries_total);
             }
         }
+    }
+
+    /// Moves the group stream of every session here that a member-list handler left out
+    /// of a group line (neither in `recipients` nor `sender`) past its entry `at`, so that
+    /// their next group delivery needs no log read. (Another node's sessions left out read
+    /// the log once for it.)
+    fn pass_over(&self, recipients: &[u64], sender: u64, at: Placed) {
+        let recipients: std::collections::HashSet<u64> = recipients.iter().copied().collect();
+        let local = self.local();
+        for conn in local.values().filter(|c| c.user.id != sender && !recipients.contains(&c.user.id)) {
+            self.offer(conn, MessageKind::Group, at, None);
+        }
+    }
+
+    /// Offers a delivery (or, with no frame, a note of the user's own entry) to `conn` in
+    /// log order (see [`Seam`](super::Seam)), starting a fill from the log when it follows a
+    /// gap. Whether it is (or will be) on its way to the client.
+    pub(crate) fn offer(
+        &self,
+        conn: &LocalConn,
+        kind: MessageKind,
+        at: Placed,
+        frame: Option<Encoded>,
+    ) -> bool {
+        let offered = conn.offer_delivery(kind, at, frame, &self.metrics);
+        if offered == Offered::Gap
+            && let Some(router) = self.me.upgrade()
+        {
+            let conn = conn.clone();
+            tokio::spawn(async move { router.fill(&conn).await });
+        }
+        offered.reached()
     }
 
     /// A handler's rewritten text obeys the same limits as a client's.

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use cim_proto::{ErrorCode, User};
 use tokio::sync::mpsc;
@@ -18,13 +18,18 @@ use crate::metrics::Metrics;
 use crate::store::{Claim, OnlineEntry, Store, StoreError};
 
 mod conn;
+mod history;
 mod messages;
+mod replay;
 mod turn;
 
 use messages::{CALLBACK_QUEUE, callback_worker};
 
-pub use conn::{Closer, Closing, LocalConn, Outbox, OutboxRx, Refused};
-pub use turn::Turn;
+pub use conn::{Closer, Closing, LocalConn, Offered, Outbox, OutboxRx, Refused, Seam};
+pub use history::{HistoryPage, MAX_HISTORY_PAGE, Page};
+pub use messages::{Sent, validate_client_msg_id};
+pub use replay::Resumed;
+pub use turn::{Turn, Turns};
 
 /// Why a request was refused; each maps to one protocol [`ErrorCode`] and HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +99,8 @@ pub fn validate_user(config: &Config, id: u64, name: &str) -> Result<(), RouteEr
 
 #[derive(Debug)]
 pub struct Router {
+    /// Itself, for the tasks it starts (a fill from the log, see [`Router::fill`]).
+    me: Weak<Router>,
     config: Arc<Config>,
     ctx: Context,
     handlers: Arc<Handlers>,
@@ -117,7 +124,8 @@ impl Router {
     pub fn new(config: Arc<Config>, store: Store, backend: Backend) -> Arc<Self> {
         let ctx = Context::new(store);
         let handlers = Arc::new(Handlers::new(backend, ctx.clone()));
-        let metrics = Arc::new(Metrics::default());
+        let handler_metrics = handlers.runtime().map(|rt| rt.handler_metrics().clone()).unwrap_or_default();
+        let metrics = Arc::new(Metrics::new(handler_metrics));
         let (callbacks, rx) = mpsc::channel(CALLBACK_QUEUE);
         // One worker per guest thread: history is read back sorted by message id, so
         // batches finishing out of order do not matter.
@@ -126,7 +134,8 @@ impl Router {
         for _ in 0..workers {
             tokio::spawn(callback_worker(handlers.clone(), rx.clone(), metrics.clone()));
         }
-        Arc::new(Router {
+        Arc::new_cyclic(|me| Router {
+            me: me.clone(),
             ids: MessageIds::new(&config.node_id),
             config,
             ctx,
@@ -155,9 +164,9 @@ impl Router {
         let _ = self.advertised.set(advertised);
     }
 
-    /// Uses a cluster-unique node number in message ids.
-    pub fn set_node_number(&self, number: u64) {
-        self.ids.set_node_number(number);
+    /// The message ids this node issues (their reservation is made by the node's wiring).
+    pub fn ids(&self) -> &MessageIds {
+        &self.ids
     }
 
     /// Joins a cluster: route logins pick among live nodes, and deliveries cross nodes.
@@ -187,10 +196,18 @@ impl Router {
         self.local().len()
     }
 
-    /// Route login: refuses a user who is online and says where to connect.
-    pub async fn route_login(&self, user: &User) -> Result<RouteAnswer, RouteError> {
+    /// Route login: says where to connect. A user who is online is refused unless the
+    /// LOGIN that follows may take their session over (see [`Router::may_take_over`]).
+    pub async fn route_login(
+        &self,
+        user: &User,
+        resume_token: &str,
+        verified: bool,
+    ) -> Result<RouteAnswer, RouteError> {
         validate_user(&self.config, user.id, &user.name)?;
-        if self.store().lookup(user.id).await?.is_some() {
+        if let Some(existing) = self.store().lookup(user.id).await?
+            && !self.may_take_over(&existing, resume_token, verified).await?
+        {
             return Err(RouteError::DuplicateLogin(user.id));
         }
         if let Some(cluster) = self.cluster.get() {
@@ -214,28 +231,99 @@ impl Router {
     }
 
     /// Binds `conn.user` to this connection: asks the login handler, then claims the user
-    /// in the online set (refusing duplicates) and registers the connection.
-    /// `claims` is the verified token (`None` in development mode).
+    /// in the online set and registers the connection. A user who is already online is
+    /// refused, unless this login may take their session over (its resume token, a dead
+    /// node, or `--duplicate-login replace` with a verified token): then the old session is
+    /// kicked with `REPLACED`, wherever it is. `claims` is the verified token (`None` in
+    /// development mode).
     pub async fn login(
         &self,
         conn: LocalConn,
         claims: Option<crate::auth::Verified>,
+        resume_token: &str,
     ) -> Result<(), RouteError> {
         let user = conn.user.clone();
         validate_user(&self.config, user.id, &user.name)?;
+        let verified = claims.is_some();
         let req = LoginRequest { user: user.clone(), node_id: self.config.node_id.clone(), claims };
         if let LoginDecision::Reject(reason) = self.handlers.login(req).await? {
             return Err(RouteError::Rejected(reason));
         }
-        let entry =
-            OnlineEntry { user: user.clone(), node_id: self.config.node_id.clone(), conn_id: conn.conn_id };
-        match self.store().claim(entry).await? {
+        let entry = OnlineEntry {
+            user: user.clone(),
+            node_id: self.config.node_id.clone(),
+            conn_id: conn.conn_id,
+            resume: conn.resume.clone(),
+        };
+        // A claim or replace whose reply was lost (the store went away mid-call) may still
+        // have been written: queue its release so no entry outlives a login that failed.
+        let unknown_outcome = |e: StoreError| {
+            self.retry_release(vec![(user.id, conn.conn_id)]);
+            RouteError::from(e)
+        };
+        match self.store().claim(entry.clone()).await.map_err(unknown_outcome)? {
             Claim::Claimed => {}
-            Claim::AlreadyOnline(_) => return Err(RouteError::DuplicateLogin(user.id)),
+            Claim::AlreadyOnline(existing) => {
+                if !self.may_take_over(&existing, resume_token, verified).await?
+                    || !self.store().replace(&existing, entry).await.map_err(unknown_outcome)?
+                {
+                    return Err(RouteError::DuplicateLogin(user.id));
+                }
+                self.kick_replaced(&existing).await;
+            }
         }
         self.local().insert(user.id, conn);
         Metrics::inc(&self.metrics.logins_total);
         Ok(())
+    }
+
+    /// Whether a login may take over `existing`: it presents that session's resume token,
+    /// or the session's node is gone (killed, its presence not yet expired), or the server
+    /// replaces sessions on a verified token.
+    async fn may_take_over(
+        &self,
+        existing: &OnlineEntry,
+        resume_token: &str,
+        verified: bool,
+    ) -> Result<bool, RouteError> {
+        use subtle::ConstantTimeEq;
+        if !resume_token.is_empty()
+            && !existing.resume.is_empty()
+            && bool::from(resume_token.as_bytes().ct_eq(existing.resume.as_bytes()))
+        {
+            return Ok(true);
+        }
+        if verified && self.config.duplicate_login == crate::config::DuplicateLogin::Replace {
+            return Ok(true);
+        }
+        if existing.node_id == self.config.node_id {
+            // Ours, but no session here holds it: left by a session that is gone.
+            return Ok(!self.holds(existing.user.id, existing.conn_id));
+        }
+        match self.cluster.get() {
+            Some(cluster) => Ok(!cluster.registry.nodes().await?.iter().any(|n| n.id == existing.node_id)),
+            None => Ok(false),
+        }
+    }
+
+    /// Closes the session a login took over, on this node or the one holding it.
+    async fn kick_replaced(&self, old: &OnlineEntry) {
+        const REASON: &str = "this session was taken over by a new login of the same user";
+        if old.node_id == self.config.node_id {
+            self.kick_conn(old.user.id, old.conn_id, ErrorCode::Replaced, REASON);
+        } else if let Some(cluster) = self.cluster.get() {
+            let kick = ClusterMessage::Kick {
+                user_id: old.user.id,
+                reason: REASON.into(),
+                conn_id: Some(old.conn_id),
+                replaced: true,
+            };
+            // A node that is gone has nothing to kick.
+            if let Err(e) = cluster.bus.publish(&old.node_id, &kick).await {
+                warn!(node = %old.node_id, error = %e, "could not tell a node its session was taken over");
+            }
+        }
+        Metrics::inc(&self.metrics.takeovers_total);
     }
 
     /// Forgets a closed connection: local binding, route and online entry.
@@ -268,7 +356,7 @@ impl Router {
     pub async fn offline(&self, user_id: u64) -> Result<bool, RouteError> {
         let conn = self.local().get(&user_id).cloned();
         if let Some(conn) = conn {
-            conn.kick(ErrorCode::Unexpected, "taken offline by the server");
+            conn.kick(ErrorCode::TakenOffline, "taken offline by the server");
             self.logout(user_id, conn.conn_id).await;
             return Ok(true);
         }
@@ -278,7 +366,12 @@ impl Router {
             }
             Some(e) => match self.cluster.get() {
                 Some(cluster) => {
-                    let kick = ClusterMessage::Kick { user_id, reason: "taken offline by the server".into() };
+                    let kick = ClusterMessage::Kick {
+                        user_id,
+                        reason: "taken offline by the server".into(),
+                        conn_id: None,
+                        replaced: false,
+                    };
                     if cluster.bus.publish(&e.node_id, &kick).await? == 0 {
                         // Its node is gone: the entry is stale.
                         self.store().release(user_id, &e.node_id, e.conn_id).await?;
@@ -294,14 +387,14 @@ impl Router {
     /// Kicks every local connection (shutdown).
     pub fn kick_all(&self, reason: &str) {
         for conn in self.local().values() {
-            conn.kick(ErrorCode::Unavailable, reason);
+            conn.kick(ErrorCode::ShuttingDown, reason);
         }
     }
 
-    /// Kicks a local user on another node's request.
+    /// Kicks a local user on another node's request (`POST /offline` there).
     pub fn kick_local(&self, user_id: u64, reason: &str) {
         if let Some(conn) = self.local().get(&user_id).cloned() {
-            conn.kick(ErrorCode::Unexpected, reason);
+            conn.kick(ErrorCode::TakenOffline, reason);
         }
     }
 
@@ -313,6 +406,7 @@ impl Router {
                 user: c.user.clone(),
                 node_id: self.config.node_id.clone(),
                 conn_id: c.conn_id,
+                resume: c.resume.clone(),
             })
             .collect()
     }

@@ -12,6 +12,7 @@ use super::component::{Loaded, WorldPre};
 use super::engine::WasmEngine;
 use super::host_api::HostState;
 use crate::handlers::Context;
+use tracing::warn;
 
 /// The arguments of one call, already in WIT types.
 pub(crate) enum Input {
@@ -39,14 +40,21 @@ pub(crate) async fn run(
     ctx: Context,
     input: Input,
 ) -> Result<Output, String> {
+    // Fail fast past the component's `max_instances`, like a full pool does.
+    let Ok(_permit) = loaded.permits.clone().try_acquire_owned() else {
+        return Err(format!(
+            "busy: {} instances of it are running, its max_instances (spin.toml [component.{}.limits])",
+            loaded.limits.max_instances, loaded.name
+        ));
+    };
     let mut store = engine.new_store(&loaded, ctx);
-    let deadline = engine.config.deadline_for(loaded.event);
+    let deadline = loaded.limits.deadline;
     // The epoch callback stops a guest that computes past its deadline; this stops one stuck
     // in a host call (a slow store), by dropping the call, which unwinds the guest.
     let result = tokio::time::timeout(deadline, call(&mut store, &loaded.pre, input)).await;
     match result {
         Ok(Ok(output)) => Ok(output),
-        Ok(Err(e)) => Err(explain(store.data(), &e, &engine, deadline)),
+        Ok(Err(e)) => Err(explain(store.data(), &e, deadline)),
         Err(_elapsed) => Err(format!("timed out after {}", duration(deadline))),
     }
 }
@@ -83,15 +91,17 @@ async fn call(store: &mut Store<HostState>, pre: &WorldPre, input: Input) -> was
     }
 }
 
-/// Why a call failed, in words an operator can act on.
-fn explain(state: &HostState, e: &wasmtime::Error, engine: &WasmEngine, deadline: Duration) -> String {
+/// Why a call failed, in words an operator can act on and short enough for the client: a
+/// guest's whole stderr (a Python traceback) goes to the host log, and only its last line
+/// into the reason.
+fn explain(state: &HostState, e: &wasmtime::Error, deadline: Duration) -> String {
     if state.timed_out {
         return format!("timed out after {}", duration(deadline));
     }
     if let Some(asked) = state.limiter.denied {
         return format!(
             "exceeded the memory limit of {} (tried to grow a memory to {})",
-            bytes(engine.config.memory_cap),
+            bytes(state.limiter.cap),
             bytes(asked)
         );
     }
@@ -103,15 +113,44 @@ fn explain(state: &HostState, e: &wasmtime::Error, engine: &WasmEngine, deadline
         None => format!("failed: {}", e.root_cause()),
     };
     if let Some(stderr) = state.stderr() {
-        reason.push_str(&format!(" (guest stderr: {})", tidy_stderr(&stderr)));
+        warn!(
+            component = %state.component(),
+            event = %state.event(),
+            stderr = %stderr,
+            "the guest wrote to stderr before it failed"
+        );
+        if let Some(last) = last_line(&stderr) {
+            reason.push_str(&format!(" (guest stderr: {last})"));
+        }
     }
     reason
+}
+
+/// The most of a guest's stderr a caller is shown.
+const STDERR_SHOWN: usize = 200;
+
+/// The line of a guest's stderr that says what went wrong: the last one (a Python
+/// traceback's `ValueError: …`, a Rust panic's message), cut to [`STDERR_SHOWN`] bytes.
+fn last_line(stderr: &str) -> Option<String> {
+    let tidy = tidy_stderr_lines(stderr);
+    let last = tidy.last()?;
+    let mut end = last.len().min(STDERR_SHOWN);
+    while !last.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = if end < last.len() { "…" } else { "" };
+    Some(format!("{}{cut}", &last[..end]))
 }
 
 /// A guest's stderr on one line, without the std panic hook's boilerplate: `thread
 /// '<unnamed>' (1) panicked at src/lib.rs:13:9:\nboom\nnote: run with RUST_BACKTRACE…` becomes
 /// `panicked at src/lib.rs:13:9: boom`.
+#[cfg(test)]
 fn tidy_stderr(stderr: &str) -> String {
+    tidy_stderr_lines(stderr).join(" ")
+}
+
+fn tidy_stderr_lines(stderr: &str) -> Vec<&str> {
     stderr
         .lines()
         .filter(|line| !line.starts_with("note: run with `RUST_BACKTRACE"))
@@ -121,8 +160,7 @@ fn tidy_stderr(stderr: &str) -> String {
         })
         .map(str::trim)
         .filter(|line| !line.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
+        .collect()
 }
 
 pub(crate) fn duration(d: Duration) -> String {
@@ -154,6 +192,16 @@ mod tests {
         let stderr = "thread '<unnamed>' (1) panicked at src/lib.rs:13:9:\nboom\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
         assert_eq!(tidy_stderr(stderr), "panicked at src/lib.rs:13:9: boom");
         assert_eq!(tidy_stderr("plain\n\nline"), "plain line");
+    }
+
+    #[test]
+    fn a_traceback_is_cut_to_its_last_line() {
+        let traceback = "Traceback (most recent call last):\n  File \"app.py\", line 9, in handle\n    raise ValueError(\"no\")\nValueError: no\n";
+        assert_eq!(last_line(traceback).as_deref(), Some("ValueError: no"));
+        let long = "x".repeat(500);
+        let shown = last_line(&long).unwrap();
+        assert!(shown.len() < 210 && shown.ends_with('…'), "{shown}");
+        assert_eq!(last_line("\n \n"), None);
     }
 
     #[test]

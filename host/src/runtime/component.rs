@@ -16,6 +16,7 @@ use super::bindings::{group_send, login, message_callback, online_list, private_
 use super::cache::{CompileCache, CompiledFrom};
 use super::engine::WasmEngine;
 use super::host_api::{Capabilities, HostState};
+use super::limits::{Headroom, Limits, Shape, async_fix, mib};
 use crate::handlers::{Context, Event};
 
 /// The WIT package every handler world belongs to.
@@ -36,6 +37,14 @@ pub enum LoadError {
     /// The component compiled but cannot be instantiated within this host's limits.
     #[error("component cannot be instantiated: {0}")]
     Instantiate(String),
+    /// The component needs something this host does not provide (an import, a feature); the
+    /// message says how to build it instead.
+    #[error("component is not supported by this host: {0}")]
+    Unsupported(String),
+    /// The component does not fit the limits it would run under; the message names the
+    /// spin.toml key or flag to change.
+    #[error("component does not fit: {0}")]
+    TooBig(String),
 }
 
 /// The world and the export an event's component must have.
@@ -111,6 +120,14 @@ pub struct Loaded {
     /// Where it came from (a path, or "upload").
     pub source: String,
     pub compiled_from: CompiledFrom,
+    /// What it may use: memory cap, deadline, concurrent instances.
+    pub limits: Limits,
+    /// Its core instances, memories and tables, as read from the `.wasm`.
+    pub shape: Shape,
+    /// The size of its largest linear memory after instantiation, measured once at load.
+    pub(crate) starting_memory: std::sync::OnceLock<usize>,
+    /// One permit per instance alive ([`Limits::max_instances`]).
+    pub(crate) permits: Arc<tokio::sync::Semaphore>,
     pub(crate) caps: Arc<Capabilities>,
     pub(crate) pre: WorldPre,
 }
@@ -125,6 +142,7 @@ impl fmt::Debug for Loaded {
             .field("size", &self.size)
             .field("source", &self.source)
             .field("compiled_from", &self.compiled_from)
+            .field("limits", &self.limits)
             .field("caps", &self.caps)
             .finish_non_exhaustive()
     }
@@ -149,12 +167,36 @@ impl Loaded {
         req: LoadRequest,
     ) -> Result<Loaded, LoadError> {
         check_header(wasm)?;
+        let limits = Limits::resolve(&engine.config, req.event, &req.caps.limits);
+        // Cheap checks first: a component refused here costs no compile (seconds for Python).
+        let shape =
+            Shape::of(wasm).map_err(|e| LoadError::Compile(format!("cannot read its sections: {e}")))?;
+        if let Some(fix) = shape.unsupported_import().or_else(|| shape.async_refusal()) {
+            return Err(LoadError::Unsupported(fix));
+        }
+        if let Some(why) = shape.misfit(&engine.config.pool) {
+            return Err(LoadError::TooBig(why));
+        }
+        let initial = usize::try_from(shape.largest_initial_memory).unwrap_or(usize::MAX);
+        if initial > limits.memory_cap {
+            return Err(over_cap(initial, limits.memory_cap, &req.name));
+        }
+        if limits.memory_cap > engine.config.memory_slot() {
+            return Err(LoadError::TooBig(format!(
+                "its memory cap of {} is more than this host's pool slots of {}: lower `memory_mib` \
+                 under [component.{}.limits] in spin.toml, or start cim-host with a larger \
+                 --handler-memory-mib",
+                mib(limits.memory_cap),
+                mib(engine.config.memory_slot()),
+                req.name
+            )));
+        }
         let sha256 = hex::encode(Sha256::digest(wasm));
         let (component, compiled_from) = match cache {
             Some(cache) => cache.get_or_compile(&engine.engine, wasm, &sha256),
             None => Component::new(&engine.engine, wasm).map(|c| (c, CompiledFrom::Compiler)),
         }
-        .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        .map_err(|e| compile_error(format!("{e:#}")))?;
 
         let (world, export) = world_of(req.event);
         let wrong_world = |detail: String| LoadError::WrongWorld { expected: world.to_owned(), detail };
@@ -174,6 +216,10 @@ impl Loaded {
             loaded_at: SystemTime::now(),
             source: req.source,
             compiled_from,
+            permits: Arc::new(tokio::sync::Semaphore::new(limits.max_instances as usize)),
+            limits,
+            shape,
+            starting_memory: std::sync::OnceLock::new(),
             caps: Arc::new(req.caps),
             pre,
         })
@@ -184,12 +230,17 @@ impl Loaded {
     /// type-checks its exports, before it may replace a working one.
     pub(crate) async fn check_instantiates(&self, engine: &WasmEngine) -> Result<(), LoadError> {
         let mut store = engine.new_store(self, Context::new(crate::store::Store::memory()));
-        let instance = self
-            .pre
-            .instance_pre()
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
+        let instantiated = self.pre.instance_pre().instantiate_async(&mut store).await;
+        let limiter = &store.data().limiter;
+        let instance = match instantiated {
+            Ok(instance) => instance,
+            Err(_) if limiter.denied_at_start => {
+                let starting = limiter.denied.unwrap_or(limiter.largest_start);
+                return Err(over_cap(starting, self.limits.memory_cap, &self.name));
+            }
+            Err(e) => return Err(LoadError::Instantiate(format!("{e:#}"))),
+        };
+        let _ = self.starting_memory.set(limiter.largest_start);
         self.pre.check_exports(&mut store, &instance).map_err(|e| {
             let (world, export) = world_of(self.event);
             LoadError::WrongWorld {
@@ -198,6 +249,36 @@ impl Loaded {
             }
         })
     }
+}
+
+impl Loaded {
+    /// Its starting memory against its cap, once it has been instantiated at load.
+    pub fn headroom(&self) -> Option<Headroom> {
+        let starting = *self.starting_memory.get()?;
+        Some(Headroom { starting, cap: self.limits.memory_cap })
+    }
+}
+
+/// The refusal of a component whose memory starts at `starting` bytes, over its `cap`.
+fn over_cap(starting: usize, cap: usize, name: &str) -> LoadError {
+    LoadError::TooBig(format!(
+        "it starts with {} of linear memory, more than its cap of {}: raise `memory_mib` under \
+         [component.{name}.limits] in spin.toml to at least {} (or --handler-memory-mib for every \
+         component)",
+        mib(starting),
+        mib(cap),
+        starting.div_ceil(1 << 20) + 1,
+    ))
+}
+
+/// A compile failure, with the fix when wasmtime refused a feature a known toolchain adds.
+fn compile_error(detail: String) -> LoadError {
+    // wasmtime: "`task.cancel` requires the component model async feature".
+    if detail.contains("component model async") {
+        let what = detail.split('`').nth(1).unwrap_or("an async built-in");
+        return LoadError::Unsupported(async_fix(what));
+    }
+    LoadError::Compile(detail)
 }
 
 /// The names a component exports, for error messages.

@@ -5,7 +5,8 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle as ThreadHandle;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use wasmtime::{
 use super::bindings::host_api::HostApi;
 use super::component::Loaded;
 use super::host_api::HostState;
+use super::limits::PoolShape;
 use super::log_limit::LogLimiter;
 use crate::handlers::{Context, Event};
 use crate::limits::Rate;
@@ -30,11 +32,6 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 const LINEAR_MEMORY_KEEP_RESIDENT: usize = 2 << 20;
 const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 
-/// Core instances and tables in one Rust `wasm32-wasip2` component (main module, shim,
-/// fixup), used to size the pools from the number of component instances.
-const CORE_INSTANCES_PER_COMPONENT: u32 = 4;
-const TABLES_PER_COMPONENT: u32 = 4;
-
 /// Settings of the component runtime.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -45,12 +42,20 @@ pub struct RuntimeConfig {
     /// path: its deadline only stops a runaway guest, so it may be longer and leave room
     /// for the store round trips of a busy node.
     pub callback_deadline: Duration,
-    /// The largest a guest's linear memory may grow, in bytes.
+    /// The largest a guest's linear memory may grow, in bytes (a component's `memory_mib`
+    /// in spin.toml overrides it).
     pub memory_cap: usize,
+    /// The largest memory cap any component may be given: the size of the pool's memory
+    /// slots. Never below `memory_cap`.
+    pub largest_memory_cap: usize,
+    /// What the pools hold per instance (core instances, memories, tables); a component that
+    /// needs more is refused at load. Size it from the components to be loaded.
+    pub pool: PoolShape,
     /// Where compiled components are cached (keyed by the wasm's sha256 and the engine
     /// configuration); `None` compiles every time.
     pub cache_dir: Option<PathBuf>,
-    /// How many instances may be alive at once (pool size). A request beyond it fails fast.
+    /// How many instances may be alive at once (pool size), and the default of each
+    /// component's `max_instances`. A request beyond either fails fast.
     pub max_instances: u32,
     /// Threads of the runtime that guests run on (named `cim-wasm`).
     pub worker_threads: usize,
@@ -72,6 +77,8 @@ impl Default for RuntimeConfig {
             deadline: Duration::from_millis(100),
             callback_deadline: Duration::from_secs(1),
             memory_cap: 16 << 20,
+            largest_memory_cap: 16 << 20,
+            pool: PoolShape::default(),
             cache_dir: None,
             max_instances: 1000,
             worker_threads: 2,
@@ -91,6 +98,11 @@ impl RuntimeConfig {
         }
     }
 
+    /// The size of a pool memory slot: the largest cap a component may have.
+    pub fn memory_slot(&self) -> usize {
+        self.memory_cap.max(self.largest_memory_cap)
+    }
+
     /// The default configuration with the compile cache in `<data_dir>/cache`.
     pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
         RuntimeConfig { cache_dir: Some(data_dir.into().join("cache")), ..RuntimeConfig::default() }
@@ -105,8 +117,10 @@ pub(crate) struct WasmEngine {
     executor: Executor,
     /// Guest log lines per component ([`RuntimeConfig::log_rate`]).
     pub(crate) log_limiter: Arc<LogLimiter>,
-    /// Held for its `Drop`, which stops the thread.
-    _ticker: Ticker,
+    /// Call durations and outcomes per event and component.
+    pub(crate) handler_metrics: crate::metrics::HandlerMetrics,
+    /// Stops the thread when dropped.
+    ticker: Ticker,
 }
 
 impl std::fmt::Debug for WasmEngine {
@@ -124,13 +138,24 @@ impl WasmEngine {
         anyhow::ensure!(config.memory_cap >= 1 << 16, "the memory cap must be at least one 64 KiB page");
         anyhow::ensure!(config.max_instances > 0, "max_instances must be at least 1");
 
+        let shape = config.pool;
+        anyhow::ensure!(
+            shape.core_instances > 0 && shape.memories > 0 && shape.tables > 0,
+            "the pool shape needs at least one core instance, memory and table per instance"
+        );
+        // Every instance may take the whole per-instance shape, so the totals are the shape
+        // times the instances; the per-component maxima make wasmtime enforce the same shape.
+        let n = config.max_instances;
         let mut pool = PoolingAllocationConfig::new();
-        pool.total_component_instances(config.max_instances)
-            .total_core_instances(config.max_instances.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
-            .total_memories(config.max_instances)
-            .total_tables(config.max_instances.saturating_mul(TABLES_PER_COMPONENT))
-            .total_stacks(config.max_instances)
-            .max_memory_size(config.memory_cap)
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(shape.core_instances))
+            .max_core_instances_per_component(shape.core_instances)
+            .total_memories(n.saturating_mul(shape.memories))
+            .max_memories_per_component(shape.memories)
+            .total_tables(n.saturating_mul(shape.tables))
+            .max_tables_per_component(shape.tables)
+            .total_stacks(n)
+            .max_memory_size(config.memory_slot())
             .linear_memory_keep_resident(LINEAR_MEMORY_KEEP_RESIDENT.min(config.memory_cap))
             .table_keep_resident(TABLE_KEEP_RESIDENT);
 
@@ -149,7 +174,15 @@ impl WasmEngine {
         let executor = Executor::new(config.worker_threads.max(1))?;
         let ticker = Ticker::start(engine.weak())?;
         let log_limiter = Arc::new(LogLimiter::new(config.log_rate));
-        Ok(WasmEngine { engine, linker, config, executor, log_limiter, _ticker: ticker })
+        Ok(WasmEngine {
+            engine,
+            linker,
+            config,
+            executor,
+            log_limiter,
+            handler_metrics: Default::default(),
+            ticker,
+        })
     }
 
     /// Runs `job` on the guests' runtime; the returned handle can be awaited from any runtime.
@@ -177,13 +210,14 @@ impl WasmEngine {
         let state = HostState::new(
             loaded,
             ctx,
-            self.config.memory_cap,
+            loaded.limits.memory_cap,
             self.config.kv_quota,
             self.log_limiter.clone(),
+            self.ticker.running(),
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let deadline = self.config.deadline_for(loaded.event);
+        let deadline = loaded.limits.deadline;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |mut ctx| {
             let state = ctx.data_mut();
@@ -235,22 +269,61 @@ impl Drop for Executor {
     }
 }
 
-/// The thread that advances the engine's epoch every [`EPOCH_TICK`]; stops when dropped.
+/// The thread that advances the engine's epoch every [`EPOCH_TICK`] while a guest runs, and
+/// sleeps (parked, no wake-ups) while none does, so an idle host costs no CPU; stops when
+/// dropped.
 struct Ticker {
-    stop: Arc<AtomicBool>,
+    shared: Arc<TickerShared>,
     thread: Option<ThreadHandle<()>>,
+}
+
+#[derive(Debug)]
+struct TickerShared {
+    stop: AtomicBool,
+    /// Stores alive (requests under way); the ticker ticks while this is above 0.
+    running: AtomicUsize,
+    /// The ticker thread, to wake it when the first guest starts.
+    thread: OnceLock<std::thread::Thread>,
+}
+
+impl TickerShared {
+    fn wake(&self) {
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// Held by every store (one request): while any is alive the epoch advances.
+#[derive(Debug)]
+pub(crate) struct Running(Arc<TickerShared>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Ticker {
     fn start(engine: EngineWeak) -> anyhow::Result<Ticker> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let shared = Arc::new(TickerShared {
+            stop: AtomicBool::new(false),
+            running: AtomicUsize::new(0),
+            thread: OnceLock::new(),
+        });
+        let state = shared.clone();
         let thread = std::thread::Builder::new()
             .name("cim-epoch".into())
             .spawn(move || {
                 // Sleep to absolute instants so the tick rate does not drift with scheduling.
                 let mut next = Instant::now();
-                while !flag.load(Ordering::Relaxed) {
+                while !state.stop.load(Ordering::SeqCst) {
+                    if state.running.load(Ordering::SeqCst) == 0 {
+                        // An unpark between the check and here makes park return at once.
+                        std::thread::park();
+                        next = Instant::now();
+                        continue;
+                    }
                     next += EPOCH_TICK;
                     let now = Instant::now();
                     if next > now {
@@ -265,13 +338,23 @@ impl Ticker {
                 }
             })
             .map_err(|e| anyhow::anyhow!("starting the epoch ticker: {e}"))?;
-        Ok(Ticker { stop, thread: Some(thread) })
+        let _ = shared.thread.set(thread.thread().clone());
+        Ok(Ticker { shared, thread: Some(thread) })
+    }
+
+    /// Marks a guest as running (ticks start within one tick) until the guard is dropped.
+    fn running(&self) -> Running {
+        if self.shared.running.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.shared.wake();
+        }
+        Running(self.shared.clone())
     }
 }
 
 impl Drop for Ticker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -20,6 +20,7 @@ use super::bindings::host_api::cim::im::log::{self, Level};
 use super::bindings::host_api::cim::im::types::{User, UserId};
 use super::bindings::host_api::cim::im::{clock, presence, types, variables};
 use super::component::Loaded;
+use super::limits::LimitOverrides;
 use super::log_limit::{Admit, LogLimiter};
 use crate::handlers::{Context, Event};
 use crate::store::{MAX_PAGE, Quota, StoreError};
@@ -39,13 +40,15 @@ const STDERR_CAPTURE_BYTES: usize = 4096;
 /// Table elements a guest may grow to (Rust guests use a few hundred).
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
-/// What a component may touch, from its `[component.NAME]` table in spin.toml.
+/// What a component may touch and use, from its `[component.NAME]` table in spin.toml.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Capabilities {
     /// The key-value stores it may use; any other store gets `access-denied`.
     pub key_value_stores: Vec<String>,
     /// Its resolved `[component.NAME.variables]`. May hold secrets: `Debug` prints names only.
     pub variables: HashMap<String, String>,
+    /// Its `[component.NAME.limits]`; what it leaves out comes from the host's flags.
+    pub limits: LimitOverrides,
 }
 
 impl fmt::Debug for Capabilities {
@@ -55,6 +58,7 @@ impl fmt::Debug for Capabilities {
         f.debug_struct("Capabilities")
             .field("key_value_stores", &self.key_value_stores)
             .field("variables", &names)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -62,7 +66,11 @@ impl fmt::Debug for Capabilities {
 impl Capabilities {
     /// The capabilities a manifest grants a component.
     pub fn from_spec(spec: &crate::manifest::ComponentSpec) -> Self {
-        Capabilities { key_value_stores: spec.key_value_stores.clone(), variables: spec.variables.clone() }
+        Capabilities {
+            key_value_stores: spec.key_value_stores.clone(),
+            variables: spec.variables.clone(),
+            limits: spec.limits,
+        }
     }
 }
 
@@ -85,6 +93,8 @@ pub(crate) struct HostState {
     pub(crate) timed_out: bool,
     /// The guest's stderr (a Rust panic message lands here before the trap).
     stderr: MemoryOutputPipe,
+    /// Keeps the epoch ticking while this request's store lives.
+    _running: super::engine::Running,
 }
 
 impl HostState {
@@ -94,6 +104,7 @@ impl HostState {
         memory_cap: usize,
         quota: Quota,
         log_limiter: Arc<LogLimiter>,
+        running: super::engine::Running,
     ) -> HostState {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE_BYTES);
         // No preopened directories, no environment, no network: WASI is linked only because a
@@ -112,10 +123,20 @@ impl HostState {
             started: Instant::now(),
             timed_out: false,
             stderr,
+            _running: running,
         }
     }
 
     /// What the guest wrote to stderr, trimmed, if anything.
+    /// The component this request runs.
+    pub(crate) fn component(&self) -> &str {
+        &self.component
+    }
+
+    pub(crate) fn event(&self) -> Event {
+        self.event
+    }
+
     pub(crate) fn stderr(&self) -> Option<String> {
         let bytes = self.stderr.contents();
         let text = String::from_utf8_lossy(&bytes);
@@ -369,23 +390,33 @@ pub(crate) struct MemoryLimiter {
     pub(crate) cap: usize,
     /// The size the guest asked for when it was refused.
     pub(crate) denied: Option<usize>,
+    /// The largest size a memory was created with (its starting size, before any growth).
+    pub(crate) largest_start: usize,
+    /// Whether the refusal was of a memory's starting size, not of a later growth.
+    pub(crate) denied_at_start: bool,
 }
 
 impl MemoryLimiter {
     fn new(cap: usize) -> Self {
-        MemoryLimiter { cap, denied: None }
+        MemoryLimiter { cap, denied: None, largest_start: 0, denied_at_start: false }
     }
 }
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        // wasmtime asks with `current == 0` when it creates a memory at instantiation.
+        let at_start = current == 0;
+        if at_start {
+            self.largest_start = self.largest_start.max(desired);
+        }
         if desired > self.cap {
             self.denied = Some(desired);
+            self.denied_at_start = at_start;
             return Ok(false);
         }
         Ok(true)
@@ -417,6 +448,7 @@ mod tests {
         let caps = Capabilities {
             key_value_stores: vec!["default".into()],
             variables: HashMap::from([("token".to_owned(), "s3cret".to_owned())]),
+            limits: LimitOverrides::default(),
         };
         let shown = format!("{caps:?}");
         assert!(shown.contains("token") && !shown.contains("s3cret"), "{shown}");

@@ -6,6 +6,8 @@
 //! - `host_api`: the imports guests call (presence, key-value, variables, log, clock) and
 //!   the capability checks.
 //! - `log_limit`: the per-component rate limit on guest log lines.
+//! - `limits`: per-component limits (memory cap, deadline, instances), a `.wasm`'s shape
+//!   and the pool shape it must fit, memory headroom.
 //! - `component`: a loaded component and the per-event hot-swap slot.
 //! - `cache`: compiled artifacts on disk, keyed by sha256.
 //! - `call`: one request, from a fresh store to a decision or a readable failure.
@@ -21,6 +23,7 @@ mod component;
 mod convert;
 mod engine;
 mod host_api;
+mod limits;
 mod log_limit;
 
 use std::collections::HashMap;
@@ -36,6 +39,7 @@ pub use cache::CompiledFrom;
 pub use component::{LoadError, Loaded, WIT_PACKAGE, world_of};
 pub use engine::{EPOCH_TICK, RuntimeConfig};
 pub use host_api::{Capabilities, MAX_KEY_BYTES, MAX_LIST_LEN, MAX_LOG_BYTES, MAX_VALUE_BYTES};
+pub use limits::{Headroom, LimitOverrides, Limits, LimitsJson, PoolShape, Shape, mib};
 
 use self::call::{Input, Output};
 use self::component::{LoadRequest, Slot};
@@ -74,6 +78,12 @@ pub struct ComponentInfo {
     pub source: String,
     /// Serving requests now (otherwise kept for rollback).
     pub active: bool,
+    /// Its memory cap, deadline and most concurrent instances.
+    pub limits: LimitsJson,
+    /// Bytes of its largest linear memory right after instantiation.
+    pub starting_memory: Option<usize>,
+    /// `starting memory 12.3 MiB of 16 MiB`: what a call may still allocate.
+    pub headroom: Option<String>,
 }
 
 fn event_name<S: serde::Serializer>(event: &Event, s: S) -> Result<S::Ok, S::Error> {
@@ -91,6 +101,9 @@ impl ComponentInfo {
             loaded_at_ms: loaded.loaded_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
             source: loaded.source.clone(),
             active,
+            limits: loaded.limits.into(),
+            starting_memory: loaded.starting_memory.get().copied(),
+            headroom: loaded.headroom().map(|h| h.to_string()),
         }
     }
 }
@@ -269,15 +282,27 @@ impl Runtime {
             });
         };
         let name = loaded.name.clone();
+        let started = std::time::Instant::now();
         let job = call::run(self.engine.clone(), loaded, ctx.clone(), input);
         let result = match self.engine.spawn(job).await {
             Ok(result) => result,
             Err(e) => Err(format!("host error: the call was aborted ({e})")),
         };
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(reason) if reason.starts_with("timed out") => "timeout",
+            Err(_) => "failed",
+        };
+        self.engine.handler_metrics.record(event.as_str(), &name, started.elapsed(), outcome);
         match result {
             Ok(output) => Ok((output, name)),
             Err(reason) => Err(self.failure(event, &name, reason)),
         }
+    }
+
+    /// The handler call series (durations and outcomes per event and component).
+    pub fn handler_metrics(&self) -> &crate::metrics::HandlerMetrics {
+        &self.engine.handler_metrics
     }
 
     fn failure(&self, event: Event, component: &str, reason: String) -> HandlerError {

@@ -11,6 +11,8 @@ use super::*;
 use crate::handlers::{Recipients, SendDecision};
 use crate::store::{MAX_PAGE, OnlineEntry, Quota, Store};
 
+mod limits;
+
 fn components_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../components")
 }
@@ -50,6 +52,7 @@ fn caps(stores: &[&str], vars: &[(&str, &str)]) -> Capabilities {
     Capabilities {
         key_value_stores: stores.iter().map(|s| (*s).to_owned()).collect(),
         variables: vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        ..Capabilities::default()
     }
 }
 
@@ -66,7 +69,10 @@ fn user(id: u64) -> User {
 async fn context_with_online(ids: &[u64]) -> Context {
     let store = Store::memory();
     for &id in ids {
-        store.claim(OnlineEntry { user: user(id), node_id: "n1".into(), conn_id: id }).await.expect("claim");
+        store
+            .claim(OnlineEntry { user: user(id), node_id: "n1".into(), conn_id: id, resume: String::new() })
+            .await
+            .expect("claim");
     }
     Context::new(store)
 }
@@ -333,7 +339,7 @@ async fn a_guest_gets_bounded_pages_from_the_memory_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_gets_bounded_pages_from_redis() {
     let redis = crate::store::redis::test_support::TestRedis::new();
-    a_guest_gets_bounded_pages(Store::Redis(Arc::new(redis.store().await))).await;
+    a_guest_gets_bounded_pages(Store::from_redis(Arc::new(redis.store().await), Default::default())).await;
     redis.cleanup().await;
 }
 

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cim_proto::{Body, CodecError, Encoded, ErrorCode, Frame, FrameError, User};
+use cim_proto::{Body, CodecError, Encoded, ErrorCode, Frame, FrameError, LoginAck, User};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -17,7 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::auth::Verified;
 use crate::limits::{Action, Limited};
 use crate::metrics::Metrics;
-use crate::router::{Closer, LocalConn, Outbox, Router};
+use crate::router::{Closer, LocalConn, Outbox, Resumed, Router, Seam};
 use requests::{Expiry, Session};
 use writer::write_loop;
 
@@ -84,17 +84,22 @@ async fn run_inner<St, Si>(
         first = tokio::time::timeout(config.login_timeout, stream.next()) => first,
         _ = shutdown.cancelled() => return,
     };
-    let (request_id, user_id, user_name, token) = match first {
-        Ok(Some(Ok(Ok(Frame { request_id, body: Body::Login { user_id, user_name, token } })))) => {
-            (request_id, user_id, user_name, token)
+    if let Ok(Some(Ok(_))) = &first {
+        Metrics::inc(&router.metrics.frames_in_total);
+    }
+    let (request_id, login) = match first {
+        Ok(Some(Ok(Ok(Frame { request_id: 0, body: Body::Login(_) })))) => {
+            let msg = "request id 0 is reserved for server pushes: give LOGIN a non-zero request id";
+            return refuse(&mut sink, 0, ErrorCode::Invalid, msg.into()).await;
         }
+        Ok(Some(Ok(Ok(Frame { request_id, body: Body::Login(login) })))) => (request_id, login),
         Ok(Some(Ok(Ok(frame)))) => {
             let msg = format!("the first frame must be login, got {}", frame.body.kind_name());
             return refuse(&mut sink, frame.request_id, ErrorCode::NotLoggedIn, msg).await;
         }
         Ok(Some(Ok(Err(e)))) => {
             Metrics::inc(&router.metrics.bad_frames_total);
-            return refuse(&mut sink, 0, ErrorCode::BadFrame, e.to_string()).await;
+            return refuse(&mut sink, e.request_id(), ErrorCode::BadFrame, e.to_string()).await;
         }
         Ok(Some(Err(e))) => return refuse_fatal(&mut sink, &router, e).await,
         Ok(None) => return,
@@ -103,38 +108,69 @@ async fn run_inner<St, Si>(
             return refuse(&mut sink, 0, ErrorCode::NotLoggedIn, msg).await;
         }
     };
-    let (user, verified) = match admit(&router, peer, request_id, user_id, user_name, &token) {
-        Ok(admitted) => admitted,
-        Err(refusal) => return refuse_frame(&mut sink, refusal).await,
-    };
+    let (user, verified) =
+        match admit(&router, peer, request_id, login.user_id, login.user_name, &login.token) {
+            Ok(admitted) => admitted,
+            Err(refusal) => return refuse_frame(&mut sink, refusal).await,
+        };
     let expiry = verified.as_ref().map(|v| Expiry::new(v.expires_at_ms, &config));
     tracing::Span::current().record("user", user.id);
 
     let (tx, rx) = Outbox::new(config.outbound_queue, config.outbound_queue_bytes);
     let closer = Closer::child_of(&shutdown);
-    let conn = LocalConn { conn_id, user: user.clone(), tx: tx.clone(), closer: closer.clone() };
-    // The ack goes into the queue before the user is reachable, so it is the first frame the
-    // client gets even if a message for them arrives at once. (If the login is refused, the
-    // queue is dropped unsent.)
-    let ack = Body::LoginAck {
-        node_id: config.node_id.clone(),
-        heartbeat_secs: config.heartbeat.as_secs().try_into().unwrap_or(u32::MAX),
+    // Live deliveries are held at the seam until the log has been replayed.
+    let resume = resume_token();
+    let conn = LocalConn {
+        conn_id,
         user: user.clone(),
-        token_expires_at_ms: expiry.map_or(0, |e| e.at_ms),
+        tx: tx.clone(),
+        closer: closer.clone(),
+        seam: Seam::replaying(),
+        resume: resume.clone(),
     };
-    let _ = tx.try_send(Encoded::from(Frame::new(request_id, ack)));
     // Boxed, like the other rare or deep awaits below: their state would otherwise be part of
     // every idle connection's task.
-    if let Err(e) = Box::pin(router.login(conn, verified)).await {
+    if let Err(e) = Box::pin(router.login(conn.clone(), verified, &login.resume_token)).await {
         Metrics::inc(&router.metrics.login_failures_total);
         info!(error = %e, "login refused");
         return refuse(&mut sink, request_id, e.code(), e.to_string()).await;
     }
-    info!(name = %user.name, "logged in");
-
     let writer = tokio::spawn(
         write_loop(sink, rx, closer.clone(), config.write_timeout, router.clone()).in_current_span(),
     );
+    // The login ack first, then what the user missed, then live traffic.
+    let ack = |resumed: &Resumed| {
+        Encoded::from(Frame::new(
+            request_id,
+            Body::LoginAck(LoginAck {
+                node_id: config.node_id.clone(),
+                heartbeat_secs: config.heartbeat.as_secs().try_into().unwrap_or(u32::MAX),
+                user: user.clone(),
+                token_expires_at_ms: expiry.map_or(0, |e| e.at_ms),
+                resume_from: resumed.from,
+                missed_inbox: resumed.missed_inbox,
+                missed_group: resumed.missed_group,
+                resume_token: resume.clone(),
+            }),
+        ))
+    };
+    let resumed = Box::pin(async {
+        let from = router.resume_point(user.id, login.resume_from).await?;
+        router.replay(&conn, from, ack).await
+    })
+    .await;
+    match resumed {
+        Ok(r) => info!(name = %user.name, inbox = r.from.inbox, group = r.from.group, "logged in"),
+        Err(e) => {
+            warn!(error = %e, "could not replay the log; closing the new session");
+            let _ = tx.try_send(Encoded::from(Frame::error(request_id, e.code(), e.to_string())));
+            router.logout(user.id, conn_id).await;
+            closer.cancel();
+            let _ = tokio::time::timeout(CLOSE_FLUSH, writer).await;
+            return;
+        }
+    }
+    drop(conn);
     let mut session =
         Session { router: router.clone(), user, tx, closer: closer.clone(), expiry, ip: peer.ip() };
     let end = session.read_loop(&mut stream, config.idle_timeout()).await;
@@ -148,6 +184,17 @@ async fn run_inner<St, Si>(
     if tokio::time::timeout(CLOSE_FLUSH, &mut writer).await.is_err() {
         writer.abort();
     }
+}
+
+/// A fresh session resume token: 128 random bits, hex.
+fn resume_token() -> String {
+    let mut bytes = [0u8; 16];
+    // The OS random source does not fail on the platforms we run on; if it ever did, the
+    // session simply cannot be resumed by token (an empty token never matches).
+    if getrandom::fill(&mut bytes).is_err() {
+        return String::new();
+    }
+    hex::encode(bytes)
 }
 
 /// Checks a LOGIN before any handler runs: the per-address and per-user rate limits, and the

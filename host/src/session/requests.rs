@@ -5,18 +5,18 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cim_proto::{Body, CodecError, Encoded, ErrorCode, Frame, MessageKind, User};
+use cim_proto::{Body, CodecError, Encoded, ErrorCode, Frame, MessageKind, Positions, User};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::{CLOSE_FLUSH, End, Inbound, fatal_code};
 use crate::handlers::{GroupDecision, HandlerError, Message, PrivateRequest, SendDecision};
 use crate::limits::Action;
 use crate::metrics::Metrics;
-use crate::router::{Closer, Outbox, RouteError, Router, Turn};
+use crate::router::{Closer, Outbox, RouteError, Router, Sent, Turn, Turns, validate_client_msg_id};
 
 /// A logged-in connection's request handling.
 pub(super) struct Session {
@@ -69,7 +69,7 @@ impl Session {
         // Decided sends being carried out, several at once so that their store round trips
         // overlap; turns keep their deliveries in arrival order, and they are answered in it.
         let mut finishing: FuturesOrdered<BoxFuture<'static, Frame>> = FuturesOrdered::new();
-        let mut last_turn = None;
+        let mut turns = Turns::default();
         // Both timers live across iterations: a frame only moves `last_inbound`, and the idle
         // timer, when it fires early, is pushed to the real deadline (no timer work per frame).
         let mut last_inbound = Instant::now();
@@ -86,7 +86,7 @@ impl Session {
                     }
                 }
                 Some(decided) = in_flight.next(), if !in_flight.is_empty() => {
-                    let turn = Turn::next(&mut last_turn);
+                    let turn = turns.next_turn();
                     finishing.push_back(Box::pin(finish(self.router.clone(), decided, turn)));
                 }
                 _ = &mut expiry_timer, if self.expiry.is_some() => {
@@ -104,7 +104,7 @@ impl Session {
                     Metrics::inc(&self.router.metrics.idle_timeouts_total);
                     let reason = format!("no frame for {} s (heartbeat missed)", idle.as_secs_f32());
                     info!("{reason}");
-                    self.closer.close(ErrorCode::Unexpected, reason, true);
+                    self.closer.close(ErrorCode::IdleTimeout, reason, true);
                     break End::IdleTimeout;
                 }
                 next = stream.next(), if in_flight.len() + finishing.len() < MAX_IN_FLIGHT => {
@@ -113,7 +113,7 @@ impl Session {
                         None => {
                             // The client is gone; what it sent still gets delivered.
                             while let Some(decided) = in_flight.next().await {
-                                let turn = Turn::next(&mut last_turn);
+                                let turn = turns.next_turn();
                                 finishing.push_back(Box::pin(finish(self.router.clone(), decided, turn)));
                             }
                             while finishing.next().await.is_some() {}
@@ -129,7 +129,7 @@ impl Session {
                         Some(Ok(Err(e))) => {
                             Metrics::inc(&self.router.metrics.bad_frames_total);
                             debug!(error = %e, "bad frame");
-                            if !self.reply(Frame::error(0, ErrorCode::BadFrame, e.to_string())).await {
+                            if !self.reply(Frame::error(e.request_id(), ErrorCode::BadFrame, e.to_string())).await {
                                 break End::Closed;
                             }
                             continue;
@@ -161,6 +161,15 @@ impl Session {
         in_flight: &mut FuturesOrdered<BoxFuture<'static, Decided>>,
     ) -> Option<Frame> {
         let id = frame.request_id;
+        let started = Instant::now();
+        // ACK is a notification (never answered): any id. Every request needs its own.
+        if id == 0 && !matches!(frame.body, Body::Ack { .. }) {
+            let msg = format!(
+                "request id 0 is reserved for server pushes: give each {} request a non-zero id",
+                frame.body.kind_name()
+            );
+            return Some(Frame::error(0, ErrorCode::Invalid, msg));
+        }
         let action = match &frame.body {
             Body::PrivateSend { .. } | Body::GroupSend { .. } => Some(Action::Send),
             Body::OnlineRequest => Some(Action::Online),
@@ -177,8 +186,9 @@ impl Session {
         let result: Result<Body, RouteError> = match frame.body {
             Body::Ping => Ok(Body::Pong),
             Body::Refresh { token } => return Some(self.refresh(id, &token)),
-            Body::PrivateSend { to, text } => {
+            Body::PrivateSend { to, text, client_msg_id } => {
                 let submitted = async {
+                    validate_client_msg_id(&client_msg_id)?;
                     let message = self.router.prepare(&self.user, MessageKind::Private, text)?;
                     let req = PrivateRequest { message: message.clone(), to };
                     let pending = self.router.handlers().submit_private(req).await?;
@@ -187,15 +197,17 @@ impl Session {
                 match submitted.await {
                     Ok((message, pending)) => {
                         in_flight.push_back(Box::pin(async move {
-                            Decided::Private { id, message, to, decision: pending.await }
+                            let decision = pending.await;
+                            Decided::Private { id, message, to, client_msg_id, decision, started }
                         }));
                         return None;
                     }
                     Err(e) => Err(e),
                 }
             }
-            Body::GroupSend { text } => {
+            Body::GroupSend { text, client_msg_id } => {
                 let submitted = async {
+                    validate_client_msg_id(&client_msg_id)?;
                     let message = self.router.prepare(&self.user, MessageKind::Group, text)?;
                     let pending = self.router.handlers().submit_group(message.clone()).await?;
                     Ok::<_, RouteError>((message, pending))
@@ -203,7 +215,7 @@ impl Session {
                 match submitted.await {
                     Ok((message, pending)) => {
                         in_flight.push_back(Box::pin(async move {
-                            Decided::Group { id, message, decision: pending.await }
+                            Decided::Group { id, message, client_msg_id, decision: pending.await, started }
                         }));
                         return None;
                     }
@@ -213,9 +225,14 @@ impl Session {
             Body::OnlineRequest => {
                 self.router.online_for(&self.user).await.map(|users| Body::OnlineResponse { users })
             }
-            // A client acknowledging a delivery: nothing to answer.
-            Body::Ack { .. } | Body::Pong => return None,
-            Body::Login { .. } => {
+            // A client saying how far it got: kept for its next login, not answered.
+            Body::Ack { received, .. } => {
+                if let Some(positions) = received {
+                    self.acknowledge(positions);
+                }
+                return None;
+            }
+            Body::Login(_) => {
                 return Some(Frame::error(id, ErrorCode::Unexpected, "already logged in on this connection"));
             }
             other => {
@@ -224,6 +241,19 @@ impl Session {
             }
         };
         Some(self.answer(id, result))
+    }
+
+    /// Keeps how far the client got, off the reading path (acks only move forward in the
+    /// store, so two in flight at once cannot undo each other).
+    fn acknowledge(&self, positions: Positions) {
+        Metrics::inc(&self.router.metrics.acks_total);
+        let (router, user) = (self.router.clone(), self.user.id);
+        tokio::spawn(async move {
+            if let Err(e) = router.store().log().ack(user, positions).await {
+                // The next ack carries these positions too (they are cumulative).
+                debug!(error = %e, "could not keep an ack");
+            }
+        });
     }
 
     fn answer(&self, id: u64, result: Result<Body, RouteError>) -> Frame {
@@ -242,10 +272,10 @@ impl Session {
             Ok(Some(v)) => {
                 self.expiry = Some(Expiry::new(v.expires_at_ms, self.router.config()));
                 debug!(expires_at_ms = v.expires_at_ms, "token refreshed");
-                Frame::new(id, Body::Ack { message_id: 0 })
+                Frame::new(id, Body::ack(0))
             }
             // Development mode: tokens are not checked and connections do not expire.
-            Ok(None) => Frame::new(id, Body::Ack { message_id: 0 }),
+            Ok(None) => Frame::new(id, Body::ack(0)),
             Err(e) => {
                 info!(error = %e, "token refresh refused");
                 Frame::error(id, e.code(), e.to_string())
@@ -256,16 +286,27 @@ impl Session {
 
 /// Carries out a handler decision in `turn` and builds the sender's answer.
 async fn finish(router: Arc<Router>, decided: Decided, turn: Turn) -> Frame {
-    match decided {
-        Decided::Private { id, message, to, decision } => {
-            let r = router.finish_private(message, to, decision, turn).await;
-            answer(&router, id, r.map(|message_id| Body::Ack { message_id }))
+    let (frame, started) = match decided {
+        Decided::Private { id, message, to, client_msg_id, decision, started } => {
+            // The message id in every log line of the send (the receiving node's delivery
+            // span carries it too).
+            let span = tracing::debug_span!("send", message_id = message.id, to);
+            let r = router.finish_private(message, to, client_msg_id, decision, turn).instrument(span).await;
+            (answer(&router, id, r.map(sent_ack)), started)
         }
-        Decided::Group { id, message, decision } => {
-            let r = router.finish_group(message, decision, turn).await;
-            answer(&router, id, r.map(|(message_id, _)| Body::Ack { message_id }))
+        Decided::Group { id, message, client_msg_id, decision, started } => {
+            let span = tracing::debug_span!("send", message_id = message.id, group = true);
+            let r = router.finish_group(message, client_msg_id, decision, turn).instrument(span).await;
+            (answer(&router, id, r.map(|(sent, _)| sent_ack(sent))), started)
         }
-    }
+    };
+    router.metrics.send_seconds.observe(started.elapsed().as_secs_f64());
+    frame
+}
+
+/// A send's acceptance: its message id, and whether it was stored for an offline receiver.
+fn sent_ack(sent: Sent) -> Body {
+    Body::Ack { message_id: sent.message_id, stored: sent.stored, received: None }
 }
 
 fn answer(router: &Router, id: u64, result: Result<Body, RouteError>) -> Frame {
@@ -286,6 +327,20 @@ const MAX_IN_FLIGHT: usize = 64;
 
 /// A send with its handler decision, ready to be carried out.
 enum Decided {
-    Private { id: u64, message: Message, to: u64, decision: Result<SendDecision, HandlerError> },
-    Group { id: u64, message: Message, decision: Result<GroupDecision, HandlerError> },
+    Private {
+        id: u64,
+        message: Message,
+        to: u64,
+        client_msg_id: String,
+        decision: Result<SendDecision, HandlerError>,
+        /// When the request was read.
+        started: Instant,
+    },
+    Group {
+        id: u64,
+        message: Message,
+        client_msg_id: String,
+        decision: Result<GroupDecision, HandlerError>,
+        started: Instant,
+    },
 }

@@ -50,13 +50,18 @@ pub(super) async fn write_loop<Si>(
                 }
                 frame = rx.recv() => {
                     let Some(frame) = frame else { break };
+                    // How deep the queue was when the writer woke: this frame and those behind it.
+                    metrics.outbound_queue_frames.observe((rx.len() + 1) as f64);
                     let batch = async {
                         sink.feed(frame).await?;
+                        let mut fed = 1;
                         // Batch whatever else is ready into one flush.
                         while !closer.is_cancelled() {
                             let Some(frame) = rx.try_recv() else { break };
                             sink.feed(frame).await?;
+                            fed += 1;
                         }
+                        metrics.frames_out_total.inc_by(fed);
                         sink.flush().await
                     };
                     match tokio::time::timeout(write_timeout, batch).await {

@@ -5,7 +5,9 @@ use std::sync::Mutex;
 
 use std::ops::Bound;
 
-use super::{Claim, KeyPage, OnlineEntry, Quota, StoreError};
+use async_trait::async_trait;
+
+use super::{Claim, KeyPage, KeyValue, OnlineEntry, Presence, Quota, StoreError};
 
 #[derive(Debug)]
 enum Value {
@@ -241,13 +243,114 @@ impl MemoryStore {
     }
 }
 
+#[async_trait]
+impl Presence for MemoryStore {
+    async fn claim(&self, entry: OnlineEntry) -> Result<Claim, StoreError> {
+        Ok(MemoryStore::claim(self, entry))
+    }
+
+    async fn release(&self, user_id: u64, node_id: &str, conn_id: u64) -> Result<bool, StoreError> {
+        Ok(MemoryStore::release(self, user_id, node_id, conn_id))
+    }
+
+    async fn lookup(&self, user_id: u64) -> Result<Option<OnlineEntry>, StoreError> {
+        Ok(MemoryStore::lookup(self, user_id))
+    }
+
+    async fn lookup_many(&self, user_ids: &[u64]) -> Result<Vec<OnlineEntry>, StoreError> {
+        Ok(user_ids.iter().filter_map(|&id| MemoryStore::lookup(self, id)).collect())
+    }
+
+    async fn online(&self) -> Result<Vec<OnlineEntry>, StoreError> {
+        Ok(MemoryStore::online(self))
+    }
+
+    async fn replace(&self, old: &OnlineEntry, new: OnlineEntry) -> Result<bool, StoreError> {
+        let mut online = lock(&self.online);
+        match online.get(&old.user.id) {
+            Some(e) if e.node_id == old.node_id && e.conn_id == old.conn_id => {
+                online.insert(new.user.id, new);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+}
+
+#[async_trait]
+impl KeyValue for MemoryStore {
+    async fn kv_get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        MemoryStore::kv_get(self, store, key)
+    }
+
+    async fn kv_set(&self, store: &str, key: &str, value: Vec<u8>, quota: Quota) -> Result<(), StoreError> {
+        MemoryStore::kv_set(self, store, key, value, quota)
+    }
+
+    async fn kv_delete(&self, store: &str, key: &str) -> Result<(), StoreError> {
+        MemoryStore::kv_delete(self, store, key);
+        Ok(())
+    }
+
+    async fn kv_list_keys(
+        &self,
+        store: &str,
+        prefix: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, StoreError> {
+        Ok(MemoryStore::kv_list_keys(self, store, prefix, cursor, limit))
+    }
+
+    async fn kv_append(
+        &self,
+        store: &str,
+        key: &str,
+        value: Vec<u8>,
+        max_len: usize,
+        quota: Quota,
+    ) -> Result<(), StoreError> {
+        MemoryStore::kv_append(self, store, key, value, max_len, quota)
+    }
+
+    async fn kv_append_many(
+        &self,
+        store: &str,
+        entries: Vec<(String, Vec<u8>)>,
+        max_len: usize,
+        quota: Quota,
+    ) -> Result<(), StoreError> {
+        MemoryStore::kv_append_many(self, store, entries, max_len, quota)
+    }
+
+    async fn kv_usage(&self, store: &str) -> Result<(u64, u64), StoreError> {
+        Ok(MemoryStore::kv_usage(self, store))
+    }
+
+    async fn kv_range(
+        &self,
+        store: &str,
+        key: &str,
+        start: i64,
+        stop: i64,
+        max: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        MemoryStore::kv_range(self, store, key, start, stop, max)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use cim_proto::User;
 
     fn entry(id: u64, conn: u64) -> OnlineEntry {
-        OnlineEntry { user: User { id, name: format!("u{id}") }, node_id: "n".into(), conn_id: conn }
+        OnlineEntry {
+            user: User { id, name: format!("u{id}") },
+            node_id: "n".into(),
+            conn_id: conn,
+            resume: String::new(),
+        }
     }
 
     #[test]

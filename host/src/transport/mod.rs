@@ -62,6 +62,6 @@ impl Sessions {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.router.metrics.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.router.metrics.connections.dec();
     }
 }

@@ -9,8 +9,17 @@ use serde::{Deserialize, Serialize};
 pub enum ClusterMessage {
     /// Deliver `delivery` to `recipients`, who are connected to the receiving node.
     Deliver { recipients: Vec<u64>, delivery: BusDelivery },
-    /// Close the user's connection on the receiving node.
-    Kick { user_id: u64, reason: String },
+    /// Close the user's connection on the receiving node: connection `conn_id` only when
+    /// given (a take-over kicks the session it replaced, never the new one).
+    Kick {
+        user_id: u64,
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conn_id: Option<u64>,
+        /// `true`: the session was taken over (KICK code REPLACED).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        replaced: bool,
+    },
     /// The component `name` now has the code with this hash; reload it.
     ComponentChanged { name: String, sha256: String },
     /// Several messages for one node in one publish (sent under load); a [`Subscription`]
@@ -28,10 +37,19 @@ pub struct BusDelivery {
     pub kind: MessageKind,
     pub text: String,
     pub timestamp_ms: u64,
+    /// Its position in the recipient's inbox (private) or the group stream.
+    #[serde(default)]
+    pub position: u64,
+    /// The position written before it in that stream (0: none, or sent by a node that
+    /// predates it): a receiving node that has not sent its sessions that one yet reads it
+    /// from the log first.
+    #[serde(default)]
+    pub prev: u64,
 }
 
-impl From<&Delivery> for BusDelivery {
-    fn from(d: &Delivery) -> Self {
+impl BusDelivery {
+    /// `d`, whose entry follows `prev` in its stream.
+    pub fn new(d: &Delivery, prev: u64) -> Self {
         BusDelivery {
             message_id: d.message_id,
             sender_id: d.sender.id,
@@ -39,6 +57,8 @@ impl From<&Delivery> for BusDelivery {
             kind: d.kind,
             text: d.text.clone(),
             timestamp_ms: d.timestamp_ms,
+            position: d.position,
+            prev,
         }
     }
 }
@@ -51,6 +71,8 @@ impl From<BusDelivery> for Delivery {
             kind: d.kind,
             text: d.text,
             timestamp_ms: d.timestamp_ms,
+            position: d.position,
+            replayed: false,
         }
     }
 }

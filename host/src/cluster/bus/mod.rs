@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::message::{BusDelivery, ClusterMessage};
-pub use self::subscription::{SUBSCRIPTION_QUEUE, Subscription};
+pub use self::subscription::{Inbound, SUBSCRIPTION_QUEUE, Subscription};
 use crate::store::StoreError;
 use crate::store::redis::{Endpoint, RedisConn, RedisKeys, RedisStore};
 

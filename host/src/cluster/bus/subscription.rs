@@ -38,8 +38,9 @@ pub(super) async fn open(
     keepalive: Duration,
 ) -> Result<Subscription, StoreError> {
     let failed = |e: redis::RedisError| StoreError::Unavailable(format!("subscribing to {channels:?}: {e}"));
-    let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
+    let (tx, rx) = mpsc::channel::<Inbound>(SUBSCRIPTION_QUEUE);
     let resubscriptions = Arc::new(AtomicU64::new(0));
+    let losses = Arc::new(AtomicU64::new(0));
     let task = match endpoint {
         Endpoint::Single(client) => {
             let first = connect(client, &channels).await.map_err(failed)?;
@@ -49,6 +50,7 @@ pub(super) async fn open(
                 tx,
                 keepalive,
                 resubscriptions: resubscriptions.clone(),
+                losses: losses.clone(),
             };
             tokio::spawn(pump.run(first))
         }
@@ -65,11 +67,12 @@ pub(super) async fn open(
                 tx,
                 keepalive,
                 resubscriptions: resubscriptions.clone(),
+                losses: losses.clone(),
             };
             tokio::spawn(pump.run())
         }
     };
-    Ok(Subscription { rx, task, resubscriptions })
+    Ok(Subscription { rx, task, resubscriptions, losses })
 }
 
 async fn connect(client: &redis::Client, channels: &[String]) -> redis::RedisResult<PubSub> {
@@ -78,17 +81,41 @@ async fn connect(client: &redis::Client, channels: &[String]) -> redis::RedisRes
     Ok(pubsub)
 }
 
-/// Messages arriving for one node. Also a [`Stream`]. Dropping it unsubscribes.
+/// What a subscription hands out, in the order it happened: messages, and the moments the
+/// connection was lost and subscribed again (messages published in between never arrive), so
+/// that the consumer can hold what comes after a resubscription until it has caught up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    Message(ClusterMessage),
+    /// The connection was found lost; nothing more arrives until [`Inbound::Resubscribed`].
+    Lost,
+    /// Subscribed again; what follows was published after this point.
+    Resubscribed,
+}
+
+/// Messages arriving for one node. Also a [`Stream`] of messages. Dropping it unsubscribes.
 #[derive(Debug)]
 pub struct Subscription {
-    rx: mpsc::Receiver<ClusterMessage>,
+    rx: mpsc::Receiver<Inbound>,
     task: JoinHandle<()>,
     resubscriptions: Arc<AtomicU64>,
+    losses: Arc<AtomicU64>,
 }
 
 impl Subscription {
-    /// The next message; `None` only once the subscription has been shut down.
+    /// The next message (losses and resubscriptions skipped); `None` only once the
+    /// subscription has been shut down.
     pub async fn recv(&mut self) -> Option<ClusterMessage> {
+        loop {
+            if let Inbound::Message(m) = self.rx.recv().await? {
+                return Some(m);
+            }
+        }
+    }
+
+    /// The next message, loss or resubscription; `None` only once the subscription has
+    /// been shut down.
+    pub async fn next_event(&mut self) -> Option<Inbound> {
         self.rx.recv().await
     }
 
@@ -97,13 +124,25 @@ impl Subscription {
     pub fn resubscriptions(&self) -> u64 {
         self.resubscriptions.load(Ordering::Relaxed)
     }
+
+    /// How many times the connection was found lost (counted at once, before the
+    /// resubscription that [`Subscription::resubscriptions`] counts).
+    pub fn losses(&self) -> u64 {
+        self.losses.load(Ordering::Relaxed)
+    }
 }
 
 impl Stream for Subscription {
     type Item = ClusterMessage;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ClusterMessage>> {
-        self.rx.poll_recv(cx)
+        loop {
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(Inbound::Message(m)) => return Poll::Ready(Some(m)),
+                Some(_) => continue,
+                None => return Poll::Ready(None),
+            }
+        }
     }
 }
 
@@ -118,9 +157,10 @@ impl Drop for Subscription {
 struct Pump {
     client: redis::Client,
     channels: Vec<String>,
-    tx: mpsc::Sender<ClusterMessage>,
+    tx: mpsc::Sender<Inbound>,
     keepalive: Duration,
     resubscriptions: Arc<AtomicU64>,
+    losses: Arc<AtomicU64>,
 }
 
 impl Pump {
@@ -136,6 +176,9 @@ impl Pump {
                         Ok(ps) => {
                             self.resubscriptions.fetch_add(1, Ordering::Relaxed);
                             info!(channels = ?self.channels, "cluster bus resubscribed");
+                            if self.tx.send(Inbound::Resubscribed).await.is_err() {
+                                return;
+                            }
                             ps
                         }
                         Err(e) => {
@@ -150,6 +193,10 @@ impl Pump {
             match self.forward(ps).await {
                 None => return,
                 Some(why) => {
+                    self.losses.fetch_add(1, Ordering::Relaxed);
+                    if self.tx.send(Inbound::Lost).await.is_err() {
+                        return;
+                    }
                     backoff =
                         if since.elapsed() >= STABLE { RETRY_MIN } else { (backoff * 2).min(RETRY_MAX) };
                     warn!(channels = ?self.channels, reason = %why, retry_in = ?backoff, "cluster bus: pub/sub connection lost; resubscribing");
@@ -174,7 +221,7 @@ impl Pump {
                             let mut messages = Vec::new();
                             unbatch(m, &mut messages);
                             for m in messages {
-                                if self.tx.send(m).await.is_err() {
+                                if self.tx.send(Inbound::Message(m)).await.is_err() {
                                     return None;
                                 }
                             }
@@ -205,9 +252,10 @@ struct ClusterPump {
     /// Unbounded because the library's push sender must not block; drained at once into
     /// the bounded `tx`, so it grows only while the consumer is behind.
     pushes: mpsc::UnboundedReceiver<PushInfo>,
-    tx: mpsc::Sender<ClusterMessage>,
+    tx: mpsc::Sender<Inbound>,
     keepalive: Duration,
     resubscriptions: Arc<AtomicU64>,
+    losses: Arc<AtomicU64>,
 }
 
 impl ClusterPump {
@@ -226,7 +274,7 @@ impl ClusterPump {
                             let mut messages = Vec::new();
                             unbatch(msg, &mut messages);
                             for m in messages {
-                                if self.tx.send(m).await.is_err() {
+                                if self.tx.send(Inbound::Message(m)).await.is_err() {
                                     return;
                                 }
                             }
@@ -236,10 +284,17 @@ impl ClusterPump {
                             if inbox_confirmations > 1 {
                                 self.resubscriptions.fetch_add(1, Ordering::Relaxed);
                                 info!(channel = %self.inbox, "cluster bus resubscribed");
+                                if self.tx.send(Inbound::Resubscribed).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                         PushKind::Disconnection => {
+                            self.losses.fetch_add(1, Ordering::Relaxed);
                             warn!(channel = %self.inbox, "cluster bus: a pub/sub connection was lost; the cluster client resubscribes");
+                            if self.tx.send(Inbound::Lost).await.is_err() {
+                                return;
+                            }
                         }
                         _ => {}
                     }

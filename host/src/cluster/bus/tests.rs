@@ -23,6 +23,8 @@ fn deliver() -> ClusterMessage {
             kind: MessageKind::Group,
             text: "hi \u{1f44b}".into(),
             timestamp_ms: 1_700_000_000_000,
+            position: 7,
+            prev: 5,
         },
     }
 }
@@ -71,15 +73,20 @@ fn wire_format() {
     assert_eq!(json["delivery"]["kind"], "group");
     let kick: ClusterMessage =
         serde_json::from_str(r#"{"type":"kick","user_id":5,"reason":"duplicate login"}"#).unwrap();
-    assert_eq!(kick, ClusterMessage::Kick { user_id: 5, reason: "duplicate login".into() });
+    assert_eq!(
+        kick,
+        ClusterMessage::Kick { user_id: 5, reason: "duplicate login".into(), conn_id: None, replaced: false }
+    );
     let d = Delivery {
         message_id: 1,
         sender: User { id: 2, name: "b".into() },
         kind: MessageKind::Private,
         text: "t".into(),
         timestamp_ms: 3,
+        position: 4,
+        replayed: false,
     };
-    assert_eq!(Delivery::from(BusDelivery::from(&d)), d);
+    assert_eq!(Delivery::from(BusDelivery::new(&d, 3)), d);
     let batch: ClusterMessage = serde_json::from_str(
         r#"{"type":"batch","messages":[{"type":"kick","user_id":1,"reason":"a"},{"type":"batch","messages":[{"type":"kick","user_id":2,"reason":"b"}]}]}"#,
     )
@@ -115,7 +122,7 @@ async fn publish_reaches_the_node_inbox_and_broadcast_reaches_everyone() {
 
     // Garbage on the channel is skipped, not fatal.
     let _: usize = bus.conn.clone().publish(bus.keys.inbox("b"), "not json").await.unwrap();
-    let kick = ClusterMessage::Kick { user_id: 7, reason: "x".into() };
+    let kick = ClusterMessage::Kick { user_id: 7, reason: "x".into(), conn_id: None, replaced: false };
     assert_eq!(round_trip(&bus, "b", &mut b, &kick).await, kick);
     assert_eq!(a.resubscriptions() + b.resubscriptions(), 0);
     t.cleanup().await;
@@ -127,10 +134,15 @@ async fn messages_queued_for_a_node_arrive_in_order_batched_under_load() {
     let t = TestRedis::new();
     let bus = Bus::new(&t.store().await);
     let mut sub = bus.subscribe("n").await.unwrap();
-    let first = ClusterMessage::Kick { user_id: 0, reason: "first".into() };
+    let first = ClusterMessage::Kick { user_id: 0, reason: "first".into(), conn_id: None, replaced: false };
     assert_eq!(round_trip(&bus, "n", &mut sub, &first).await, first);
     let answers: Vec<_> = (1..=500u64)
-        .map(|i| bus.enqueue("n", ClusterMessage::Kick { user_id: i, reason: String::new() }))
+        .map(|i| {
+            bus.enqueue(
+                "n",
+                ClusterMessage::Kick { user_id: i, reason: String::new(), conn_id: None, replaced: false },
+            )
+        })
         .collect();
     for answer in answers {
         assert_eq!(answer.await.unwrap(), 1);
@@ -186,7 +198,8 @@ async fn a_killed_pubsub_connection_is_resubscribed() {
         .await
         .unwrap();
     assert_eq!(killed, 1);
-    let kick = ClusterMessage::Kick { user_id: 1, reason: "after reconnect".into() };
+    let kick =
+        ClusterMessage::Kick { user_id: 1, reason: "after reconnect".into(), conn_id: None, replaced: false };
     assert_eq!(round_trip(&bus, "n", &mut sub, &kick).await, kick);
     assert_eq!(sub.resubscriptions(), 1);
     assert!(!pubsub_client_ids(&bus).await.contains(&ours));

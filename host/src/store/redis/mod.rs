@@ -12,15 +12,22 @@
 //! | `{cim:presence}:nodes-with-users` | set | node ids that have a `node-users` set |
 //! | `{cim:presence}:node:<node>` | string, TTL | the node's registry entry (JSON `NodeInfo`) |
 //! | `{cim:presence}:nodes` | set | node ids that have registered |
+//! | `{cim:presence}:node-numbers` | hash | message-id node number → lease and mark (`cluster::node_number`) |
 //! | `cim:kv:<store>:<key>` | string or list | handler key-value data |
 //! | `cim:kv-usage:<store>` | hash | `keys`, `bytes`: the store's size as its quota counts it |
+//! | `cim:log:inbox:{<user>}`, `cim:log:{group}` | stream | the message log (see [`log`]) |
+//! | `cim:log:dedup:{<sender>}:<client id>` | string, TTL | a client message id's first message id |
+//! | `cim:log:acked:{<user>}` | hash | `inbox`, `group`: the positions a user acknowledged |
 //!
 //! Every presence and registry key carries the same hash tag, so in Redis Cluster they live
 //! in one slot and a Lua script may change several of them atomically (claim, release, reap
-//! a dead node). Key-value keys carry no tag and spread over the cluster.
+//! a dead node). Key-value keys carry no tag and spread over the cluster. Log keys are
+//! tagged by user (and the group stream by `group`): every log command touches one slot.
 
+mod backend;
 mod conn;
 mod kv;
+pub mod log;
 mod restore;
 
 use std::sync::LazyLock;
@@ -31,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub use self::conn::{CLUSTER_SCHEME, Endpoint, RedisConn, ScanPosition, redacted};
-pub use self::restore::{RESTORE_BATCH, Restored};
+pub use self::restore::{PresenceCounts, RESTORE_BATCH, Restored};
 use super::{Claim, OnlineEntry, StoreError};
 
 /// The key prefix used when none is configured (`--redis-prefix`).
@@ -90,6 +97,11 @@ impl RedisKeys {
         format!("{}:nodes", self.tag)
     }
 
+    /// Hash: the leases of message-id node numbers (see `cluster::node_number`).
+    pub fn node_numbers(&self) -> String {
+        format!("{}:node-numbers", self.tag)
+    }
+
     /// The key-value key `key` of the handler store `store`.
     pub fn kv(&self, store: &str, key: &str) -> String {
         format!("{}{key}", self.kv_store(store))
@@ -104,6 +116,25 @@ impl RedisKeys {
     /// are percent-encoded so that store `a:b` never sees the keys of store `a`.
     pub fn kv_store(&self, store: &str) -> String {
         format!("{}kv:{}:", self.prefix, encode_store(store))
+    }
+
+    /// Stream: the message log's `stream`, tagged with its user (or `group`) so that each
+    /// stream is one slot of a Redis Cluster.
+    pub fn log_stream(&self, stream: crate::store::LogStream) -> String {
+        match stream {
+            crate::store::LogStream::Inbox(user) => format!("{}log:inbox:{{{user}}}", self.prefix),
+            crate::store::LogStream::Group => format!("{}log:{{group}}", self.prefix),
+        }
+    }
+
+    /// String with a TTL: the message id `sender` first sent with `client_msg_id`.
+    pub fn log_dedup(&self, sender: u64, client_msg_id: &str) -> String {
+        format!("{}log:dedup:{{{sender}}}:{client_msg_id}", self.prefix)
+    }
+
+    /// Hash `inbox`, `group`: the log positions `user` acknowledged.
+    pub fn log_acked(&self, user: u64) -> String {
+        format!("{}log:acked:{{{user}}}", self.prefix)
     }
 
     /// Pub/sub channel on which `node_id` receives messages for its users.
@@ -129,6 +160,9 @@ struct PresenceValue {
     name: String,
     node_id: String,
     conn_id: String,
+    /// Absent in entries written before resume tokens.
+    #[serde(default)]
+    resume: String,
 }
 
 impl PresenceValue {
@@ -137,8 +171,9 @@ impl PresenceValue {
             name: entry.user.name.clone(),
             node_id: entry.node_id.clone(),
             conn_id: entry.conn_id.to_string(),
+            resume: entry.resume.clone(),
         };
-        // A struct of three strings always serializes.
+        // A struct of strings always serializes.
         serde_json::to_string(&value).unwrap_or_default()
     }
 
@@ -148,7 +183,12 @@ impl PresenceValue {
         };
         let v: PresenceValue = serde_json::from_str(json).map_err(|e| corrupt(e.to_string()))?;
         let conn_id = v.conn_id.parse().map_err(|_| corrupt(format!("bad conn_id {:?}", v.conn_id)))?;
-        Ok(OnlineEntry { user: User { id: user_id, name: v.name }, node_id: v.node_id, conn_id })
+        Ok(OnlineEntry {
+            user: User { id: user_id, name: v.name },
+            node_id: v.node_id,
+            conn_id,
+            resume: v.resume,
+        })
     }
 }
 
@@ -179,6 +219,28 @@ if not ok or e.node_id ~= ARGV[2] or e.conn_id ~= ARGV[3] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 if redis.call('SCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], ARGV[2]) end
+return 1
+",
+    )
+});
+
+/// KEYS: online, old node-users, new node-users, nodes-with-users. ARGV: user id, old node id,
+/// old conn id, new value, new node id. Returns 1 if the entry was still the old one and now
+/// is the new one.
+static REPLACE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local ok, e = pcall(cjson.decode, v)
+if not ok or e.node_id ~= ARGV[2] or e.conn_id ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+if ARGV[2] ~= ARGV[5] then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  if redis.call('SCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[4], ARGV[2]) end
+end
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[5])
 return 1
 ",
     )
@@ -245,6 +307,11 @@ impl RedisStore {
         self.conn.clone()
     }
 
+    /// The message log in this Redis, kept per `retention`.
+    pub fn log(&self, retention: crate::store::Retention) -> std::sync::Arc<log::RedisLog> {
+        std::sync::Arc::new(log::RedisLog::new(self.conn.clone(), self.keys.clone(), retention))
+    }
+
     /// Where the store connects, for callers that need a dedicated connection (pub/sub).
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
@@ -280,6 +347,24 @@ impl RedisStore {
             .await
             .map_err(|e| presence_error("release", user_id, e))?;
         Ok(released == 1)
+    }
+
+    pub async fn replace(&self, old: &OnlineEntry, new: OnlineEntry) -> Result<bool, StoreError> {
+        let user_id = new.user.id;
+        let replaced: i64 = REPLACE
+            .key(self.keys.online())
+            .key(self.keys.node_users(&old.node_id))
+            .key(self.keys.node_users(&new.node_id))
+            .key(self.keys.nodes_with_users())
+            .arg(user_id)
+            .arg(&old.node_id)
+            .arg(old.conn_id.to_string())
+            .arg(PresenceValue::encode(&new))
+            .arg(&new.node_id)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| presence_error("replace", user_id, e))?;
+        Ok(replaced == 1)
     }
 
     pub async fn lookup(&self, user_id: u64) -> Result<Option<OnlineEntry>, StoreError> {
@@ -335,16 +420,6 @@ impl RedisStore {
             .collect();
         entries.sort_by_key(|e| e.user.id);
         Ok(entries)
-    }
-
-    /// A number no other node has been given (`INCR`), for this node's part of message ids.
-    pub async fn next_node_number(&self) -> Result<u64, StoreError> {
-        let key = format!("{}node-number", self.keys.prefix());
-        self.conn
-            .clone()
-            .incr(&key, 1u64)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("redis INCR {key}: {e}")))
     }
 }
 

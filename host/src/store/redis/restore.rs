@@ -78,6 +78,34 @@ return n
     )
 });
 
+/// KEYS: online, node-users of one node, nodes-with-users. ARGV: the node-users key of a
+/// node with an empty id (the prefix every node's set shares). Returns that node's
+/// node-users count, the online entries in all, and the node-users members in all.
+static COUNTS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local members = 0
+for _, n in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  members = members + redis.call('SCARD', ARGV[1] .. n)
+end
+return {redis.call('SCARD', KEYS[2]), redis.call('HLEN', KEYS[1]), members}
+",
+    )
+});
+
+/// Presence counts, read in one atomic script (see [`RedisStore::presence_counts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceCounts {
+    /// Users the node's `node-users` set names.
+    pub mine: u64,
+    /// Entries of the `online` hash (every node's).
+    pub entries: u64,
+    /// Members of every node's `node-users` set. Every presence script changes an entry
+    /// and its member together, so this equals `entries` unless keys were lost or changed
+    /// behind the scripts' back.
+    pub members: u64,
+}
+
 fn bulk_error(op: &str, node_id: &str, n: usize, e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis presence {op} of {n} users of node {node_id}: {e}"))
 }
@@ -124,6 +152,21 @@ impl RedisStore {
             }
         }
         Ok(out)
+    }
+
+    /// One round trip: how many users node `node_id` holds by its `node-users` set, and
+    /// whether the `online` hash and the `node-users` sets still agree (see [`PresenceCounts`]).
+    /// Costs the server one `SCARD` per node, whatever the number of users.
+    pub async fn presence_counts(&self, node_id: &str) -> Result<PresenceCounts, StoreError> {
+        let (mine, entries, members): (u64, u64, u64) = COUNTS
+            .key(self.keys.online())
+            .key(self.keys.node_users(node_id))
+            .key(self.keys.nodes_with_users())
+            .arg(self.keys.node_users(""))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("redis presence counts of node {node_id}: {e}")))?;
+        Ok(PresenceCounts { mine, entries, members })
     }
 
     /// Releases each `(user id, conn id)` whose entry still names node `node_id` and that

@@ -1,6 +1,7 @@
 //! A throwaway Redis Cluster for tests: `primaries` `redis-server` processes on free
-//! loopback ports, without persistence, the 16384 slots split evenly between them, killed
-//! and their directory removed on drop.
+//! loopback ports, without persistence (or with an append-only file fsynced on every write,
+//! [`RedisCluster::start_aof`]), the 16384 slots split evenly between them, killed and their
+//! directory removed on drop.
 //!
 //! Shared by the host's unit tests and the end-to-end tests (included with `#[path]`), so it
 //! needs only std and the `redis` crate's blocking client.
@@ -21,12 +22,25 @@ pub struct RedisCluster {
     bus_ports: Vec<u16>,
     children: Vec<Child>,
     dir: PathBuf,
+    /// Each server keeps an append-only file (`appendfsync always`) and reloads it.
+    aof: bool,
 }
 
 impl RedisCluster {
     /// Starts `primaries` servers (no replicas) and waits until every one of them reports
     /// `cluster_state:ok` and knows all the others. Panics (with the reason) if that fails.
     pub fn start(primaries: usize) -> RedisCluster {
+        RedisCluster::start_with(primaries, false)
+    }
+
+    /// Like [`RedisCluster::start`], each server with an append-only file fsynced on every
+    /// write, so that [`RedisCluster::stop`] and [`RedisCluster::start_again`] keep the data.
+    #[allow(dead_code)] // (the end-to-end chaos test's; the unit tests need none)
+    pub fn start_aof(primaries: usize) -> RedisCluster {
+        RedisCluster::start_with(primaries, true)
+    }
+
+    fn start_with(primaries: usize, aof: bool) -> RedisCluster {
         assert!(primaries >= 1, "a cluster needs a primary");
         let dir = std::env::temp_dir().join(format!(
             "cim-redis-cluster-{}-{}",
@@ -35,7 +49,7 @@ impl RedisCluster {
         ));
         std::fs::create_dir_all(&dir).expect("create the redis cluster directory");
         let mut cluster =
-            RedisCluster { ports: Vec::new(), bus_ports: Vec::new(), children: Vec::new(), dir };
+            RedisCluster { ports: Vec::new(), bus_ports: Vec::new(), children: Vec::new(), dir, aof };
         for _ in 0..primaries {
             cluster.ports.push(free_port());
             cluster.bus_ports.push(free_port());
@@ -77,9 +91,22 @@ impl RedisCluster {
 
     fn spawn_all(&mut self) {
         for (&port, &bus_port) in self.ports.iter().zip(&self.bus_ports) {
-            let child = Command::new("redis-server")
+            let mut cmd = Command::new("redis-server");
+            if self.aof {
+                cmd.args([
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    "--appenddirname",
+                    &format!("aof-{port}"),
+                ]);
+            } else {
+                cmd.args(["--appendonly", "no"]);
+            }
+            let child = cmd
                 .args(["--port", &port.to_string(), "--cluster-port", &bus_port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--bind", "127.0.0.1", "--save", ""])
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
                 .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
                 .arg("--dir")
@@ -93,7 +120,8 @@ impl RedisCluster {
         }
     }
 
-    /// Kills every server (SIGKILL: they keep no data, only their cluster configuration).
+    /// Kills every server (SIGKILL: they keep only their cluster configuration, and their
+    /// data when started with [`RedisCluster::start_aof`]).
     pub fn stop(&mut self) {
         for mut child in self.children.drain(..) {
             let _ = child.kill();
@@ -101,8 +129,9 @@ impl RedisCluster {
         }
     }
 
-    /// Starts every server again on the same ports, empty; they re-form the same cluster
-    /// from their saved configuration. Waits until every one reports `cluster_state:ok`.
+    /// Starts every server again on the same ports (empty, or reloading its append-only
+    /// file); they re-form the same cluster from their saved configuration. Waits until every
+    /// one reports `cluster_state:ok`.
     pub fn start_again(&mut self) {
         assert!(self.children.is_empty(), "the cluster is running");
         self.spawn_all();

@@ -9,7 +9,12 @@ use crate::cluster::{Bus, ClusterMessage, NodeInfo, Registry};
 use crate::store::Quota;
 
 fn entry(id: u64, node: &str, conn: u64) -> OnlineEntry {
-    OnlineEntry { user: User { id, name: format!("u{id}") }, node_id: node.into(), conn_id: conn }
+    OnlineEntry {
+        user: User { id, name: format!("u{id}") },
+        node_id: node.into(),
+        conn_id: conn,
+        resume: String::new(),
+    }
 }
 
 #[test]
@@ -375,7 +380,11 @@ async fn a_redis_cluster_serves_every_store_operation() {
     list_keys(&t, &TestRedis::on(cluster.url())).await;
     paging(&TestRedis::on(cluster.url())).await;
     quotas(&TestRedis::on(cluster.url())).await;
-    assert_eq!(s.next_node_number().await.unwrap() + 1, s.next_node_number().await.unwrap());
+    // Node-number leases (a Lua script on the presence slot).
+    let ids = crate::message_id::MessageIds::new("node-a");
+    let mut lease = crate::cluster::node_number::NodeNumber::new(&s, "node-a", Duration::from_millis(300));
+    lease.acquire(&ids).await.unwrap();
+    assert!(ids.next().is_some());
 
     // Registry: register, list, expire, reap (multi-key scripts on the presence slot).
     let reg = Registry::new(&store);
@@ -407,16 +416,25 @@ async fn a_redis_cluster_serves_every_store_operation() {
     assert_eq!(store.restore_many("alive", &rebuilt[..1]).await.unwrap(), vec![Restored::Held]);
     assert_eq!(store.release_many("alive", &[(7, 7), (8, 1)]).await.unwrap(), 1, "8 is on another conn");
     assert_eq!(store.release_many("alive", &[(8, 8)]).await.unwrap(), 1);
+    // Presence counts: a script that names each node's set from the shared prefix (all on
+    // the presence slot).
+    let counts = store.presence_counts("alive").await.unwrap();
+    assert_eq!((counts.mine, counts.entries, counts.members), (1, 1, 1));
 
     // Bus: an inbox message reaches its node only; a broadcast reaches every node.
     let bus = Bus::new(&store);
     let mut a = bus.subscribe("a").await.unwrap();
     let mut b = bus.subscribe("b").await.unwrap();
-    let kick = ClusterMessage::Kick { user_id: 1, reason: "test".into() };
+    let kick = ClusterMessage::Kick { user_id: 1, reason: "test".into(), conn_id: None, replaced: false };
     assert_eq!(bus.publish("a", &kick).await.unwrap(), 1, "one subscriber on the inbox's shard");
     assert_eq!(tokio::time::timeout(Duration::from_secs(5), a.recv()).await.unwrap(), Some(kick));
     assert_eq!(
-        bus.publish("nobody", &ClusterMessage::Kick { user_id: 2, reason: String::new() }).await.unwrap(),
+        bus.publish(
+            "nobody",
+            &ClusterMessage::Kick { user_id: 2, reason: String::new(), conn_id: None, replaced: false }
+        )
+        .await
+        .unwrap(),
         0
     );
     let changed = ClusterMessage::ComponentChanged { name: "group".into(), sha256: "ab".repeat(32) };
@@ -476,7 +494,12 @@ async fn the_store_recovers_from_a_redis_cluster_restart() {
     assert_eq!(store.online().await.unwrap().len(), 1);
 
     // The subscription comes back by itself: a delivery published once it has reaches it.
-    let kick = ClusterMessage::Kick { user_id: 2, reason: "after the restart".into() };
+    let kick = ClusterMessage::Kick {
+        user_id: 2,
+        reason: "after the restart".into(),
+        conn_id: None,
+        replaced: false,
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     while bus.publish("n", &kick).await.map_or(true, |n| n == 0) {
         assert!(Instant::now() < deadline, "the inbox was not resubscribed within 20 s");
