@@ -305,10 +305,7 @@ async fn catch_up(
 /// at its next login (letting it acknowledge past the gap would lose those messages).
 fn go_live_or_resume(router: &Router, conn: &crate::router::LocalConn) {
     if !conn.go_live(conn.seam.queued(), &router.metrics) {
-        conn.kick(
-            ErrorCode::Unavailable,
-            "the message log could not be read to send what this session missed; log in again to resume",
-        );
+        conn.close_to_resume();
     }
 }
 

@@ -399,6 +399,16 @@ impl LocalConn {
     pub fn kick(&self, code: ErrorCode, reason: &str) {
         self.closer.close(code, reason, true);
     }
+
+    /// Closes a session whose missed entries could not be read from the log, with
+    /// `UNAVAILABLE`: the client logs in again and resumes from its acknowledged position,
+    /// rather than acknowledging past messages it never got.
+    pub fn close_to_resume(&self) {
+        self.kick(
+            ErrorCode::Unavailable,
+            "the message log could not be read to send what this session missed; log in again to resume",
+        );
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use cim_proto::{Body, Delivery, Encoded, ErrorCode, Frame, MessageKind, Positions};
+use cim_proto::{Body, Delivery, Encoded, Frame, MessageKind, Positions};
 use tracing::{debug, warn};
 
 use super::{LocalConn, RouteError, Router};
@@ -223,10 +223,7 @@ impl Router {
                 }
                 Err(e) => {
                     warn!(user = conn.user.id, error = %e, "could not read the log to fill a gap: closing the session so that it resumes");
-                    conn.kick(
-                        ErrorCode::Unavailable,
-                        "the message log could not be read to send what this session missed; log in again to resume",
-                    );
+                    conn.close_to_resume();
                     return;
                 }
             }
