@@ -189,9 +189,13 @@ pub struct Seam {
 #[derive(Debug, Default)]
 struct SeamState {
     live: bool,
-    /// A fill for a gap is under way ([`Offered::Gap`] until [`Seam::fill_done`]): a
-    /// delivery that closes the gap lets the held ones through at once.
+    /// A fill for a gap is under way ([`Offered::Gap`] until [`Seam::fill_done`]): until it
+    /// starts reading the log, a delivery that closes the gap lets the held ones through at
+    /// once.
     filling: bool,
+    /// The fill reads the log and sends what it found itself: held deliveries wait for it
+    /// (letting one through meanwhile could send an entry the fill sends too).
+    reading: bool,
     /// Deliveries waiting for the replay or a fill: `None` frames note entries not sent to
     /// this connection (its user's own messages), which still advance the chain.
     held: Vec<(MessageKind, Placed, Option<Encoded>)>,
@@ -258,6 +262,7 @@ impl Seam {
         let mut state = self.state();
         if state.live || closing {
             state.filling = false;
+            state.reading = false;
             return true;
         }
         false
@@ -306,7 +311,7 @@ impl LocalConn {
                 }
                 return Offered::Held;
             }
-            if state.filling {
+            if state.filling && !state.reading {
                 // Most gaps close by themselves: the delivery overtaken arrives.
                 self.release_held(&mut state, false, metrics);
             }
@@ -334,6 +339,17 @@ impl LocalConn {
     /// them, or retention dropped them), which no read can fill.
     pub(crate) fn go_live_past_gaps(&self, metrics: &Metrics) {
         self.release(Positions::default(), true, metrics);
+    }
+
+    /// Ends a fill's grace: `true` if the gap closed by itself (the seam is live), else the
+    /// fill reads the log from now on and held deliveries wait for it.
+    pub(crate) fn start_reading(&self, metrics: &Metrics) -> bool {
+        let mut state = self.seam.state();
+        if self.release_held(&mut state, false, metrics) {
+            return true;
+        }
+        state.reading = true;
+        false
     }
 
     fn release(&self, through: Positions, past_gaps: bool, metrics: &Metrics) -> bool {
@@ -504,6 +520,15 @@ mod tests {
         assert_eq!(c.offer_delivery(p, at(6, 5), Some(frame(6)), &metrics), Offered::Held);
         assert!(c.go_live(Positions { inbox: 4, group: 0 }, &metrics));
         assert_eq!(drained(&mut rx), [5, 6]);
+        assert!(c.seam.fill_done(false));
+        // Once a fill reads the log, a late delivery waits for it (the fill may be sending
+        // that entry itself).
+        assert_eq!(c.offer_delivery(p, at(9, 8), Some(frame(9)), &metrics), Offered::Gap);
+        assert!(!c.start_reading(&metrics));
+        assert_eq!(c.offer_delivery(p, at(7, 6), Some(frame(7)), &metrics), Offered::Held);
+        assert_eq!(drained(&mut rx), Vec::<usize>::new());
+        assert!(c.go_live(Positions { inbox: 8, group: 0 }, &metrics));
+        assert_eq!(drained(&mut rx), [9]);
         assert!(c.seam.fill_done(false));
     }
 

@@ -187,7 +187,7 @@ impl Router {
         // in one order and whose deliveries arrived in the other; the seam lets them through
         // as soon as it arrives): give it a moment before reading the log.
         tokio::time::sleep(GAP_GRACE).await;
-        if conn.go_live(Positions::default(), &self.metrics) {
+        if conn.start_reading(&self.metrics) {
             return;
         }
         Metrics::inc(&self.metrics.gap_fills_total);
