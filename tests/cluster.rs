@@ -361,6 +361,29 @@ async fn a_component_pushed_to_one_node_runs_on_all() {
     eprintln!("a_component_pushed_to_one_node_runs_on_all: {:?}", started.elapsed());
 }
 
+/// Presence crosses nodes: a session on node A that asked for presence hears of logins and
+/// logouts on node B; a message from A to B is counted in B's delivery latency histogram.
+#[tokio::test]
+async fn presence_and_delivery_latency_cross_nodes() {
+    let cluster = Cluster::start(&redis_url(), &["node-a", "node-b"], 2, &[]).await;
+    let (a, b) = (cluster.node("node-a"), cluster.node("node-b"));
+    let mut alice = RawClient::login_watching_presence(a, 1, "alice").await;
+    assert_eq!(alice.presence().await, (vec![1], vec![]));
+    let mut bob = RawClient::login_tcp(b, 2, "bob").await;
+    assert_eq!(alice.presence().await, (vec![2], vec![]), "bob's login on node-b");
+    assert!(matches!(alice.request(7, Body::private(2, "hi bob".into())).await, Body::Ack { .. }));
+    assert_eq!(bob.delivery().await.text, "hi bob");
+    drop(bob);
+    assert_eq!(alice.presence().await, (vec![], vec![2]), "bob's logout on node-b");
+    let (_, metrics) = http(b, "GET", "/metrics", None).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    let count = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cim_delivery_seconds_count{node=\"node-b\"} "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(count.is_some_and(|c| c >= 1.0), "node-b counted bob's delivery:\n{metrics}");
+}
+
 /// Clients given several route URLs survive the loss of the node they logged in through.
 #[tokio::test]
 async fn clients_with_two_routes_survive_the_loss_of_the_first() {

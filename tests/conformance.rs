@@ -85,8 +85,8 @@ async fn a_bad_first_frame_is_answered_with_its_request_id_then_closed() {
     );
 }
 
-/// "Server-only kinds (LOGIN_ACK, PONG, ONLINE_RESPONSE, DELIVERY, ERROR, KICK) from a
-/// client are answered UNEXPECTED; a second LOGIN too."
+/// "Server-only kinds (LOGIN_ACK, PONG, ONLINE_RESPONSE, DELIVERY, ERROR, KICK, PRESENCE)
+/// from a client are answered UNEXPECTED; a second LOGIN too."
 #[tokio::test]
 async fn server_only_kinds_and_a_second_login_are_unexpected() {
     let host = Host::start(&[]).await.unwrap();
@@ -96,6 +96,7 @@ async fn server_only_kinds_and_a_second_login_are_unexpected() {
         Body::OnlineResponse { users: vec![] },
         Body::Error { code: ErrorCode::Invalid, message: "x".into(), retry_after_ms: 0 },
         Body::Kick { code: ErrorCode::Replaced, reason: "x".into() },
+        Body::Presence { online: vec![], offline: vec![], resync: false },
         Body::LoginAck(Default::default()),
         Body::login(1, "a".into(), String::new()),
     ];
@@ -230,4 +231,30 @@ async fn metrics_count_frames_in_and_out() {
     let text = text.as_str().unwrap();
     assert_eq!(metric(text, "frames_in_total"), 2, "LOGIN and PING");
     assert_eq!(metric(text, "frames_out_total"), 2, "LOGIN_ACK and PONG");
+}
+
+/// "PRESENCE: pushed only to sessions that logged in with Login.presence; who came online
+/// and who went offline since the last one, gathered for about a second."
+#[tokio::test]
+async fn presence_is_pushed_to_sessions_that_ask_for_it() {
+    let host = Host::start(&[]).await.unwrap();
+    let mut alice = RawClient::login_watching_presence(&host, 1, "alice").await;
+    // Her own login is a change too.
+    assert_eq!(alice.presence().await, (vec![1], vec![]));
+    let mut bob = RawClient::login_tcp(&host, 2, "bob").await;
+    let carol = RawClient::login_tcp(&host, 3, "carol").await;
+    let (mut online, offline) = alice.presence().await;
+    assert!(offline.is_empty());
+    if online.len() < 2 {
+        // The two logins fell into two rounds.
+        online.extend(alice.presence().await.0);
+    }
+    assert_eq!(online, [2, 3]);
+    drop(carol);
+    assert_eq!(alice.presence().await, (vec![], vec![3]));
+    let late = RawClient::login_tcp(&host, 4, "dave").await;
+    assert_eq!(alice.presence().await, (vec![4], vec![]));
+    // Bob did not ask: the rounds that reached alice sent his session nothing.
+    bob.assert_quiet(std::time::Duration::from_millis(300)).await;
+    drop(late);
 }

@@ -289,6 +289,8 @@ async fn metrics_histograms_move_under_load() {
     check("cim_handler_seconds", &["event=\"group\"", "component=\"group-send\""], 1.0);
     check("cim_send_seconds", &[], 25.0);
     check("cim_log_append_seconds", &[], 25.0);
+    // Bob's 20 private deliveries were written before he read them.
+    check("cim_delivery_seconds", &[], 20.0);
     let queue = series("cim_outbound_queue_frames_count", &[]);
     assert!(queue[0].1 >= 25.0, "every answer and delivery woke a writer: {queue:?}");
     let calls = series("cim_handler_calls_total", &["event=\"private\"", "outcome=\"ok\""]);

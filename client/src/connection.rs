@@ -88,6 +88,7 @@ pub(crate) async fn handshake(
             token: who.token.to_owned(),
             resume_from,
             resume_token,
+            presence: false,
         });
         sink.send(Frame::new(request_id, login)).await?;
         loop {

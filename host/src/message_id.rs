@@ -64,6 +64,11 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Unix time in microseconds (when a message was accepted, for the delivery latency).
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
 pub struct MessageIds {
     /// The last id issued (`counter << 10 | node number`); the next one is made from it.
     last: AtomicU64,

@@ -1,7 +1,8 @@
 //! What `GET /metrics` exports, in the OpenMetrics text format (which Prometheus scrapes),
 //! with [`prometheus_client`]: counters and a gauge per event the host counts, and
-//! histograms of handler calls (per event and component), of sends (read → acknowledged) and
-//! of log appends (one store round trip). Every series carries the node's id as `node`.
+//! histograms of handler calls (per event and component), of sends (read → acknowledged), of
+//! live deliveries (accepted → written to the recipient) and of log appends (one store round
+//! trip). Every series carries the node's id as `node`.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
@@ -48,6 +49,9 @@ macro_rules! metrics {
             pub send_seconds: Histogram,
             /// One append to the message log (a batch of sends): the store round trip.
             pub log_append_seconds: Histogram,
+            /// A live delivery, from its message's acceptance (on whichever node) to its frame
+            /// being written to the recipient's connection.
+            pub delivery_seconds: Histogram,
             /// Frames in a connection's outbound queue each time its writer wakes.
             pub outbound_queue_frames: Histogram,
             registry: OnceLock<Registry>,
@@ -60,6 +64,7 @@ macro_rules! metrics {
                     handlers: HandlerMetrics::default(),
                     send_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
                     log_append_seconds: Histogram::new(exponential_buckets(10e-6, 2.0, 16)),
+                    delivery_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
                     outbound_queue_frames: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
                     registry: OnceLock::new(),
                 }
@@ -88,6 +93,11 @@ macro_rules! metrics {
                         "send_seconds",
                         "Sends (private and group), from reading the request to its answer being ready: handler, log write and hand-off to recipients",
                         self.send_seconds.clone(),
+                    );
+                    r.register(
+                        "delivery_seconds",
+                        "Live deliveries, from the message's acceptance by the sender's node to its frame being written to the recipient's connection (across nodes this includes their clock difference; replays are not counted)",
+                        self.delivery_seconds.clone(),
                     );
                     r.register(
                         "outbound_queue_frames",

@@ -292,15 +292,17 @@ mod tests {
 
     fn arb_body() -> impl Strategy<Value = Body> {
         prop_oneof![
-            (any::<u64>(), ".{0,32}", "[A-Za-z0-9._-]{0,64}", arb_positions(), "[A-Za-z0-9]{0,16}").prop_map(
-                |(user_id, user_name, token, resume_from, resume_token)| Body::Login(Login {
-                    user_id,
-                    user_name,
-                    token,
-                    resume_from,
-                    resume_token
-                })
-            ),
+            (
+                any::<u64>(),
+                ".{0,32}",
+                "[A-Za-z0-9._-]{0,64}",
+                arb_positions(),
+                "[A-Za-z0-9]{0,16}",
+                any::<bool>()
+            )
+                .prop_map(|(user_id, user_name, token, resume_from, resume_token, presence)| {
+                    Body::Login(Login { user_id, user_name, token, resume_from, resume_token, presence })
+                }),
             (".{0,16}", any::<u32>(), arb_user(), any::<u64>(), arb_positions(), any::<(bool, bool)>())
                 .prop_map(
                     |(
@@ -353,6 +355,12 @@ mod tests {
                 retry_after_ms
             }),
             (arb_code(), ".{0,32}").prop_map(|(code, reason)| Body::Kick { code, reason }),
+            (
+                proptest::collection::vec(arb_user(), 0..8),
+                proptest::collection::vec(arb_user(), 0..8),
+                any::<bool>()
+            )
+                .prop_map(|(online, offline, resync)| Body::Presence { online, offline, resync }),
         ]
     }
 

@@ -179,6 +179,13 @@ pub enum Body {
         code: ErrorCode,
         reason: String,
     },
+    /// Server push to sessions that asked for it ([`Login::presence`]): whose presence
+    /// changed since the last one. `resync`: too many changes to list; ask for the list.
+    Presence {
+        online: Vec<User>,
+        offline: Vec<User>,
+        resync: bool,
+    },
 }
 
 /// The first frame of a connection. `token` and `resume_token` are empty when the client has
@@ -190,6 +197,8 @@ pub struct Login {
     pub token: String,
     pub resume_from: Positions,
     pub resume_token: String,
+    /// Push PRESENCE frames to this session.
+    pub presence: bool,
 }
 
 /// The server's answer to an accepted LOGIN.
@@ -247,6 +256,7 @@ impl Body {
             Body::Ack { .. } => "ack",
             Body::Error { .. } => "error",
             Body::Kick { .. } => "kick",
+            Body::Presence { .. } => "presence",
         }
     }
 }
@@ -392,6 +402,7 @@ fn payload_kind(payload: &Payload) -> (pb::Kind, &'static str) {
         Payload::Error(_) => (pb::Kind::Error, "error"),
         Payload::Kick(_) => (pb::Kind::Kick, "kick"),
         Payload::Refresh(_) => (pb::Kind::Refresh, "refresh"),
+        Payload::Presence(_) => (pb::Kind::Presence, "presence"),
     }
 }
 
@@ -413,6 +424,7 @@ impl TryFrom<pb::Envelope> for Frame {
                 token: p.token,
                 resume_from: positions_from_pb(p.resume_from),
                 resume_token: p.resume_token,
+                presence: p.presence,
             }),
             Payload::LoginAck(p) => Body::LoginAck(LoginAck {
                 node_id: p.node_id,
@@ -465,6 +477,11 @@ impl TryFrom<pb::Envelope> for Frame {
                 retry_after_ms: p.retry_after_ms,
             },
             Payload::Kick(p) => Body::Kick { code: code_from_pb(p.code), reason: p.reason },
+            Payload::Presence(p) => Body::Presence {
+                online: p.online.into_iter().map(|u| User { id: u.id, name: u.name }).collect(),
+                offline: p.offline.into_iter().map(|u| User { id: u.id, name: u.name }).collect(),
+                resync: p.resync,
+            },
         };
         Ok(Frame { request_id: env.request_id, body })
     }
@@ -479,6 +496,7 @@ impl From<Frame> for pb::Envelope {
                 token: l.token,
                 resume_from: positions_to_pb(l.resume_from),
                 resume_token: l.resume_token,
+                presence: l.presence,
             }),
             Body::LoginAck(a) => Payload::LoginAck(pb::LoginAck {
                 node_id: a.node_id,
@@ -524,6 +542,11 @@ impl From<Frame> for pb::Envelope {
                 Payload::Error(pb::Error { code: code_to_pb(code) as i32, message, retry_after_ms })
             }
             Body::Kick { code, reason } => Payload::Kick(pb::Kick { reason, code: code_to_pb(code) as i32 }),
+            Body::Presence { online, offline, resync } => Payload::Presence(pb::Presence {
+                online: online.into_iter().map(user_to_pb).collect(),
+                offline: offline.into_iter().map(user_to_pb).collect(),
+                resync,
+            }),
         };
         let (kind, _) = payload_kind(&payload);
         pb::Envelope { request_id: frame.request_id, kind: kind as i32, payload: Some(payload) }

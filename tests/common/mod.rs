@@ -338,6 +338,26 @@ impl RawClient {
         c
     }
 
+    /// Logs `id` in over TCP with `Login.presence` (PRESENCE frames pushed to it).
+    pub async fn login_watching_presence(host: &Host, id: u64, name: &str) -> RawClient {
+        let mut c = RawClient::tcp(host).await;
+        let login =
+            cim_proto::Login { user_id: id, user_name: name.into(), presence: true, ..Default::default() };
+        c.send(Frame::new(1, Body::Login(login))).await;
+        assert!(matches!(c.frame().await.body, Body::LoginAck(_)), "login ack for {id}");
+        c
+    }
+
+    /// The next frame, which must be a PRESENCE push listing changes: (online ids, offline ids).
+    pub async fn presence(&mut self) -> (Vec<u64>, Vec<u64>) {
+        match self.frame().await {
+            Frame { request_id: 0, body: Body::Presence { online, offline, resync: false } } => {
+                (online.iter().map(|u| u.id).collect(), offline.iter().map(|u| u.id).collect())
+            }
+            other => panic!("expected a presence frame, got {other:?}"),
+        }
+    }
+
     pub async fn login(&mut self, id: u64, name: &str) {
         self.send(Frame::new(1, Body::login(id, name.into(), String::new()))).await;
         match self.recv().await {

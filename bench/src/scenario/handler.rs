@@ -41,6 +41,7 @@ fn message(id: u64) -> Message {
         kind: MessageKind::Private,
         text: "hello, this is a benchmark message of moderate length".into(),
         timestamp_ms: 1_767_225_600_000,
+        accepted_us: 1_767_225_600_000_000,
     }
 }
 

@@ -240,8 +240,7 @@ async fn deliver(
             ClusterMessage::Deliver { recipients, delivery } => {
                 // The sending node's `send` span carries the same message id.
                 let _span = tracing::debug_span!("delivery", message_id = delivery.message_id).entered();
-                let prev = delivery.prev;
-                router.deliver_local(&recipients, delivery.into(), prev);
+                router.deliver_local(&recipients, delivery);
             }
             ClusterMessage::Kick { user_id, reason, conn_id: None, .. } => {
                 router.kick_local(user_id, &reason)
@@ -250,6 +249,7 @@ async fn deliver(
                 let code = if replaced { ErrorCode::Replaced } else { ErrorCode::Unexpected };
                 router.kick_conn(user_id, conn, code, &reason);
             }
+            ClusterMessage::Presence { users, resync } => router.presence_remote(users, resync),
             ClusterMessage::ComponentChanged { name, sha256 } => {
                 // Only fails once the components task has stopped, i.e. at shutdown.
                 let _ = changes.send((name, sha256));
@@ -373,18 +373,27 @@ async fn housekeeping(
             }
         }
         release_leftovers(&cluster.store, &router).await;
-        reap_dead(&cluster.registry, &me, &mut suspects, grace).await;
+        if reap_dead(&cluster.registry, &me, &mut suspects, grace).await > 0 {
+            router.presence_unlisted();
+        }
     }
 }
 
 /// Reaps the nodes (never `me`) whose registry entry has been gone for at least `grace`,
 /// as far as this node has seen; `suspects` remembers when each was first seen gone.
-async fn reap_dead(registry: &Registry, me: &str, suspects: &mut HashMap<String, Instant>, grace: Duration) {
+/// Returns how many online entries it removed.
+async fn reap_dead(
+    registry: &Registry,
+    me: &str,
+    suspects: &mut HashMap<String, Instant>,
+    grace: Duration,
+) -> usize {
+    let mut removed = 0;
     let dead = match registry.dead_nodes(me).await {
         Ok(dead) => dead,
         Err(e) => {
             warn!(error = %e, "could not list dead nodes");
-            return;
+            return 0;
         }
     };
     suspects.retain(|id, _| dead.contains(id));
@@ -398,6 +407,7 @@ async fn reap_dead(registry: &Registry, me: &str, suspects: &mut HashMap<String,
             Ok(Some(n)) => {
                 info!(node = %id, users = n, "reaped a dead node");
                 suspects.remove(&id);
+                removed += n;
             }
             // It registered again meanwhile.
             Ok(None) => {
@@ -405,10 +415,11 @@ async fn reap_dead(registry: &Registry, me: &str, suspects: &mut HashMap<String,
             }
             Err(e) => {
                 warn!(error = %e, node = %id, "could not reap a dead node");
-                return;
+                return removed;
             }
         }
     }
+    removed
 }
 
 /// Follows component pushes announced on the bus, one at a time and in order, and every

@@ -101,11 +101,16 @@ pub async fn release_leftovers(store: &RedisStore, router: &Router) {
         return;
     }
     match store.release_many(&router.config().node_id, &pairs).await {
-        Ok(n) => info!(
-            sessions = pairs.len(),
-            released = n,
-            "released the entries of sessions that closed while redis was away"
-        ),
+        Ok(n) => {
+            info!(
+                sessions = pairs.len(),
+                released = n,
+                "released the entries of sessions that closed while redis was away"
+            );
+            if n > 0 {
+                router.presence_unlisted();
+            }
+        }
         Err(e) => {
             warn!(error = %e, sessions = pairs.len(), "could not release the entries of closed sessions; will retry");
             router.retry_release(pairs);

@@ -46,6 +46,7 @@ async fn login(router: &Router, id: u64) -> u64 {
         closer: Closer::child_of(&CancellationToken::new()),
         seam: crate::router::Seam::live(),
         resume: String::new(),
+        presence: false,
     };
     router.login(conn, None, "").await.expect("login");
     conn_id

@@ -53,6 +53,9 @@ pub struct Message {
     pub kind: MessageKind,
     pub text: String,
     pub timestamp_ms: u64,
+    /// When this node accepted it, in Unix microseconds (`timestamp_ms` is the same instant in
+    /// milliseconds); the start of the delivery latency. Not shown to handlers.
+    pub accepted_us: u64,
 }
 
 #[derive(Debug, Clone)]

@@ -59,11 +59,34 @@ impl Closer {
     }
 }
 
+/// A frame in a connection's outbound queue. A live delivery carries when its message was
+/// accepted (`accepted_us`, Unix time in microseconds, on whichever node accepted it), so
+/// that the writer can record the delivery latency once the frame is written; 0 for
+/// everything else (answers, replays, kicks).
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub frame: Encoded,
+    pub accepted_us: u64,
+}
+
+impl Outgoing {
+    /// A live delivery of a message accepted at `accepted_us`.
+    pub fn delivery(frame: Encoded, accepted_us: u64) -> Self {
+        Outgoing { frame, accepted_us }
+    }
+}
+
+impl From<Encoded> for Outgoing {
+    fn from(frame: Encoded) -> Self {
+        Outgoing { frame, accepted_us: 0 }
+    }
+}
+
 /// The sending side of a connection's outbound queue: at most `frames` frames and about
 /// `max_bytes` bytes wait for the writer.
 #[derive(Debug, Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Encoded>,
+    tx: mpsc::Sender<Outgoing>,
     queued: Arc<AtomicUsize>,
     max_bytes: usize,
 }
@@ -71,7 +94,7 @@ pub struct Outbox {
 /// The writer's side of an [`Outbox`].
 #[derive(Debug)]
 pub struct OutboxRx {
-    rx: mpsc::Receiver<Encoded>,
+    rx: mpsc::Receiver<Outgoing>,
     queued: Arc<AtomicUsize>,
 }
 
@@ -93,8 +116,9 @@ impl Outbox {
 
     /// Queues a frame without waiting. A frame larger than the byte limit still goes into an
     /// empty queue, so one big message is never refused for its size alone.
-    pub fn try_send(&self, frame: Encoded) -> Result<(), Refused> {
-        let len = frame.0.len();
+    pub fn try_send(&self, frame: impl Into<Outgoing>) -> Result<(), Refused> {
+        let frame = frame.into();
+        let len = frame.frame.0.len();
         let before = self.queued.fetch_add(len, Ordering::AcqRel);
         if before > 0 && before + len > self.max_bytes {
             self.queued.fetch_sub(len, Ordering::AcqRel);
@@ -111,8 +135,9 @@ impl Outbox {
 
     /// Queues an answer to the client's own request, waiting for a free slot (backpressure on
     /// that client's reader). Answers count towards the bytes but are not refused for them.
-    pub async fn send(&self, frame: Encoded) -> Result<(), Refused> {
-        let len = frame.0.len();
+    pub async fn send(&self, frame: impl Into<Outgoing>) -> Result<(), Refused> {
+        let frame = frame.into();
+        let len = frame.frame.0.len();
         self.queued.fetch_add(len, Ordering::AcqRel);
         self.tx.send(frame).await.map_err(|_| {
             self.queued.fetch_sub(len, Ordering::AcqRel);
@@ -127,9 +152,9 @@ impl Outbox {
 }
 
 impl OutboxRx {
-    pub async fn recv(&mut self) -> Option<Encoded> {
+    pub async fn recv(&mut self) -> Option<Outgoing> {
         let frame = self.rx.recv().await?;
-        self.queued.fetch_sub(frame.0.len(), Ordering::AcqRel);
+        self.queued.fetch_sub(frame.frame.0.len(), Ordering::AcqRel);
         Some(frame)
     }
 
@@ -142,9 +167,9 @@ impl OutboxRx {
         self.rx.is_empty()
     }
 
-    pub fn try_recv(&mut self) -> Option<Encoded> {
+    pub fn try_recv(&mut self) -> Option<Outgoing> {
         let frame = self.rx.try_recv().ok()?;
-        self.queued.fetch_sub(frame.0.len(), Ordering::AcqRel);
+        self.queued.fetch_sub(frame.frame.0.len(), Ordering::AcqRel);
         Some(frame)
     }
 }
@@ -162,6 +187,8 @@ pub struct LocalConn {
     pub seam: Arc<Seam>,
     /// The session's resume token (empty for sessions that do not hand one out).
     pub resume: String,
+    /// It asked for PRESENCE frames (`Login.presence`).
+    pub presence: bool,
 }
 
 /// Where a session's replay meets live traffic, and what keeps its deliveries in log order.
@@ -198,7 +225,7 @@ struct SeamState {
     reading: bool,
     /// Deliveries waiting for the replay or a fill: `None` frames note entries not sent to
     /// this connection (its user's own messages), which still advance the chain.
-    held: Vec<(MessageKind, Placed, Option<Encoded>)>,
+    held: Vec<(MessageKind, Placed, Option<Outgoing>)>,
     queued: Positions,
 }
 
@@ -288,7 +315,7 @@ impl LocalConn {
         &self,
         kind: MessageKind,
         at: Placed,
-        frame: Option<Encoded>,
+        frame: Option<Outgoing>,
         metrics: &Metrics,
     ) -> Offered {
         let mut state = self.seam.state();
@@ -403,7 +430,7 @@ impl LocalConn {
 
     /// Queues a frame without waiting. A full queue means the client cannot keep up: it is
     /// disconnected rather than allowed to hold up the sender.
-    pub(crate) fn offer(&self, frame: Encoded, metrics: &Metrics) -> bool {
+    pub(crate) fn offer(&self, frame: Outgoing, metrics: &Metrics) -> bool {
         match self.tx.try_send(frame) {
             Ok(()) => true,
             Err(Refused::Full) => self.slow_consumer(metrics),
@@ -431,8 +458,8 @@ impl LocalConn {
 mod tests {
     use super::*;
 
-    fn frame(len: usize) -> Encoded {
-        Encoded(bytes::Bytes::from(vec![0u8; len]))
+    fn frame(len: usize) -> Outgoing {
+        Encoded(bytes::Bytes::from(vec![0u8; len])).into()
     }
 
     #[tokio::test]
@@ -441,10 +468,10 @@ mod tests {
         tx.try_send(frame(60)).unwrap();
         assert_eq!(tx.try_send(frame(60)), Err(Refused::Full), "over the byte limit");
         tx.try_send(frame(40)).unwrap();
-        assert_eq!(rx.recv().await.unwrap().0.len(), 60);
+        assert_eq!(rx.recv().await.unwrap().frame.0.len(), 60);
         tx.try_send(frame(60)).unwrap();
-        assert_eq!(rx.try_recv().unwrap().0.len(), 40);
-        assert_eq!(rx.try_recv().unwrap().0.len(), 60);
+        assert_eq!(rx.try_recv().unwrap().frame.0.len(), 40);
+        assert_eq!(rx.try_recv().unwrap().frame.0.len(), 60);
         // One frame bigger than the whole budget still fits an empty queue.
         tx.try_send(frame(500)).unwrap();
         assert_eq!(tx.try_send(frame(1)), Err(Refused::Full));
@@ -461,6 +488,7 @@ mod tests {
             closer: Closer::child_of(&CancellationToken::new()),
             seam: Seam::live(),
             resume: String::new(),
+            presence: false,
         };
         (conn, rx)
     }
@@ -471,7 +499,7 @@ mod tests {
 
     /// The frames queued so far, by their length (each test frame's length is its position).
     fn drained(rx: &mut OutboxRx) -> Vec<usize> {
-        std::iter::from_fn(|| rx.try_recv()).map(|f| f.0.len()).collect()
+        std::iter::from_fn(|| rx.try_recv()).map(|f| f.frame.0.len()).collect()
     }
 
     #[test]

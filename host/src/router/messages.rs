@@ -9,7 +9,7 @@ use cim_proto::{Body, Delivery, Encoded, Frame, MessageKind, User};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::conn::Offered;
+use super::conn::{Offered, Outgoing};
 use super::{LocalConn, RouteError, Router, Turn};
 use crate::cluster::{BusDelivery, ClusterMessage};
 use crate::config::Config;
@@ -17,7 +17,7 @@ use crate::handlers::{
     Delivered, Event, GroupDecision, HandlerError, Handlers, Message, PrivateRequest, Recipients,
     SendDecision,
 };
-use crate::message_id::now_ms;
+use crate::message_id::now_us;
 use crate::metrics::Metrics;
 use crate::store::log::MAX_CLIENT_MSG_ID;
 use crate::store::{Append, Appended, LogStream, LoggedMessage, Placed, StoreError};
@@ -73,7 +73,8 @@ impl Router {
             )
         })?;
         Metrics::inc(&self.metrics.messages_total);
-        Ok(Message { id, sender: sender.clone(), kind, text, timestamp_ms: now_ms() })
+        let accepted_us = now_us();
+        Ok(Message { id, sender: sender.clone(), kind, text, timestamp_ms: accepted_us / 1000, accepted_us })
     }
 
     fn delivery(message: &Message, position: u64) -> Delivery {
@@ -129,9 +130,10 @@ impl Router {
         }
     }
 
-    /// A delivery encoded once, for every recipient's queue.
-    fn encode_delivery(delivery: Delivery) -> Encoded {
-        Encoded::from(Frame::push(Body::Delivery(delivery)))
+    /// A live delivery of a message accepted at `accepted_us`, encoded once for every
+    /// recipient's queue.
+    fn encode_delivery(delivery: Delivery, accepted_us: u64) -> Outgoing {
+        Outgoing::delivery(Encoded::from(Frame::push(Body::Delivery(delivery))), accepted_us)
     }
 
     /// Sends `text` from `sender` to user `to`.
@@ -206,8 +208,12 @@ impl Router {
         let delivered = match (conn, remote, self.cluster.get()) {
             (Some(conn), _, _) => {
                 turn.wait().await;
-                let queued =
-                    self.offer(&conn, MessageKind::Private, at, Some(Self::encode_delivery(delivery)));
+                let queued = self.offer(
+                    &conn,
+                    MessageKind::Private,
+                    at,
+                    Some(Self::encode_delivery(delivery, message.accepted_us)),
+                );
                 own(self);
                 turn.pass();
                 queued
@@ -215,7 +221,7 @@ impl Router {
             (None, Some(e), Some(cluster)) => {
                 let msg = ClusterMessage::Deliver {
                     recipients: vec![to],
-                    delivery: BusDelivery::new(&delivery, at.prev),
+                    delivery: BusDelivery::new(&delivery, at.prev, message.accepted_us),
                 };
                 turn.wait().await;
                 let published = cluster.bus.enqueue(&e.node_id, msg);
@@ -295,7 +301,7 @@ impl Router {
             Err(first) => return Ok((first, 0)),
         };
         let delivery = Self::delivery(&message, at.position);
-        let frame = Self::encode_delivery(delivery.clone());
+        let frame = Self::encode_delivery(delivery.clone(), message.accepted_us);
         turn.wait().await;
         let (targets, own): (Vec<LocalConn>, Option<LocalConn>) = {
             let local = self.local();
@@ -324,7 +330,7 @@ impl Router {
         }
         self.metrics.deliveries_total.inc_by(recipients.len() as u64);
         if let Some(cluster) = self.cluster.get() {
-            let delivery = BusDelivery::new(&delivery, at.prev);
+            let delivery = BusDelivery::new(&delivery, at.prev, message.accepted_us);
             // One message per node that holds recipients, not one per user.
             let published: Vec<_> = remote
                 .into_iter()
@@ -380,11 +386,12 @@ impl Router {
         Ok(by_node)
     }
 
-    /// Delivers a message another node routed here to its local recipients; `prev` is the
-    /// position written before it in its stream (see [`Placed`]).
-    pub fn deliver_local(&self, recipients: &[u64], delivery: Delivery, prev: u64) {
-        let (kind, at) = (delivery.kind, Placed { position: delivery.position, prev });
-        let frame = Self::encode_delivery(delivery);
+    /// Delivers a message another node routed here to its local recipients.
+    pub fn deliver_local(&self, recipients: &[u64], delivery: BusDelivery) {
+        // `prev`: the position written before it in its stream (see [`Placed`]).
+        let (kind, at) = (delivery.kind, Placed { position: delivery.position, prev: delivery.prev });
+        let accepted_us = delivery.accepted_us;
+        let frame = Self::encode_delivery(delivery.into(), accepted_us);
         let conns: Vec<LocalConn> = {
             let local = self.local();
             recipients.iter().filter_map(|id| local.get(id).cloned()).collect()
@@ -416,7 +423,7 @@ impl Router {
         conn: &LocalConn,
         kind: MessageKind,
         at: Placed,
-        frame: Option<Encoded>,
+        frame: Option<Outgoing>,
     ) -> bool {
         let offered = conn.offer_delivery(kind, at, frame, &self.metrics);
         if offered == Offered::Gap

@@ -20,12 +20,13 @@ use crate::store::{Claim, OnlineEntry, Store, StoreError};
 mod conn;
 mod history;
 mod messages;
+mod presence;
 mod replay;
 mod turn;
 
 use messages::{CALLBACK_QUEUE, callback_worker};
 
-pub use conn::{Closer, Closing, LocalConn, Offered, Outbox, OutboxRx, Refused, Seam};
+pub use conn::{Closer, Closing, LocalConn, Offered, Outbox, OutboxRx, Outgoing, Refused, Seam};
 pub use history::{HistoryPage, MAX_HISTORY_PAGE, Page};
 pub use messages::{Sent, validate_client_msg_id};
 pub use replay::Resumed;
@@ -116,6 +117,8 @@ pub struct Router {
     cluster: OnceLock<Cluster>,
     /// Set when components are pushed cluster-wide (to follow other nodes' pushes).
     deployments: OnceLock<Arc<Deployments>>,
+    /// Presence changes for sessions that asked for them (see [`presence`]).
+    presence: Arc<presence::Changes>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -134,20 +137,25 @@ impl Router {
         for _ in 0..workers {
             tokio::spawn(callback_worker(handlers.clone(), rx.clone(), metrics.clone()));
         }
-        Arc::new_cyclic(|me| Router {
-            me: me.clone(),
-            ids: MessageIds::new(&config.node_id),
-            config,
-            ctx,
-            handlers,
-            callbacks,
-            local: Mutex::new(HashMap::new()),
-            unreleased: Mutex::new(Vec::new()),
-            next_conn: AtomicU64::new(1),
-            advertised: OnceLock::new(),
-            cluster: OnceLock::new(),
-            deployments: OnceLock::new(),
-            metrics,
+        let changes = Arc::new(presence::Changes::default());
+        Arc::new_cyclic(|me| {
+            tokio::spawn(presence::run(changes.clone(), me.clone()));
+            Router {
+                me: me.clone(),
+                ids: MessageIds::new(&config.node_id),
+                config,
+                ctx,
+                handlers,
+                callbacks,
+                local: Mutex::new(HashMap::new()),
+                unreleased: Mutex::new(Vec::new()),
+                next_conn: AtomicU64::new(1),
+                advertised: OnceLock::new(),
+                cluster: OnceLock::new(),
+                deployments: OnceLock::new(),
+                presence: changes,
+                metrics,
+            }
         })
     }
 
@@ -273,6 +281,7 @@ impl Router {
             }
         }
         self.local().insert(user.id, conn);
+        self.presence.note(&user);
         Metrics::inc(&self.metrics.logins_total);
         Ok(())
     }
@@ -328,16 +337,37 @@ impl Router {
 
     /// Forgets a closed connection: local binding, route and online entry.
     pub async fn logout(&self, user_id: u64, conn_id: u64) {
-        {
+        let removed = {
             let mut local = self.local();
             if local.get(&user_id).is_some_and(|c| c.conn_id == conn_id) {
-                local.remove(&user_id);
+                local.remove(&user_id)
+            } else {
+                None
+            }
+        };
+        match self.store().release(user_id, &self.config.node_id, conn_id).await {
+            Ok(_) => {
+                if let Some(conn) = removed {
+                    self.presence.note(&conn.user);
+                }
+            }
+            Err(e) => {
+                warn!(user = user_id, error = %e, "could not remove the online entry; will retry");
+                self.unreleased.lock().unwrap_or_else(|e| e.into_inner()).push((user_id, conn_id));
             }
         }
-        if let Err(e) = self.store().release(user_id, &self.config.node_id, conn_id).await {
-            warn!(user = user_id, error = %e, "could not remove the online entry; will retry");
-            self.unreleased.lock().unwrap_or_else(|e| e.into_inner()).push((user_id, conn_id));
-        }
+    }
+
+    /// Online entries were removed without a list of whose (a dead node reaped, entries of
+    /// sessions closed during a store outage released): sessions that asked for presence
+    /// are told to ask for the whole list again.
+    pub fn presence_unlisted(&self) {
+        self.presence.note_unlisted();
+    }
+
+    /// Another node's presence changes (see [`presence`]).
+    pub fn presence_remote(&self, users: Vec<(u64, String)>, resync: bool) {
+        self.presence.note_remote(users, resync);
     }
 
     /// Takes the `(user, conn)` pairs whose release failed (see [`Router::logout`]); the
@@ -362,7 +392,9 @@ impl Router {
         }
         match self.store().lookup(user_id).await? {
             Some(e) if e.node_id == self.config.node_id => {
-                Ok(self.store().release(user_id, &e.node_id, e.conn_id).await?)
+                let released = self.store().release(user_id, &e.node_id, e.conn_id).await?;
+                self.presence.note(&e.user);
+                Ok(released)
             }
             Some(e) => match self.cluster.get() {
                 Some(cluster) => {

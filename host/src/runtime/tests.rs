@@ -78,7 +78,14 @@ async fn context_with_online(ids: &[u64]) -> Context {
 }
 
 fn message(id: u64, sender: u64, kind: MessageKind, text: &str) -> Message {
-    Message { id, sender: user(sender), kind, text: text.into(), timestamp_ms: 1_767_225_600_000 }
+    Message {
+        id,
+        sender: user(sender),
+        kind,
+        text: text.into(),
+        timestamp_ms: 1_767_225_600_000,
+        accepted_us: 1_767_225_600_000_000,
+    }
 }
 
 /// Waits until a request holds `loaded` (besides the test and the slot).

@@ -127,6 +127,7 @@ async fn run_inner<St, Si>(
         closer: closer.clone(),
         seam: Seam::replaying(),
         resume: resume.clone(),
+        presence: login.presence,
     };
     // Boxed, like the other rare or deep awaits below: their state would otherwise be part of
     // every idle connection's task.

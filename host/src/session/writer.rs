@@ -9,6 +9,7 @@ use futures_util::{Sink, SinkExt};
 use tracing::{debug, warn};
 
 use super::CLOSE_FLUSH;
+use crate::message_id::now_us;
 use crate::metrics::Metrics;
 use crate::router::{Closer, OutboxRx, Router};
 
@@ -25,6 +26,8 @@ pub(super) async fn write_loop<Si>(
     Si: Sink<Encoded, Error = CodecError> + Unpin,
 {
     let metrics = &router.metrics;
+    // When the live deliveries of the batch being written were accepted.
+    let mut accepted: Vec<u64> = Vec::new();
     let result: Result<(), CodecError> = async {
         loop {
             tokio::select! {
@@ -34,8 +37,8 @@ pub(super) async fn write_loop<Si>(
                     let reason = closer.reason();
                     let last = async {
                         if reason.is_none_or(|r| r.drain) {
-                            while let Some(frame) = rx.try_recv() {
-                                sink.feed(frame).await?;
+                            while let Some(out) = rx.try_recv() {
+                                sink.feed(out.frame).await?;
                             }
                         }
                         if let Some(r) = reason {
@@ -48,24 +51,41 @@ pub(super) async fn write_loop<Si>(
                     }
                     break;
                 }
-                frame = rx.recv() => {
-                    let Some(frame) = frame else { break };
+                out = rx.recv() => {
+                    let Some(mut out) = out else { break };
                     // How deep the queue was when the writer woke: this frame and those behind it.
                     metrics.outbound_queue_frames.observe((rx.len() + 1) as f64);
+                    accepted.clear();
                     let batch = async {
-                        sink.feed(frame).await?;
-                        let mut fed = 1;
+                        let mut fed = 0;
                         // Batch whatever else is ready into one flush.
-                        while !closer.is_cancelled() {
-                            let Some(frame) = rx.try_recv() else { break };
-                            sink.feed(frame).await?;
+                        loop {
+                            if out.accepted_us != 0 {
+                                accepted.push(out.accepted_us);
+                            }
+                            sink.feed(out.frame).await?;
                             fed += 1;
+                            if closer.is_cancelled() {
+                                break;
+                            }
+                            let Some(next) = rx.try_recv() else { break };
+                            out = next;
                         }
                         metrics.frames_out_total.inc_by(fed);
                         sink.flush().await
                     };
-                    match tokio::time::timeout(write_timeout, batch).await {
-                        Ok(r) => r?,
+                    let written = tokio::time::timeout(write_timeout, batch).await;
+                    match written {
+                        Ok(r) => {
+                            r?;
+                            // Written: from acceptance (on whichever node) to here.
+                            if !accepted.is_empty() {
+                                let now = now_us();
+                                for &at in &accepted {
+                                    metrics.delivery_seconds.observe(now.saturating_sub(at) as f64 / 1e6);
+                                }
+                            }
+                        }
                         Err(_) => {
                             warn!(timeout = ?write_timeout, "write timed out: the client is not reading; closing");
                             Metrics::inc(&metrics.write_timeouts_total);

@@ -9,6 +9,7 @@ import {
   Kind,
   MessageKind,
   PositionsSchema,
+  type Presence,
 } from "./gen/cim_pb.js";
 import { CimError, closeCodeName, codeName } from "./errors.js";
 import { Emitter } from "./emitter.js";
@@ -81,7 +82,7 @@ export interface ClientEvents {
   state: StateChange;
   /** The server closed the session and said why (a KICK frame, or the close status). */
   kicked: Kicked;
-  /** The online users, when the list changed (with `presenceIntervalMs`) or was asked for. */
+  /** The online users, sorted by id, whenever the list changed: pushed by the server with `presence`, polled with `presenceIntervalMs`, or asked for with `online()`. */
   presence: User[];
   /** Something failed in the background (a refresh, an ack); the client carries on. */
   error: CimError;
@@ -129,7 +130,13 @@ export interface ClientOptions {
   resume?: Partial<ResumeState>;
   /** How often to acknowledge what was received, ms (1000). */
   ackIntervalMs?: number;
-  /** Ask for the online list this often and emit `presence` when it changed, ms (0: never). */
+  /**
+   * Keep the online list live: the server pushes who came online or went offline (PRESENCE
+   * frames, gathered for about a second) and the client emits `presence` with the whole list
+   * whenever it changed. The list is fetched once at each login.
+   */
+  presence?: boolean;
+  /** Ask for the online list this often and emit `presence` when it changed, ms (0: never). Not needed with `presence`. */
   presenceIntervalMs?: number;
   /** How many message ids to remember for de-duplication (10000). */
   dedupCapacity?: number;
@@ -212,6 +219,11 @@ export class Client extends Emitter<ClientEvents> {
   private presenceTimer: ReturnType<typeof setInterval> | null = null;
   private refreshTimer: ReturnType<typeof setTimeout> | null = null;
   private lastPresence = "";
+  // The online list as last known, and the PRESENCE frames received while an ONLINE request
+  // was outstanding (applied again on top of its answer, which may be older than they are).
+  private onlineUsers = new Map<string, User>();
+  private onlineRequests = 0;
+  private presenceSinceRequest: Presence[] = [];
   private attempt = 0;
   private closed = false;
 
@@ -285,10 +297,20 @@ export class Client extends Emitter<ClientEvents> {
 
   /** Who is online, sorted by id. Also emitted as `presence` when it changed. */
   async online(): Promise<User[]> {
-    const env = await this.request(Kind.ONLINE_REQUEST, { case: "onlineRequest", value: { $typeName: "cim.v1.OnlineRequest" } });
+    this.onlineRequests += 1;
+    let env: Envelope;
+    try {
+      env = await this.request(Kind.ONLINE_REQUEST, { case: "onlineRequest", value: { $typeName: "cim.v1.OnlineRequest" } });
+    } finally {
+      this.onlineRequests -= 1;
+    }
     if (env.payload.case !== "onlineResponse") throw unexpected(env);
     const users = env.payload.value.users.map((u) => ({ id: u.id.toString(), name: u.name }));
-    this.notePresence(users);
+    this.onlineUsers = new Map(users.map((u) => [u.id, u]));
+    // Changes pushed while the request was on its way may be newer than its answer.
+    for (const p of this.presenceSinceRequest) this.applyPresence(p);
+    if (this.onlineRequests === 0) this.presenceSinceRequest = [];
+    this.notePresence(this.sortedOnline());
     return users;
   }
 
@@ -376,6 +398,7 @@ export class Client extends Emitter<ClientEvents> {
             token: this.token,
             resumeFrom,
             resumeToken: this.resumeToken,
+            presence: this.opts.presence ?? false,
           },
         },
         ws,
@@ -404,7 +427,7 @@ export class Client extends Emitter<ClientEvents> {
     this.startTimers(info);
     this.setState({ state: "connected" });
     this.emit("login", info);
-    if (this.opts.presenceIntervalMs) this.online().catch((e) => this.emit("error", asCimError(e)));
+    if (this.opts.presence || this.opts.presenceIntervalMs) this.online().catch((e) => this.emit("error", asCimError(e)));
     return info;
   }
 
@@ -632,6 +655,30 @@ export class Client extends Emitter<ClientEvents> {
     this.acked = { inbox, group };
   }
 
+  /** A PRESENCE frame: applied to the list at once, and kept while an ONLINE request is out. */
+  private onPresence(p: Presence): void {
+    if (p.resync) {
+      this.online().catch((e) => this.emit("error", asCimError(e)));
+      return;
+    }
+    if (this.onlineRequests > 0) this.presenceSinceRequest.push(p);
+    this.applyPresence(p);
+    this.notePresence(this.sortedOnline());
+  }
+
+  private applyPresence(p: Presence): void {
+    for (const u of p.offline) this.onlineUsers.delete(u.id.toString());
+    for (const u of p.online) this.onlineUsers.set(u.id.toString(), { id: u.id.toString(), name: u.name });
+  }
+
+  private sortedOnline(): User[] {
+    return [...this.onlineUsers.values()].sort((a, b) => {
+      const x = BigInt(a.id);
+      const y = BigInt(b.id);
+      return x < y ? -1 : x > y ? 1 : 0;
+    });
+  }
+
   private notePresence(users: User[]): void {
     const key = users.map((u) => `${u.id}:${u.name}`).join(",");
     if (key === this.lastPresence) return;
@@ -677,6 +724,9 @@ export class Client extends Emitter<ClientEvents> {
     switch (env.payload.case) {
       case "delivery":
         this.onDelivery(env.payload.value);
+        return;
+      case "presence":
+        this.onPresence(env.payload.value);
         return;
       case "kick": {
         const kick = env.payload.value;

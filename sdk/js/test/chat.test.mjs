@@ -103,7 +103,7 @@ test("a group message reaches everyone else online", async () => {
   assert.equal(toAlice.filter((m) => m.text === "hello all").length, 0);
 });
 
-test("the online list, and presence events when it changes", async () => {
+test("the online list, and presence events when it changes (polled)", async () => {
   const [a, b] = [userId(), userId()];
   const alice = client(a, "alice", { presenceIntervalMs: 200 });
   const lists = [];
@@ -119,6 +119,40 @@ test("the online list, and presence events when it changes", async () => {
     const last = lists[lists.length - 1];
     return last && !last.includes(String(b));
   });
+});
+
+test("presence pushed by the server keeps the online list live without polling", async () => {
+  const [a, b, c] = [userId(), userId(), userId()];
+  const alice = client(a, "alice", { presence: true });
+  const lists = [];
+  alice.on("presence", (users) => lists.push(users.map((u) => u.id)));
+  const online = [];
+  // Count ONLINE requests: one at login, none after (the changes are pushed).
+  const sent = [];
+  await alice.connect();
+  const ws = alice["ws"];
+  const send = ws.send.bind(ws);
+  ws.send = (data) => {
+    sent.push(fromBinary(EnvelopeSchema, data).payload.case);
+    send(data);
+  };
+  await waitFor("alice's own list", () => lists.some((l) => l.includes(String(a))));
+  const bob = client(b, "bob");
+  const carol = client(c, "carol");
+  await bob.connect();
+  await carol.connect();
+  await waitFor("bob and carol pushed", () => {
+    const last = lists[lists.length - 1];
+    return last && last.includes(String(b)) && last.includes(String(c));
+  });
+  await bob.close();
+  await waitFor("bob's logout pushed", () => {
+    const last = lists[lists.length - 1];
+    return last && !last.includes(String(b)) && last.includes(String(c));
+  });
+  online.push(...lists[lists.length - 1]);
+  assert.ok(online.includes(String(a)), "alice is in her own list");
+  assert.equal(sent.filter((k) => k === "onlineRequest").length, 0, "no polling after login");
 });
 
 test("history: the inbox has both directions, the group stream the group's messages", async () => {

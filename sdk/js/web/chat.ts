@@ -251,7 +251,8 @@ async function login(ev: Event): Promise<void> {
     userName: name || undefined,
     // Read at every login and refresh: a newly pasted token is used from then on.
     token: authToken ? () => tokenInput.value.trim() : undefined,
-    presenceIntervalMs: 3000,
+    // Who is online, pushed by the server as it changes.
+    presence: true,
     resume: { resumeToken: saved },
   });
   conversations = new Map();

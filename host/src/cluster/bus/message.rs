@@ -22,6 +22,14 @@ pub enum ClusterMessage {
     },
     /// The component `name` now has the code with this hash; reload it.
     ComponentChanged { name: String, sha256: String },
+    /// Users whose presence changed on the sending node (bound or released there), by id
+    /// and name; `resync`: entries were removed there without a list (subscribers must ask
+    /// for the whole list again).
+    Presence {
+        users: Vec<(u64, String)>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resync: bool,
+    },
     /// Several messages for one node in one publish (sent under load); a [`Subscription`]
     /// hands them out one by one, in order.
     Batch { messages: Vec<ClusterMessage> },
@@ -45,11 +53,15 @@ pub struct BusDelivery {
     /// from the log first.
     #[serde(default)]
     pub prev: u64,
+    /// When the sending node accepted the message, in Unix microseconds (0: sent by a node
+    /// that predates it); where the delivery latency starts.
+    #[serde(default)]
+    pub accepted_us: u64,
 }
 
 impl BusDelivery {
-    /// `d`, whose entry follows `prev` in its stream.
-    pub fn new(d: &Delivery, prev: u64) -> Self {
+    /// `d`, whose entry follows `prev` in its stream, of a message accepted at `accepted_us`.
+    pub fn new(d: &Delivery, prev: u64, accepted_us: u64) -> Self {
         BusDelivery {
             message_id: d.message_id,
             sender_id: d.sender.id,
@@ -59,6 +71,7 @@ impl BusDelivery {
             timestamp_ms: d.timestamp_ms,
             position: d.position,
             prev,
+            accepted_us,
         }
     }
 }

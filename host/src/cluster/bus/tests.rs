@@ -25,6 +25,7 @@ fn deliver() -> ClusterMessage {
             timestamp_ms: 1_700_000_000_000,
             position: 7,
             prev: 5,
+            accepted_us: 1_700_000_000_000_123,
         },
     }
 }
@@ -86,7 +87,7 @@ fn wire_format() {
         position: 4,
         replayed: false,
     };
-    assert_eq!(Delivery::from(BusDelivery::new(&d, 3)), d);
+    assert_eq!(Delivery::from(BusDelivery::new(&d, 3, 0)), d);
     let batch: ClusterMessage = serde_json::from_str(
         r#"{"type":"batch","messages":[{"type":"kick","user_id":1,"reason":"a"},{"type":"batch","messages":[{"type":"kick","user_id":2,"reason":"b"}]}]}"#,
     )

@@ -56,7 +56,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cim.proto.
  */
 export const file_cim: GenFile = /*@__PURE__*/
-  fileDesc("CgljaW0ucHJvdG8SBmNpbS52MSKmBAoIRW52ZWxvcGUSEgoKcmVxdWVzdF9pZBgBIAEoBBIaCgRraW5kGAIgASgOMgwuY2ltLnYxLktpbmQSHgoFbG9naW4YCiABKAsyDS5jaW0udjEuTG9naW5IABIlCglsb2dpbl9hY2sYCyABKAsyEC5jaW0udjEuTG9naW5BY2tIABIcCgRwaW5nGAwgASgLMgwuY2ltLnYxLlBpbmdIABIcCgRwb25nGA0gASgLMgwuY2ltLnYxLlBvbmdIABIrCgxwcml2YXRlX3NlbmQYDiABKAsyEy5jaW0udjEuUHJpdmF0ZVNlbmRIABInCgpncm91cF9zZW5kGA8gASgLMhEuY2ltLnYxLkdyb3VwU2VuZEgAEi8KDm9ubGluZV9yZXF1ZXN0GBAgASgLMhUuY2ltLnYxLk9ubGluZVJlcXVlc3RIABIxCg9vbmxpbmVfcmVzcG9uc2UYESABKAsyFi5jaW0udjEuT25saW5lUmVzcG9uc2VIABIkCghkZWxpdmVyeRgSIAEoCzIQLmNpbS52MS5EZWxpdmVyeUgAEhoKA2FjaxgTIAEoCzILLmNpbS52MS5BY2tIABIeCgVlcnJvchgUIAEoCzINLmNpbS52MS5FcnJvckgAEhwKBGtpY2sYFSABKAsyDC5jaW0udjEuS2lja0gAEiIKB3JlZnJlc2gYFiABKAsyDy5jaW0udjEuUmVmcmVzaEgAQgkKB3BheWxvYWQieAoFTG9naW4SDwoHdXNlcl9pZBgBIAEoBBIRCgl1c2VyX25hbWUYAiABKAkSDQoFdG9rZW4YAyABKAkSJgoLcmVzdW1lX2Zyb20YBCABKAsyES5jaW0udjEuUG9zaXRpb25zEhQKDHJlc3VtZV90b2tlbhgFIAEoCSIpCglQb3NpdGlvbnMSDQoFaW5ib3gYASABKAQSDQoFZ3JvdXAYAiABKAQi1gEKCExvZ2luQWNrEg8KB25vZGVfaWQYASABKAkSFgoOaGVhcnRiZWF0X3NlY3MYAiABKA0SGgoEdXNlchgDIAEoCzIMLmNpbS52MS5Vc2VyEhsKE3Rva2VuX2V4cGlyZXNfYXRfbXMYBCABKAQSJgoLcmVzdW1lX2Zyb20YBSABKAsyES5jaW0udjEuUG9zaXRpb25zEhQKDG1pc3NlZF9pbmJveBgGIAEoCBIUCgxtaXNzZWRfZ3JvdXAYByABKAgSFAoMcmVzdW1lX3Rva2VuGAggASgJIhgKB1JlZnJlc2gSDQoFdG9rZW4YASABKAkiBgoEUGluZyIGCgRQb25nIkYKC1ByaXZhdGVTZW5kEhIKCnRvX3VzZXJfaWQYASABKAQSDAoEdGV4dBgCIAEoCRIVCg1jbGllbnRfbXNnX2lkGAMgASgJIjAKCUdyb3VwU2VuZBIMCgR0ZXh0GAEgASgJEhUKDWNsaWVudF9tc2dfaWQYAiABKAkiDwoNT25saW5lUmVxdWVzdCIgCgRVc2VyEgoKAmlkGAEgASgEEgwKBG5hbWUYAiABKAkiLQoOT25saW5lUmVzcG9uc2USGwoFdXNlcnMYASADKAsyDC5jaW0udjEuVXNlciKnAQoIRGVsaXZlcnkSEgoKbWVzc2FnZV9pZBgBIAEoBBIcCgZzZW5kZXIYAiABKAsyDC5jaW0udjEuVXNlchIhCgRraW5kGAMgASgOMhMuY2ltLnYxLk1lc3NhZ2VLaW5kEgwKBHRleHQYBCABKAkSFAoMdGltZXN0YW1wX21zGAUgASgEEhAKCHBvc2l0aW9uGAYgASgEEhAKCHJlcGxheWVkGAcgASgIIk4KA0FjaxISCgptZXNzYWdlX2lkGAEgASgEEg4KBnN0b3JlZBgCIAEoCBIjCghyZWNlaXZlZBgDIAEoCzIRLmNpbS52MS5Qb3NpdGlvbnMiUQoFRXJyb3ISHwoEY29kZRgBIAEoDjIRLmNpbS52MS5FcnJvckNvZGUSDwoHbWVzc2FnZRgCIAEoCRIWCg5yZXRyeV9hZnRlcl9tcxgDIAEoBCI3CgRLaWNrEg4KBnJlYXNvbhgBIAEoCRIfCgRjb2RlGAIgASgOMhEuY2ltLnYxLkVycm9yQ29kZSqPAgoES2luZBIUChBLSU5EX1VOU1BFQ0lGSUVEEAASDgoKS0lORF9MT0dJThABEhIKDktJTkRfTE9HSU5fQUNLEAISDQoJS0lORF9QSU5HEAMSDQoJS0lORF9QT05HEAQSFQoRS0lORF9QUklWQVRFX1NFTkQQBRITCg9LSU5EX0dST1VQX1NFTkQQBhIXChNLSU5EX09OTElORV9SRVFVRVNUEAcSGAoUS0lORF9PTkxJTkVfUkVTUE9OU0UQCBIRCg1LSU5EX0RFTElWRVJZEAkSDAoIS0lORF9BQ0sQChIOCgpLSU5EX0VSUk9SEAsSDQoJS0lORF9LSUNLEAwSEAoMS0lORF9SRUZSRVNIEA0qXQoLTWVzc2FnZUtpbmQSHAoYTUVTU0FHRV9LSU5EX1VOU1BFQ0lGSUVEEAASGAoUTUVTU0FHRV9LSU5EX1BSSVZBVEUQARIWChJNRVNTQUdFX0tJTkRfR1JPVVAQAiquBAoJRXJyb3JDb2RlEhoKFkVSUk9SX0NPREVfVU5TUEVDSUZJRUQQABIYChRFUlJPUl9DT0RFX0JBRF9GUkFNRRABEh4KGkVSUk9SX0NPREVfRlJBTUVfVE9PX0xBUkdFEAISHAoYRVJST1JfQ09ERV9OT1RfTE9HR0VEX0lOEAMSHgoaRVJST1JfQ09ERV9EVVBMSUNBVEVfTE9HSU4QBBIXChNFUlJPUl9DT0RFX1JFSkVDVEVEEAUSGwoXRVJST1JfQ09ERV9VU0VSX09GRkxJTkUQBhIWChJFUlJPUl9DT0RFX0lOVkFMSUQQBxIdChlFUlJPUl9DT0RFX0hBTkRMRVJfRkFJTEVEEAgSGgoWRVJST1JfQ09ERV9VTkFWQUlMQUJMRRAJEhkKFUVSUk9SX0NPREVfVU5FWFBFQ1RFRBAKEhwKGEVSUk9SX0NPREVfU0xPV19DT05TVU1FUhALEh4KGkVSUk9SX0NPREVfVU5BVVRIRU5USUNBVEVEEAwSHAoYRVJST1JfQ09ERV9UT0tFTl9FWFBJUkVEEA0SGwoXRVJST1JfQ09ERV9SQVRFX0xJTUlURUQQDhIXChNFUlJPUl9DT0RFX1JFUExBQ0VEEA8SGwoXRVJST1JfQ09ERV9JRExFX1RJTUVPVVQQEBIcChhFUlJPUl9DT0RFX1RBS0VOX09GRkxJTkUQERIcChhFUlJPUl9DT0RFX1NIVVRUSU5HX0RPV04QEmIGcHJvdG8z");
+  fileDesc("CgljaW0ucHJvdG8SBmNpbS52MSLMBAoIRW52ZWxvcGUSEgoKcmVxdWVzdF9pZBgBIAEoBBIaCgRraW5kGAIgASgOMgwuY2ltLnYxLktpbmQSHgoFbG9naW4YCiABKAsyDS5jaW0udjEuTG9naW5IABIlCglsb2dpbl9hY2sYCyABKAsyEC5jaW0udjEuTG9naW5BY2tIABIcCgRwaW5nGAwgASgLMgwuY2ltLnYxLlBpbmdIABIcCgRwb25nGA0gASgLMgwuY2ltLnYxLlBvbmdIABIrCgxwcml2YXRlX3NlbmQYDiABKAsyEy5jaW0udjEuUHJpdmF0ZVNlbmRIABInCgpncm91cF9zZW5kGA8gASgLMhEuY2ltLnYxLkdyb3VwU2VuZEgAEi8KDm9ubGluZV9yZXF1ZXN0GBAgASgLMhUuY2ltLnYxLk9ubGluZVJlcXVlc3RIABIxCg9vbmxpbmVfcmVzcG9uc2UYESABKAsyFi5jaW0udjEuT25saW5lUmVzcG9uc2VIABIkCghkZWxpdmVyeRgSIAEoCzIQLmNpbS52MS5EZWxpdmVyeUgAEhoKA2FjaxgTIAEoCzILLmNpbS52MS5BY2tIABIeCgVlcnJvchgUIAEoCzINLmNpbS52MS5FcnJvckgAEhwKBGtpY2sYFSABKAsyDC5jaW0udjEuS2lja0gAEiIKB3JlZnJlc2gYFiABKAsyDy5jaW0udjEuUmVmcmVzaEgAEiQKCHByZXNlbmNlGBcgASgLMhAuY2ltLnYxLlByZXNlbmNlSABCCQoHcGF5bG9hZCKKAQoFTG9naW4SDwoHdXNlcl9pZBgBIAEoBBIRCgl1c2VyX25hbWUYAiABKAkSDQoFdG9rZW4YAyABKAkSJgoLcmVzdW1lX2Zyb20YBCABKAsyES5jaW0udjEuUG9zaXRpb25zEhQKDHJlc3VtZV90b2tlbhgFIAEoCRIQCghwcmVzZW5jZRgGIAEoCCIpCglQb3NpdGlvbnMSDQoFaW5ib3gYASABKAQSDQoFZ3JvdXAYAiABKAQi1gEKCExvZ2luQWNrEg8KB25vZGVfaWQYASABKAkSFgoOaGVhcnRiZWF0X3NlY3MYAiABKA0SGgoEdXNlchgDIAEoCzIMLmNpbS52MS5Vc2VyEhsKE3Rva2VuX2V4cGlyZXNfYXRfbXMYBCABKAQSJgoLcmVzdW1lX2Zyb20YBSABKAsyES5jaW0udjEuUG9zaXRpb25zEhQKDG1pc3NlZF9pbmJveBgGIAEoCBIUCgxtaXNzZWRfZ3JvdXAYByABKAgSFAoMcmVzdW1lX3Rva2VuGAggASgJIhgKB1JlZnJlc2gSDQoFdG9rZW4YASABKAkiBgoEUGluZyIGCgRQb25nIkYKC1ByaXZhdGVTZW5kEhIKCnRvX3VzZXJfaWQYASABKAQSDAoEdGV4dBgCIAEoCRIVCg1jbGllbnRfbXNnX2lkGAMgASgJIjAKCUdyb3VwU2VuZBIMCgR0ZXh0GAEgASgJEhUKDWNsaWVudF9tc2dfaWQYAiABKAkiDwoNT25saW5lUmVxdWVzdCIgCgRVc2VyEgoKAmlkGAEgASgEEgwKBG5hbWUYAiABKAkiLQoOT25saW5lUmVzcG9uc2USGwoFdXNlcnMYASADKAsyDC5jaW0udjEuVXNlciJXCghQcmVzZW5jZRIcCgZvbmxpbmUYASADKAsyDC5jaW0udjEuVXNlchIdCgdvZmZsaW5lGAIgAygLMgwuY2ltLnYxLlVzZXISDgoGcmVzeW5jGAMgASgIIqcBCghEZWxpdmVyeRISCgptZXNzYWdlX2lkGAEgASgEEhwKBnNlbmRlchgCIAEoCzIMLmNpbS52MS5Vc2VyEiEKBGtpbmQYAyABKA4yEy5jaW0udjEuTWVzc2FnZUtpbmQSDAoEdGV4dBgEIAEoCRIUCgx0aW1lc3RhbXBfbXMYBSABKAQSEAoIcG9zaXRpb24YBiABKAQSEAoIcmVwbGF5ZWQYByABKAgiTgoDQWNrEhIKCm1lc3NhZ2VfaWQYASABKAQSDgoGc3RvcmVkGAIgASgIEiMKCHJlY2VpdmVkGAMgASgLMhEuY2ltLnYxLlBvc2l0aW9ucyJRCgVFcnJvchIfCgRjb2RlGAEgASgOMhEuY2ltLnYxLkVycm9yQ29kZRIPCgdtZXNzYWdlGAIgASgJEhYKDnJldHJ5X2FmdGVyX21zGAMgASgEIjcKBEtpY2sSDgoGcmVhc29uGAEgASgJEh8KBGNvZGUYAiABKA4yES5jaW0udjEuRXJyb3JDb2RlKqICCgRLaW5kEhQKEEtJTkRfVU5TUEVDSUZJRUQQABIOCgpLSU5EX0xPR0lOEAESEgoOS0lORF9MT0dJTl9BQ0sQAhINCglLSU5EX1BJTkcQAxINCglLSU5EX1BPTkcQBBIVChFLSU5EX1BSSVZBVEVfU0VORBAFEhMKD0tJTkRfR1JPVVBfU0VORBAGEhcKE0tJTkRfT05MSU5FX1JFUVVFU1QQBxIYChRLSU5EX09OTElORV9SRVNQT05TRRAIEhEKDUtJTkRfREVMSVZFUlkQCRIMCghLSU5EX0FDSxAKEg4KCktJTkRfRVJST1IQCxINCglLSU5EX0tJQ0sQDBIQCgxLSU5EX1JFRlJFU0gQDRIRCg1LSU5EX1BSRVNFTkNFEA4qXQoLTWVzc2FnZUtpbmQSHAoYTUVTU0FHRV9LSU5EX1VOU1BFQ0lGSUVEEAASGAoUTUVTU0FHRV9LSU5EX1BSSVZBVEUQARIWChJNRVNTQUdFX0tJTkRfR1JPVVAQAiquBAoJRXJyb3JDb2RlEhoKFkVSUk9SX0NPREVfVU5TUEVDSUZJRUQQABIYChRFUlJPUl9DT0RFX0JBRF9GUkFNRRABEh4KGkVSUk9SX0NPREVfRlJBTUVfVE9PX0xBUkdFEAISHAoYRVJST1JfQ09ERV9OT1RfTE9HR0VEX0lOEAMSHgoaRVJST1JfQ09ERV9EVVBMSUNBVEVfTE9HSU4QBBIXChNFUlJPUl9DT0RFX1JFSkVDVEVEEAUSGwoXRVJST1JfQ09ERV9VU0VSX09GRkxJTkUQBhIWChJFUlJPUl9DT0RFX0lOVkFMSUQQBxIdChlFUlJPUl9DT0RFX0hBTkRMRVJfRkFJTEVEEAgSGgoWRVJST1JfQ09ERV9VTkFWQUlMQUJMRRAJEhkKFUVSUk9SX0NPREVfVU5FWFBFQ1RFRBAKEhwKGEVSUk9SX0NPREVfU0xPV19DT05TVU1FUhALEh4KGkVSUk9SX0NPREVfVU5BVVRIRU5USUNBVEVEEAwSHAoYRVJST1JfQ09ERV9UT0tFTl9FWFBJUkVEEA0SGwoXRVJST1JfQ09ERV9SQVRFX0xJTUlURUQQDhIXChNFUlJPUl9DT0RFX1JFUExBQ0VEEA8SGwoXRVJST1JfQ09ERV9JRExFX1RJTUVPVVQQEBIcChhFUlJPUl9DT0RFX1RBS0VOX09GRkxJTkUQERIcChhFUlJPUl9DT0RFX1NIVVRUSU5HX0RPV04QEmIGcHJvdG8z");
 
 /**
  * @generated from message cim.v1.Envelope
@@ -153,6 +153,12 @@ export type Envelope = Message<"cim.v1.Envelope"> & {
      */
     value: Refresh;
     case: "refresh";
+  } | {
+    /**
+     * @generated from field: cim.v1.Presence presence = 23;
+     */
+    value: Presence;
+    case: "presence";
   } | { case: undefined; value?: undefined };
 };
 
@@ -212,6 +218,15 @@ export type Login = Message<"cim.v1.Login"> & {
    * @generated from field: string resume_token = 5;
    */
   resumeToken: string;
+
+  /**
+   * Push PRESENCE frames to this session: who came online and who went offline,
+   * as they happen (see Presence). Without it the client asks ONLINE_REQUEST
+   * whenever it wants the list.
+   *
+   * @generated from field: bool presence = 6;
+   */
+  presence: boolean;
 };
 
 /**
@@ -476,6 +491,49 @@ export const OnlineResponseSchema: GenMessage<OnlineResponse> = /*@__PURE__*/
   messageDesc(file_cim, 11);
 
 /**
+ * server -> client (request id 0), only to sessions that logged in with
+ * Login.presence: the users whose presence changed since the last PRESENCE
+ * frame, on any node, as the online-list handler lets this user see them.
+ * Changes are gathered for about a second and sent together; a user who left
+ * and came back within that time appears once, in their state at sending.
+ * Keep the list from ONLINE_RESPONSE and apply these on top, in order (apply
+ * those that arrive while an ONLINE_REQUEST is outstanding again after its
+ * answer). At most 1,000 users per frame: with more changes than that, resync
+ * is true and the lists are empty; ask ONLINE_REQUEST again.
+ *
+ * @generated from message cim.v1.Presence
+ */
+export type Presence = Message<"cim.v1.Presence"> & {
+  /**
+   * Came online (or changed their name).
+   *
+   * @generated from field: repeated cim.v1.User online = 1;
+   */
+  online: User[];
+
+  /**
+   * Went offline.
+   *
+   * @generated from field: repeated cim.v1.User offline = 2;
+   */
+  offline: User[];
+
+  /**
+   * Too many changes to list: ask ONLINE_REQUEST for the whole list.
+   *
+   * @generated from field: bool resync = 3;
+   */
+  resync: boolean;
+};
+
+/**
+ * Describes the message cim.v1.Presence.
+ * Use `create(PresenceSchema)` to create a new message.
+ */
+export const PresenceSchema: GenMessage<Presence> = /*@__PURE__*/
+  messageDesc(file_cim, 12);
+
+/**
  * server -> client: a message for this user.
  *
  * @generated from message cim.v1.Delivery
@@ -531,7 +589,7 @@ export type Delivery = Message<"cim.v1.Delivery"> & {
  * Use `create(DeliverySchema)` to create a new message.
  */
 export const DeliverySchema: GenMessage<Delivery> = /*@__PURE__*/
-  messageDesc(file_cim, 12);
+  messageDesc(file_cim, 13);
 
 /**
  * server -> client: the request was accepted. For a send: its message id, and
@@ -565,7 +623,7 @@ export type Ack = Message<"cim.v1.Ack"> & {
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema: GenMessage<Ack> = /*@__PURE__*/
-  messageDesc(file_cim, 13);
+  messageDesc(file_cim, 14);
 
 /**
  * @generated from message cim.v1.Error
@@ -594,7 +652,7 @@ export type Error = Message<"cim.v1.Error"> & {
  * Use `create(ErrorSchema)` to create a new message.
  */
 export const ErrorSchema: GenMessage<Error> = /*@__PURE__*/
-  messageDesc(file_cim, 14);
+  messageDesc(file_cim, 15);
 
 /**
  * server -> client: the connection is being closed by the server, with why:
@@ -624,7 +682,7 @@ export type Kick = Message<"cim.v1.Kick"> & {
  * Use `create(KickSchema)` to create a new message.
  */
 export const KickSchema: GenMessage<Kick> = /*@__PURE__*/
-  messageDesc(file_cim, 15);
+  messageDesc(file_cim, 16);
 
 /**
  * What an Envelope carries. Must match the payload that is set.
@@ -701,6 +759,11 @@ export enum Kind {
    * @generated from enum value: KIND_REFRESH = 13;
    */
   REFRESH = 13,
+
+  /**
+   * @generated from enum value: KIND_PRESENCE = 14;
+   */
+  PRESENCE = 14,
 }
 
 /**
