@@ -129,17 +129,30 @@ fn explain(state: &HostState, e: &wasmtime::Error, deadline: Duration) -> String
 /// The most of a guest's stderr a caller is shown.
 const STDERR_SHOWN: usize = 200;
 
-/// The line of a guest's stderr that says what went wrong: the last one (a Python
-/// traceback's `ValueError: …`, a Rust panic's message), cut to [`STDERR_SHOWN`] bytes.
+/// The line of a guest's stderr that says what went wrong, cut to [`STDERR_SHOWN`] bytes: a
+/// Python traceback's exception line (`ValueError: …`), else the last line (a Rust panic's
+/// message).
 fn last_line(stderr: &str) -> Option<String> {
     let tidy = tidy_stderr_lines(stderr);
-    let last = tidy.last()?;
+    let last = python_exception(stderr).or_else(|| tidy.last().copied())?;
     let mut end = last.len().min(STDERR_SHOWN);
     while !last.is_char_boundary(end) {
         end -= 1;
     }
     let cut = if end < last.len() { "…" } else { "" };
     Some(format!("{}{cut}", &last[..end]))
+}
+
+/// The exception line of the last Python traceback in `stderr`: the first unindented line
+/// after its header. componentize-py (0.25) follows the traceback with a panic of its own
+/// ("Python function threw an unexpected exception"), which says nothing about the cause.
+fn python_exception(stderr: &str) -> Option<&str> {
+    let (_, after) = stderr.rsplit_once("Traceback (most recent call last):")?;
+    after
+        .lines()
+        .skip(1)
+        .find(|line| !line.is_empty() && !line.starts_with(char::is_whitespace))
+        .map(str::trim_end)
 }
 
 /// A guest's stderr on one line, without the std panic hook's boilerplate: `thread
@@ -198,6 +211,19 @@ mod tests {
     fn a_traceback_is_cut_to_its_last_line() {
         let traceback = "Traceback (most recent call last):\n  File \"app.py\", line 9, in handle\n    raise ValueError(\"no\")\nValueError: no\n";
         assert_eq!(last_line(traceback).as_deref(), Some("ValueError: no"));
+        // componentize-py 0.25 panics after printing the traceback.
+        let then_panic = format!(
+            "{traceback}\nthread '<unnamed>' (1) panicked at runtime/src/lib.rs:1280:25:\n\
+             Python function threw an unexpected exception\n\
+             note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n"
+        );
+        assert_eq!(last_line(&then_panic).as_deref(), Some("ValueError: no"));
+        // Chained exceptions: the last traceback's.
+        let chained = format!(
+            "{traceback}\nDuring handling of the above exception, another exception occurred:\n\n\
+             Traceback (most recent call last):\n  File \"app.py\", line 11, in handle\nKeyError: 'x'\n"
+        );
+        assert_eq!(last_line(&chained).as_deref(), Some("KeyError: 'x'"));
         let long = "x".repeat(500);
         let shown = last_line(&long).unwrap();
         assert!(shown.len() < 210 && shown.ends_with('…'), "{shown}");
