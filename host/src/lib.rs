@@ -25,7 +25,8 @@
 //!   [`http::admin`]: the admin HTTP API over it; [`push`]: its command-line client.
 //! - [`build`]: `cim-host build`, running the manifest's component build commands;
 //!   [`check`]: `cim-host check`, a push's verdict offline; [`wit`]: the WIT contract
-//!   bundled into the binary (`cim-host wit`).
+//!   bundled into the binary (`cim-host wit`); [`scaffold`]: `cim-host new`, a handler
+//!   project in Rust, Python or JavaScript from the templates in `host/templates/`.
 //! - [`node`]: wiring: bind, run, drain on shutdown.
 
 pub mod auth;
@@ -44,6 +45,7 @@ pub mod node;
 pub mod push;
 pub mod router;
 pub mod runtime;
+pub mod scaffold;
 pub mod session;
 pub mod store;
 pub mod transport;

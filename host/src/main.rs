@@ -14,6 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+#[path = "cli/new.rs"]
+mod new;
 #[path = "cli/up.rs"]
 mod up;
 use up::{UpArgs, pool_sizing};
@@ -60,6 +62,9 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Write a ready-to-build handler project for EVENT in Rust, Python or JavaScript (the
+    /// handler, its build files, the WIT contract, a README with build, check and push).
+    New(new::NewArgs),
     /// Tell whether a push of FILE for EVENT would be accepted, without a running host: the
     /// same checks (world, imports, pools, memory cap) with the same flags, and the memory
     /// headroom. Exits non-zero with the reason and its fix when it would be refused.
@@ -266,6 +271,7 @@ fn run() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::New(args) => new::new(args),
         Command::Check { file, event, manifest, handlers } => {
             let manifest = if manifest.exists() { Some(load_manifest(&manifest)?) } else { None };
             let config = handlers.config(manifest.as_ref(), None);
