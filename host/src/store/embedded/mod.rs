@@ -41,7 +41,7 @@ use tokio::sync::oneshot;
 use super::StoreError;
 use super::log::{Append, Appended, LogEntry, LogRead, LogStream, LoggedMessage, MessageLog, Retention};
 use crate::message_id::now_ms;
-use writer::{Request, Writer};
+use writer::{Encoded, Request, Writer};
 
 /// When the embedded log's writes reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -369,6 +369,14 @@ impl MessageLog for EmbeddedLog {
         if appends.is_empty() {
             return Ok(Vec::new());
         }
+        // Encoded here, on the caller's thread: the one writer thread has enough to do.
+        let appends = appends
+            .into_iter()
+            .map(|append| {
+                let value = keys::entry_value_of(append.message.timestamp_ms, &append.message.encode());
+                Encoded { append, value: fjall::Slice::from(value) }
+            })
+            .collect();
         self.submit(|reply| Request::Append { appends, reply }).await
     }
 

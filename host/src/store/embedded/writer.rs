@@ -22,8 +22,15 @@ const MAX_TRIM: usize = 10_000;
 /// The longest wait between two age sweeps.
 const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
+/// An append with its entry value already encoded (by the caller, off the writer's thread).
+pub(super) struct Encoded {
+    pub(super) append: Append,
+    /// Timestamp ‖ encoded message ([`keys::entry_value_of`]); shared by every stream's row.
+    pub(super) value: fjall::Slice,
+}
+
 pub(super) enum Request {
-    Append { appends: Vec<Append>, reply: oneshot::Sender<Result<Vec<Appended>, StoreError>> },
+    Append { appends: Vec<Encoded>, reply: oneshot::Sender<Result<Vec<Appended>, StoreError>> },
     Ack { user: u64, positions: Positions, reply: oneshot::Sender<Result<(), StoreError>> },
 }
 
@@ -134,7 +141,7 @@ impl Writer {
             match request {
                 Request::Append { appends, .. } => {
                     let mut results = Vec::with_capacity(appends.len());
-                    for append in appends {
+                    for Encoded { append, value } in appends {
                         let message = &append.message;
                         if !append.client_msg_id.is_empty() {
                             let key = keys::client_id(message.sender_id, &append.client_msg_id);
@@ -159,8 +166,6 @@ impl Writer {
                             );
                             new_ids.insert(key, message.id);
                         }
-                        let encoded = message.encode();
-                        let value = keys::entry_value_of(message.timestamp_ms, &encoded);
                         let mut positions = Vec::with_capacity(append.streams.len());
                         for &stream in &append.streams {
                             let meta = self.meta(stream)?;
