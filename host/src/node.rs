@@ -228,5 +228,7 @@ impl Node {
         if tokio::time::timeout(deadline, self.tracker.wait()).await.is_err() {
             warn!("some connections did not close within {deadline:?}");
         }
+        // The other nodes' subscribers learn that this node's users left.
+        self.router.flush_presence().await;
     }
 }

@@ -149,6 +149,9 @@ async fn serve_connection(
     header_timeout: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    // WebSocket sessions live on these connections: a delivery must not wait for the ACK of
+    // the one before it (Nagle's algorithm), as on the TCP listener.
+    let _ = socket.set_nodelay(true);
     let service = app.map_request(move |mut req: Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         req

@@ -107,26 +107,37 @@ pub(crate) async fn run(changes: Arc<Changes>, router: Weak<Router>) {
         changes.wake.notified().await;
         tokio::time::sleep(INTERVAL).await;
         let Some(router) = router.upgrade() else { return };
-        router.push_presence().await;
+        router.push_presence(false).await;
     }
 }
 
 impl Router {
+    /// Tells the other nodes at once what changed here (at shutdown, once the sessions have
+    /// closed: the process may end before the next round), waiting up to a second for it.
+    pub async fn flush_presence(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.push_presence(true)).await;
+    }
+
     /// One round: tells the other nodes what changed here, then pushes what changed
-    /// anywhere to the sessions here that asked for it.
-    async fn push_presence(&self) {
+    /// anywhere to the sessions here that asked for it. `wait`: until the other nodes' messages
+    /// are published.
+    async fn push_presence(&self, wait: bool) {
         let round = self.presence.take();
         if let Some(cluster) = self.cluster.get()
             && (!round.tell.is_empty() || round.tell_resync)
         {
             match cluster.registry.nodes().await {
                 Ok(nodes) => {
+                    let mut published = Vec::new();
                     for node in nodes.iter().filter(|n| n.id != self.config.node_id) {
                         let msg =
                             ClusterMessage::Presence { users: round.tell.clone(), resync: round.tell_resync };
-                        // Not awaited: a node that does not hear it misses changes its
-                        // subscribers see at their next ONLINE request.
-                        drop(cluster.bus.enqueue(&node.id, msg));
+                        // A node that does not hear it misses changes its subscribers see at
+                        // their next ONLINE request.
+                        published.push(cluster.bus.enqueue(&node.id, msg));
+                    }
+                    if wait {
+                        futures_util::future::join_all(published).await;
                     }
                 }
                 Err(e) => debug!(error = %e, "could not tell other nodes about presence changes"),
