@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # cim next to Mosquitto and NATS with the same workload (cim-bench), then docs/BENCHMARKS.md.
-# cim runs twice: plain, and with authentication on (a second host verifying HS256 tokens, every
-# simulated user logging in with its own token), so the document shows what tokens cost. Both
-# run on `--store memory`: these are the at-most-once rows (MQTT QoS 0, core NATS).
+# cim runs three times: plain; with authentication on (a second host verifying HS256 tokens,
+# every simulated user logging in with its own token), so the document shows what tokens cost;
+# and with `--builtin-handlers` (the handlers compiled into the host instead of WASM components,
+# kind cim-native), so it shows what the components cost (the WASM tax). All three run on
+# `--store memory`: these are the at-most-once rows (MQTT QoS 0, core NATS).
+# Each server is first watched with no client at all (`cim-bench idle`: its idle CPU), then
+# gets idle connections (memory per connection on a fresh server), then the message runs:
+# p2p, group fan-out one message at a time, the latency floor (1 pair at 1,000 msgs/s) and
+# unpaced fan-out (many group messages in flight: deliveries/s).
 # Then the at-least-once section: p2p --qos 1 against cim on its default embedded store, cim
 # on a Redis of its own (AOF, appendfsync everysec), a second Mosquitto with persistence on
 # (QoS 1, persistent sessions) and a second nats-server with JetStream (-js, file storage).
 #
-#   bench/compare.sh               # everything, ~7 minutes on 2 cores (after the build; ~2.5 of
+#   bench/compare.sh               # everything, ~9 minutes on 2 cores (after the build; ~2.5 of
 #                                  # them the at-least-once section, most of that cim on Redis)
 #   QUICK=1 bench/compare.sh       # smaller numbers, ~1 minute, to check the script itself
 #   PEERS=running bench/compare.sh # use the Mosquitto/NATS already on :1883/:4222
 #
 # By default the script starts its own Mosquitto and NATS (fresh processes whose pids, memory
 # and configuration are known; Mosquitto with `set_tcp_nodelay true`, as latency tests need)
-# and its own cim-hosts on port 0 with the in-memory store (one plain, one with authentication
-# on, run one after the other); for the at-least-once section always its own persistent
+# and its own cim-hosts on port 0 with the in-memory store (plain, with authentication on,
+# with native handlers, run one after the other); for the at-least-once section always its own persistent
 # Mosquitto, JetStream NATS and Redis (also with PEERS=running), and cim-hosts on the embedded
 # and the Redis store; and stops them all at the end.
 # Servers and generator run at nice -10 when root, so background builds disturb them less.
@@ -33,11 +39,15 @@ mkdir -p "$RESULTS"
 
 if [ "$QUICK" = 1 ]; then
   P2P_MSGS=2000; P2P_RUNS=1; G_SMALL=200; G_SMALL_MSGS=50; G_BIG=2000; G_BIG_MSGS=10
-  C_SMALL=1000; C_BIG=3000; H_CALLS=1000
+  C_SMALL=1000; C_BIG=3000; H_CALLS=1000; IDLE_SECS=3; FLOOR_MSGS=2000; FAN_MSGS=50
 else
   P2P_MSGS=10000; P2P_RUNS=3; G_SMALL=1000; G_SMALL_MSGS=100; G_BIG=10000; G_BIG_MSGS=20
-  C_SMALL=5000; C_BIG=14500; H_CALLS=10000
+  C_SMALL=5000; C_BIG=14500; H_CALLS=10000; IDLE_SECS=10; FLOOR_MSGS=5000; FAN_MSGS=200
 fi
+# The latency floor: one pair paced at 1,000 msgs/s, far below what any target can do.
+FLOOR=(p2p --pairs 1 --rate 1000 --messages "$FLOOR_MSGS")
+# Unpaced fan-out: G_SMALL recipients with up to 32 group messages in flight, not one.
+FANOUT=(group --users "$G_SMALL" --messages "$FAN_MSGS" --window 32)
 
 NICE=()
 if [ "$(id -u)" = 0 ]; then NICE=(nice -n -10); fi
@@ -62,6 +72,7 @@ cleanup() {
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
 }
 trap cleanup EXIT
+stop() { kill -TERM "$1" 2>/dev/null && wait "$1" 2>/dev/null || true; }
 
 # Thousands of connections per process: soft open-files limit up to the hard one.
 ulimit -n "$(ulimit -Hn)" || true
@@ -141,7 +152,16 @@ bench() { # kind name target pid args...
     || echo "compare.sh: $name against $target failed (continuing)" >&2
 }
 
-# --- Runs (idle connections first, while the servers are fresh) ----------------------------
+# --- Runs (no clients, then idle connections, while the servers are fresh) -----------------
+# Idle CPU: all three watched at once (the generator only reads /proc meanwhile).
+log "idle servers, ${IDLE_SECS} s"
+IDLE_JOBS=()
+for t in "${TARGETS[@]}"; do
+  read -r kind target pid <<<"$t"
+  bench "$kind" idle "$target" "$pid" idle --secs "$IDLE_SECS" &
+  IDLE_JOBS+=($!)
+done
+for job in "${IDLE_JOBS[@]}"; do wait "$job"; done
 for t in "${TARGETS[@]}"; do
   read -r kind target pid <<<"$t"
   bench "$kind" "conns-$C_SMALL" "$target" "$pid" conns --n "$C_SMALL"
@@ -154,10 +174,19 @@ done
 for t in "${TARGETS[@]}"; do
   read -r kind target pid <<<"$t"
   bench "$kind" "group-$G_SMALL" "$target" "$pid" group --users "$G_SMALL" --messages "$G_SMALL_MSGS"
+done
+for t in "${TARGETS[@]}"; do
+  read -r kind target pid <<<"$t"
+  bench "$kind" p2p-floor "$target" "$pid" "${FLOOR[@]}"
+  bench "$kind" "fanout-$G_SMALL" "$target" "$pid" "${FANOUT[@]}"
+done
+# The big group last: the native host below repeats everything before it, not this.
+for t in "${TARGETS[@]}"; do
+  read -r kind target pid <<<"$t"
   bench "$kind" "group-$G_BIG" "$target" "$pid" group --users "$G_BIG" --messages "$G_BIG_MSGS"
 done
 # --- cim with authentication on (the plain host stopped first, so they never compete) ----
-kill -TERM "$CIM_PID" 2>/dev/null && wait "$CIM_PID" 2>/dev/null || true
+stop "$CIM_PID"
 AUTH_ISSUER=https://bench.invalid
 head -c 48 /dev/urandom | base64 >"$RESULTS/auth-secret"
 start_cim cim-host-auth --store memory --auth-hmac-secret-file "$RESULTS/auth-secret" --auth-issuer "$AUTH_ISSUER"
@@ -171,10 +200,25 @@ bench cim-auth p2p "$AUTH_TARGET" "$CIM_PID" "${AUTH[@]}" p2p --pairs 16 --messa
   --runs "$P2P_RUNS" --half-load
 bench cim-auth "group-$G_SMALL" "$AUTH_TARGET" "$CIM_PID" "${AUTH[@]}" group --users "$G_SMALL" \
   --messages "$G_SMALL_MSGS"
+stop "$CIM_PID"
+
+# --- cim with native handlers: the WASM tax ---------------------------------------------------
+# The same sequence as the plain host up to its big group, so the two compare in the same state.
+start_cim cim-host-native --store memory --builtin-handlers
+NATIVE=(--kind cim-native)
+NATIVE_TARGET="cim://$CIM_HTTP"
+bench cim-native idle "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" idle --secs "$IDLE_SECS"
+bench cim-native "conns-$C_SMALL" "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" conns --n "$C_SMALL"
+bench cim-native "conns-$C_BIG" "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" conns --n "$C_BIG"
+bench cim-native p2p "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" p2p --pairs 16 --messages "$P2P_MSGS" \
+  --runs "$P2P_RUNS" --half-load
+bench cim-native "group-$G_SMALL" "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" group --users "$G_SMALL" \
+  --messages "$G_SMALL_MSGS"
+bench cim-native p2p-floor "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" "${FLOOR[@]}"
+bench cim-native "fanout-$G_SMALL" "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" "${FANOUT[@]}"
+stop "$CIM_PID"
 
 # --- At least once: every target in its durable mode, one server at a time ------------------
-stop() { kill -TERM "$1" 2>/dev/null && wait "$1" 2>/dev/null || true; }
-stop "$CIM_PID"
 ALO=(p2p --qos 1 --pairs 16 --messages "$P2P_MSGS" --runs "$P2P_RUNS" --half-load)
 start_cim cim-host-embedded --store embedded --log-sync os
 bench cim p2p-alo "cim://$CIM_HTTP" "$CIM_PID" "${ALO[@]}"

@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! - [`peer`]: the targets behind one surface (connect a user, send, close).
-//! - [`scenario`]: p2p, group, conns, handler, smoke.
+//! - [`scenario`]: p2p, group, conns, idle, handler, smoke.
 //! - [`payload`]: payloads stamped with their send time; [`stats`]: histograms, `/proc`.
 //! - [`report`]: the JSON report and the terminal table; [`markdown`]: `docs/BENCHMARKS.md`
 //!   from a directory of JSON reports (`cim-bench report`).
@@ -32,6 +32,7 @@ use crate::scenario::Env;
 use crate::scenario::conns::ConnsArgs;
 use crate::scenario::group::GroupArgs;
 use crate::scenario::handler::HandlerArgs;
+use crate::scenario::idle::IdleArgs;
 use crate::scenario::p2p::P2pArgs;
 use cim_host::auth::secret::Secret;
 
@@ -68,7 +69,8 @@ struct Cli {
           value_parser = clap::value_parser!(u64).range(1..))]
     token_ttl: u64,
     /// Report under this kind instead of the target's (`cim`, `mqtt`, `nats`, `cim-auth`),
-    /// e.g. `cim-redis` for a host on the Redis store; `cim-bench report` knows `cim-redis`.
+    /// e.g. `cim-redis` for a host on the Redis store or `cim-native` for one with
+    /// `--builtin-handlers`; `cim-bench report` knows both.
     #[arg(long, global = true, value_name = "KIND")]
     kind: Option<String>,
     #[command(subcommand)]
@@ -83,6 +85,8 @@ enum Command {
     Group(GroupCli),
     /// N idle logged-in connections: connect rate and server memory per connection.
     Conns(ConnsCli),
+    /// No clients at all: the server's own CPU use (needs --server-pid; no connection made).
+    Idle(IdleCli),
     /// Per-request overhead of each handler component (in process, no server; use --release).
     Handler(HandlerCli),
     /// Every scenario with tiny numbers; exits 1 if a message is lost or a request fails.
@@ -146,6 +150,13 @@ struct ConnsCli {
     /// Seconds to hold them before measuring the server's memory and closing.
     #[arg(long, default_value_t = 2.0)]
     hold: f64,
+}
+
+#[derive(Debug, Args)]
+struct IdleCli {
+    /// Seconds to watch the server for (sampled about once a second).
+    #[arg(long, default_value_t = 10.0)]
+    secs: f64,
 }
 
 #[derive(Debug, Args)]
@@ -227,7 +238,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         concurrency: cli.concurrency,
     };
     let idle_timeout = Duration::from_secs(cli.idle_timeout.max(1));
-    let networked = !matches!(cli.command, Command::Handler(_) | Command::Report(_));
+    // Scenarios about a server; all but `idle` also talk to it.
+    let has_server = !matches!(cli.command, Command::Handler(_) | Command::Report(_));
+    let networked = has_server && !matches!(cli.command, Command::Idle(_));
     let counters_before = if networked { env.connector.server_counters().await } else { None };
     let outcome = match cli.command {
         Command::P2p(a) => {
@@ -257,6 +270,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Conns(a) => {
             let hold = Duration::try_from_secs_f64(a.hold).context("--hold must be a number of seconds")?;
             Outcome::Conns(scenario::conns::run(&env, &ConnsArgs { n: a.n, hold }).await?)
+        }
+        Command::Idle(a) => {
+            let server_pid = env.server_pid.context("idle needs --server-pid")?;
+            let duration = Duration::try_from_secs_f64(a.secs)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .context("--secs must be a number of seconds above zero")?;
+            Outcome::Idle(scenario::idle::run(&IdleArgs { server_pid, duration }).await?)
         }
         Command::Handler(a) => {
             let args = HandlerArgs { manifest: a.manifest, calls: a.calls, batch: a.batch };
@@ -289,8 +310,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     let report = Report {
         server_counters,
         tool: format!("cim-bench {}", env!("CARGO_PKG_VERSION")),
-        target: networked.then(|| cli.target.to_string()),
-        kind: networked.then(|| kind.to_owned()),
+        target: has_server.then(|| cli.target.to_string()),
+        kind: has_server.then(|| kind.to_owned()),
         started_unix,
         outcome,
     };

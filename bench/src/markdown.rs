@@ -1,5 +1,6 @@
 //! `docs/BENCHMARKS.md` from a directory of JSON reports: the machine, the goals and
 //! whether they are met, one table per scenario with cim, Mosquitto, NATS and the ratios.
+//! Any report may be missing (older result directories): its table says so or shows `-`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,8 +10,17 @@ use anyhow::Context as _;
 
 mod alo;
 mod auth;
+mod fanout;
+#[cfg(test)]
+mod fixtures;
+mod floor;
+mod fresh;
+mod native;
+mod wide;
 
-use crate::report::{ConnsReport, GroupReport, HandlerReport, Outcome, P2pPhase, P2pReport, Report, human};
+use crate::report::{
+    ConnsReport, GroupReport, HandlerReport, IdleReport, Outcome, P2pPhase, P2pReport, Report, human,
+};
 
 /// Targets in column order, with their display names.
 const KINDS: [(&str, &str); 3] = [("cim", "cim"), ("mqtt", "Mosquitto"), ("nats", "NATS")];
@@ -21,13 +31,20 @@ struct Runs {
     p2p: BTreeMap<String, P2pReport>,
     /// At least once (`p2p --qos 1`), by kind.
     p2p_alo: BTreeMap<String, P2pReport>,
-    /// By recipients, then kind.
+    /// Paced phases only (`p2p --rate R` without `--half-load`: the latency floor), by kind.
+    p2p_paced: BTreeMap<String, P2pReport>,
+    /// One message in flight (`group --window 1`), by recipients, then kind.
     group: BTreeMap<usize, BTreeMap<String, GroupReport>>,
+    /// More than one in flight (`group --window N`, N > 1), by recipients, then kind.
+    group_unpaced: BTreeMap<usize, BTreeMap<String, GroupReport>>,
+    /// A server with no clients (`idle`), by kind.
+    idle: BTreeMap<String, IdleReport>,
     /// By connections, then kind.
     conns: BTreeMap<usize, BTreeMap<String, ConnsReport>>,
     handler: Option<HandlerReport>,
     started: Option<u64>,
-    /// cim's failure counters that grew during a case (`p2p`, `group:N`, `conns:N`).
+    /// cim's failure counters that grew during a case (`p2p`, `group:N`, `conns:N`, …;
+    /// `(auth on)`, `(Redis)` or `(native)` after it for those hosts).
     cim_failures: BTreeMap<String, String>,
 }
 
@@ -60,27 +77,41 @@ fn load(dir: &Path) -> anyhow::Result<Runs> {
         let kind = r.kind.clone().unwrap_or_default();
         let case = match &r.outcome {
             Outcome::P2p(p) if p.qos > 0 => "p2p-alo".to_owned(),
+            Outcome::P2p(p) if paced_only(p) => floor::CASE.to_owned(),
             Outcome::P2p(_) => "p2p".to_owned(),
+            Outcome::Group(g) if g.window > 1 => fanout::case(g.users),
             Outcome::Group(g) => format!("group:{}", g.users),
             Outcome::Conns(c) => format!("conns:{}", c.n),
             _ => String::new(),
         };
-        if kind == "cim" {
-            runs.cim_failures.insert(case, failures(&r.server_counters));
-        } else if kind == auth::KIND {
-            runs.cim_failures.insert(format!("{case} (auth on)"), failures(&r.server_counters));
-        } else if kind == alo::REDIS {
-            runs.cim_failures.insert(format!("{case} (Redis)"), failures(&r.server_counters));
+        let host = match kind.as_str() {
+            "cim" => Some(""),
+            auth::KIND => Some(" (auth on)"),
+            alo::REDIS => Some(" (Redis)"),
+            native::KIND => Some(" (native)"),
+            _ => None,
+        };
+        if let Some(host) = host {
+            runs.cim_failures.insert(format!("{case}{host}"), failures(&r.server_counters));
         }
         match r.outcome {
             Outcome::P2p(p) if p.qos > 0 => {
                 runs.p2p_alo.insert(kind, p);
             }
+            Outcome::P2p(p) if paced_only(&p) => {
+                runs.p2p_paced.insert(kind, p);
+            }
             Outcome::P2p(p) => {
                 runs.p2p.insert(kind, p);
             }
+            Outcome::Group(g) if g.window > 1 => {
+                runs.group_unpaced.entry(g.users).or_default().insert(kind, g);
+            }
             Outcome::Group(g) => {
                 runs.group.entry(g.users).or_default().insert(kind, g);
+            }
+            Outcome::Idle(i) => {
+                runs.idle.insert(kind, i);
             }
             Outcome::Conns(c) => {
                 runs.conns.entry(c.n).or_default().insert(kind, c);
@@ -90,6 +121,11 @@ fn load(dir: &Path) -> anyhow::Result<Runs> {
         }
     }
     Ok(runs)
+}
+
+/// A p2p run with paced phases only (`--rate` without `--half-load`).
+fn paced_only(p: &P2pReport) -> bool {
+    !p.phases.is_empty() && p.phases.iter().all(|ph| ph.mode == "paced")
 }
 
 /// `YYYY-MM-DD HH:MM UTC` for a Unix time (Howard Hinnant's civil-from-days).
@@ -455,8 +491,9 @@ fn conns_section(runs: &Runs) -> String {
         let _ = writeln!(
             out,
             "### {n} connections\n\nOpened and logged in (cim: route `POST /login` + TCP LOGIN; MQTT: \
-             CONNECT; NATS: CONNECT + PING) {} at a time, held 2 s, then closed. Memory: the server's \
-             VmRSS while held minus before, per connection.\n",
+             CONNECT; NATS: CONNECT + PING) {} at a time, held 2 s, then closed, on a fresh server \
+             (before any message run). Memory: the server's VmRSS while held minus before, per \
+             connection.\n",
             by.values().next().map_or(0, |c| c.concurrency)
         );
         header(&mut out, "");
@@ -536,10 +573,14 @@ pub fn render(
     let _ = writeln!(out, "## Machine\n\n{}", machine(versions));
     let _ = writeln!(out, "## Goals\n\n{}", goals(&runs));
     let _ = writeln!(out, "## Point to point\n\n{}", p2p_section(&runs));
+    let _ = writeln!(out, "### Latency floor\n\n{}", floor::section(&runs));
     let _ = writeln!(out, "## At least once\n\n{}", alo::section(&runs));
     let _ = writeln!(out, "## Group fan-out\n\n{}", group_section(&runs));
+    out.push_str(&fanout::section(&runs));
+    let _ = writeln!(out, "## Fresh server: idle CPU and memory per connection\n\n{}", fresh::section(&runs));
     let _ = writeln!(out, "## Idle connections\n\n{}", conns_section(&runs));
     let _ = writeln!(out, "## Handler overhead\n\n{}", handler_section(&runs));
+    let _ = writeln!(out, "## WASM tax: native handlers\n\n{}", native::section(&runs));
     let _ = writeln!(out, "## Authentication on\n\n{}", auth::section(&runs));
     if let Some(path) = observations {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -548,7 +589,7 @@ pub fn render(
     }
     let _ = writeln!(
         out,
-        "## Reproduce\n\n```sh\nbench/compare.sh            # everything above, ~5 minutes on 2 cores\n\
+        "## Reproduce\n\n```sh\nbench/compare.sh            # everything above, ~9 minutes on 2 cores\n\
          cargo run --release -p cim-bench -- --help   # one scenario at a time, any target\n```"
     );
     Ok(out)
@@ -563,6 +604,55 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00 UTC");
         assert_eq!(utc(1_767_225_600), "2026-01-01 00:00 UTC");
         assert_eq!(utc(951_782_400 + 3_660), "2000-02-29 01:01 UTC");
+    }
+
+    #[test]
+    fn renders_whatever_reports_there_are() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("cim-bench-report-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let report = |kind: &str, outcome: Outcome| Report {
+            tool: "cim-bench test".into(),
+            target: None,
+            kind: Some(kind.into()),
+            started_unix: 1_767_225_600,
+            server_counters: None,
+            outcome,
+        };
+        let idle = IdleReport {
+            server_pid: 1,
+            secs: 10.0,
+            elapsed_s: 10.0,
+            cpu_s: 0.03,
+            server_cores: 0.003,
+            max_cores: Some(0.01),
+            samples: 11,
+            rss_kib: Some(30_000),
+        };
+        let files = [
+            ("idle-cim.json", report("cim", Outcome::Idle(idle))),
+            ("p2p-floor-cim.json", report("cim", Outcome::P2p(fixtures::floor(80.0, 0.05)))),
+            ("p2p-floor-cim-native.json", report(native::KIND, Outcome::P2p(fixtures::floor(50.0, 0.03)))),
+            ("fanout-nats.json", report("nats", Outcome::Group(fixtures::group(200, 32, 1e6)))),
+        ];
+        for (name, r) in &files {
+            std::fs::write(dir.join(name), serde_json::to_string(r)?)?;
+        }
+        let doc = render(&dir, "bench/compare.sh", None, &[]);
+        std::fs::remove_dir_all(&dir)?;
+        let doc = doc?;
+        for want in [
+            "No p2p runs.",
+            "### Latency floor\n\n1 sender → receiver pair(s)",
+            "| p50 | 80 µs | 50 µs | - | - | - | - |",
+            "### Unpaced fan-out: 200 recipients",
+            "| idle CPU, % of one core | 0.30% | - | - | - | - | - |",
+            "| latency floor: p50 | 80 µs | 50 µs | 1.60× |",
+            "No group runs.",
+            "No runs with authentication on",
+        ] {
+            assert!(doc.contains(want), "{want:?} missing from:\n{doc}");
+        }
+        Ok(())
     }
 
     #[test]

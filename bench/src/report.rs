@@ -33,6 +33,7 @@ pub enum Outcome {
     Conns(ConnsReport),
     Handler(HandlerReport),
     Smoke(SmokeReport),
+    Idle(IdleReport),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,6 +110,26 @@ pub struct ConnsReport {
     /// (held − before) / connected.
     pub bytes_per_conn: Option<f64>,
     pub first_errors: Vec<String>,
+}
+
+/// A server left alone: its CPU use with no clients (`cim-bench idle`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdleReport {
+    pub server_pid: u32,
+    /// The asked duration.
+    pub secs: f64,
+    /// Between the first and the last sample.
+    pub elapsed_s: f64,
+    /// User + system CPU time the server used in that time (`/proc/PID/stat`, 10 ms ticks).
+    pub cpu_s: f64,
+    /// `cpu_s / elapsed_s`: 0.01 is 1% of one core.
+    pub server_cores: f64,
+    /// The busiest sampling interval (about a second), in cores.
+    pub max_cores: Option<f64>,
+    /// Samples taken, the first and last included.
+    pub samples: usize,
+    /// The server's resident memory at the first sample.
+    pub rss_kib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -282,6 +303,18 @@ pub fn table(r: &Report) -> String {
                     per_msg.unwrap_or_else(|| "-".into())
                 );
             }
+        }
+        Outcome::Idle(i) => {
+            let _ = writeln!(out, "idle server (pid {}), no clients, {:.1} s:", i.server_pid, i.elapsed_s);
+            let _ = writeln!(
+                out,
+                "  cpu {:.3} s: {:.2}% of one core (busiest interval {}%), {} samples; RSS {}",
+                i.cpu_s,
+                i.server_cores * 100.0,
+                opt(i.max_cores.map(|c| c * 100.0), 1),
+                i.samples,
+                i.rss_kib.map_or_else(|| "-".to_owned(), |k| format!("{k} KiB"))
+            );
         }
         Outcome::Smoke(s) => {
             let _ = writeln!(out, "smoke against {target}: {}", if s.ok() { "ok" } else { "FAILED" });

@@ -5,12 +5,14 @@
 //!   in flight per pair) and latency at a paced rate.
 //! - [`group`]: one sender, N receivers; time until the last recipient has each message.
 //! - [`conns`]: N idle logged-in connections; connect rate and server memory per connection.
+//! - [`idle`]: no clients; the server's own CPU use.
 //! - [`handler`]: per-request cost of a fresh component instance, per handler kind.
 //! - [`smoke`]: every scenario with tiny numbers, checking nothing is lost (for CI).
 
 pub mod conns;
 pub mod group;
 pub mod handler;
+pub mod idle;
 pub mod p2p;
 pub mod smoke;
 
