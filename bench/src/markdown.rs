@@ -187,7 +187,8 @@ fn machine(versions: &[String]) -> String {
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        // A negative value (memory given back during a conns run) has no meaningful ratio.
+        (Some(a), Some(b)) if a >= 0.0 && b > 0.0 => format!("{:.2}×", a / b),
         _ => "-".into(),
     }
 }
@@ -660,5 +661,6 @@ mod tests {
         assert_eq!(ratio(Some(3.0), Some(2.0)), "1.50×");
         assert_eq!(ratio(None, Some(2.0)), "-");
         assert_eq!(ratio(Some(1.0), Some(0.0)), "-");
+        assert_eq!(ratio(Some(-1.0), Some(2.0)), "-");
     }
 }
