@@ -9,6 +9,7 @@
 #   bench/cluster.sh            # ~2 minutes after the build
 #   QUICK=1 bench/cluster.sh    # smaller numbers, to check the script itself
 #   bench/cluster.sh hop        # instead: Redis a network hop away (see hop() below)
+#   bench/cluster.sh chaos      # instead: the chaos tests, longer (see chaos() below)
 #
 # It starts everything it measures (the Redis servers on free ports, no persistence) and
 # stops it at the end; the shared Redis on 6379 is not touched. Raw JSON stays in $RESULTS.
@@ -102,7 +103,31 @@ print("| test outcome (restart / churn / churn across restart / probe) | " + " |
 EOF
   log "raw logs in $RESULTS"
 }
+# The chaos tests of tests/chaos.rs (three nodes chatting on a Redis with AOF, on a Redis
+# Cluster; node b SIGKILLed and started again under its id, Redis killed and started again),
+# CHAOS_ROUNDS times in one run each (default 5; CI runs one round), built optimised: every
+# acknowledged message must reach every recipient exactly once after de-duplication, in each
+# sender's order. Prints each scenario's counts (sent, acknowledged, delivered, redelivered
+# before de-dup, lost) and its take-over times.
+chaos() {
+  mkdir -p "$RESULTS"
+  local rounds=${CHAOS_ROUNDS:-5} failed=0
+  for t in chat_survives_a_killed_node_and_a_redis_restart_with_nothing_lost \
+           chat_on_a_redis_cluster_survives_a_killed_node_and_a_cluster_restart_with_nothing_lost; do
+    log "$t, $rounds rounds"
+    if CIM_TEST_CHAOS_ROUNDS=$rounds cargo test --release -q -p cim-tests --test chaos "$t" -- --exact --nocapture \
+      >"$RESULTS/chaos-$t.log" 2>&1; then
+      echo "ok" >>"$RESULTS/chaos-$t.log"
+    else
+      echo "FAILED" >>"$RESULTS/chaos-$t.log"; failed=1
+    fi
+    grep -E "round\(s\) of chaos|after b was killed|^lost|FAILED|^ok$" "$RESULTS/chaos-$t.log" || true
+  done
+  log "raw logs in $RESULTS"
+  return $failed
+}
 if [ "${1:-}" = hop ]; then hop; exit 0; fi
+if [ "${1:-}" = chaos ]; then chaos; exit $?; fi
 
 log "building (release)"
 cargo build --release -p cim-host -p cim-bench >&2

@@ -96,70 +96,79 @@ async fn scenario(name: &str, url: &str, mut redis: Option<&mut impl Restart>) {
     .await
     .unwrap();
 
-    // 1. SIGKILL node b while traffic flows.
-    let killed_at = Instant::now();
-    cluster.node_mut("b").child.start_kill().unwrap();
-    let on_b = [3u64, 4];
-    let back = until("b's clients to chat again elsewhere", Duration::from_secs(10), || {
-        on_b.iter().all(|id| {
-            let r = records[*id as usize - 1].lock().unwrap();
-            let login = r.logins.iter().find(|(at, node)| *at > killed_at && node != "b");
-            login.is_some_and(|(at, _)| r.acked_at.iter().any(|a| a > at))
+    // The chaos below, `CIM_TEST_CHAOS_ROUNDS` times (1 in CI; `bench/cluster.sh chaos` runs
+    // more): the counts at the end cover every round.
+    let rounds: u32 =
+        std::env::var("CIM_TEST_CHAOS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
+    let mut killed_at = Instant::now();
+    let mut redis_back = None;
+    for round in 1..=rounds {
+        // 1. SIGKILL node b while traffic flows.
+        killed_at = Instant::now();
+        cluster.node_mut("b").child.start_kill().unwrap();
+        let on_b = [3u64, 4];
+        let back = until("b's clients to chat again elsewhere", Duration::from_secs(10), || {
+            on_b.iter().all(|id| {
+                let r = records[*id as usize - 1].lock().unwrap();
+                let login = r.logins.iter().find(|(at, node)| *at > killed_at && node != "b");
+                login.is_some_and(|(at, _)| r.acked_at.iter().any(|a| a > at))
+            })
         })
-    })
-    .await;
-    let mut takeovers = Vec::new();
-    for id in on_b {
-        let r = records[id as usize - 1].lock().unwrap();
-        let login = r.logins.iter().find(|(at, node)| *at > killed_at && node != "b").cloned();
-        let chatting = login.as_ref().and_then(|(at, _)| r.acked_at.iter().find(|a| *a > at));
-        let drop = r.drops.iter().find(|(at, _)| *at > killed_at);
-        eprintln!(
-            "user {id} after b was killed: dropped {:?} ({:?}), logged in on {:?} after {:?}, \
-             chatting after {:?}",
-            drop.map(|(at, _)| *at - killed_at),
-            drop.map(|d| &d.1),
-            login.as_ref().map(|l| &l.1),
-            login.as_ref().map(|(at, _)| *at - killed_at),
-            chatting.map(|at| *at - killed_at),
-        );
-        takeovers.push(chatting.map(|at| *at - killed_at));
-    }
-    back.unwrap_or_else(|e| panic!("{e}: {takeovers:?}"));
-    for (id, t) in on_b.iter().zip(&takeovers) {
-        let t = t.unwrap();
-        assert!(
-            t <= Duration::from_secs(2),
-            "user {id}, on node b when it was killed, took {t:?} (more than 2 s) to send again from \
-             another node"
-        );
-    }
-    let _ = cluster.node_mut("b").child.wait().await;
-
-    // 2. b starts again under the same node id, on its data directory.
-    let data_dir = cluster.node("b").data_dir.clone();
-    let prefix = cluster.prefix.prefix.clone();
-    let args = ["--store", &url, "--redis-prefix", &prefix, "--node-id", "b", "--node-ttl", "2", extra[0]];
-    let b = Host::start_in(data_dir, &args).await.expect("restarting node b");
-    let restarted_b = addr_of(&b);
-    *cluster.node_mut("b") = b;
-    for n in directory.lock().unwrap().iter_mut() {
-        if n.id == "b" {
-            *n = restarted_b.clone();
+        .await;
+        let mut takeovers = Vec::new();
+        for id in on_b {
+            let r = records[id as usize - 1].lock().unwrap();
+            let login = r.logins.iter().find(|(at, node)| *at > killed_at && node != "b").cloned();
+            let chatting = login.as_ref().and_then(|(at, _)| r.acked_at.iter().find(|a| *a > at));
+            let drop = r.drops.iter().find(|(at, _)| *at > killed_at);
+            eprintln!(
+                "round {round}: user {id} after b was killed: dropped {:?} ({:?}), logged in on {:?} after {:?}, \
+                 chatting after {:?}",
+                drop.map(|(at, _)| *at - killed_at),
+                drop.map(|d| &d.1),
+                login.as_ref().map(|l| &l.1),
+                login.as_ref().map(|(at, _)| *at - killed_at),
+                chatting.map(|at| *at - killed_at),
+            );
+            takeovers.push(chatting.map(|at| *at - killed_at));
         }
+        back.unwrap_or_else(|e| panic!("{e}: {takeovers:?}"));
+        for (id, t) in on_b.iter().zip(&takeovers) {
+            let t = t.unwrap();
+            assert!(
+                t <= Duration::from_secs(2),
+                "user {id}, on node b when it was killed, took {t:?} (more than 2 s) to send again from \
+                 another node"
+            );
+        }
+        let _ = cluster.node_mut("b").child.wait().await;
+
+        // 2. b starts again under the same node id, on its data directory.
+        let data_dir = cluster.node("b").data_dir.clone();
+        let prefix = cluster.prefix.prefix.clone();
+        let args =
+            ["--store", &url, "--redis-prefix", &prefix, "--node-id", "b", "--node-ttl", "2", extra[0]];
+        let b = Host::start_in(data_dir, &args).await.expect("restarting node b");
+        let restarted_b = addr_of(&b);
+        *cluster.node_mut("b") = b;
+        for n in directory.lock().unwrap().iter_mut() {
+            if n.id == "b" {
+                *n = restarted_b.clone();
+            }
+        }
+        more_acked(&records, 10, "traffic after b restarted", Duration::from_secs(10)).await;
+        eprintln!("round {round}: b restarted; traffic flows at {:?}", started.elapsed());
+
+        // 3. Redis is killed and started again (its append-only file reloads).
+        redis_back = match redis.as_mut() {
+            Some(redis) => Some(restart_the_redis(&mut **redis, &records).await),
+            None => None,
+        };
+
+        // Traffic goes on for a while after the chaos (a message missed before it would be
+        // passed by the receiver's cumulative acks).
+        more_acked(&records, 40, "traffic after the chaos", Duration::from_secs(20)).await;
     }
-    more_acked(&records, 10, "traffic after b restarted", Duration::from_secs(10)).await;
-    eprintln!("b restarted; traffic flows at {:?}", started.elapsed());
-
-    // 3. Redis is killed and started again (its append-only file reloads).
-    let redis_back = match redis.as_mut() {
-        Some(redis) => Some(restart_the_redis(&mut **redis, &records).await),
-        None => None,
-    };
-
-    // Traffic goes on for a while after the chaos (a message missed before it would be
-    // passed by the receiver's cumulative acks).
-    more_acked(&records, 40, "traffic after the chaos", Duration::from_secs(20)).await;
 
     // 4. Stop sending; every pending send is carried through.
     stop_sending(&switches, &records).await;
@@ -292,7 +301,7 @@ async fn scenario(name: &str, url: &str, mut redis: Option<&mut impl Restart>) {
     let errors: Vec<String> = records.iter().flat_map(|r| r.lock().unwrap().errors.clone()).collect();
     let logins: usize = records.iter().map(|r| r.lock().unwrap().logins.len()).sum();
     eprintln!(
-        "{name}: sent {sent} (requests {attempts}, UNAVAILABLE answers {unavailable}), acked {}, \
+        "{name}: {rounds} round(s) of chaos; sent {sent} (requests {attempts}, UNAVAILABLE answers {unavailable}), acked {}, \
          delivered {delivered} (replayed {replayed}), distinct {distinct}, \
          redelivered-before-dedup {}, lost {}, logins {logins}, traffic {traffic_for:?}",
         accepted.len(),
