@@ -103,26 +103,31 @@ async fn scenario(name: &str, url: &str, mut redis: Option<&mut impl Restart>) {
     let mut killed_at = Instant::now();
     let mut redis_back = None;
     for round in 1..=rounds {
-        // 1. SIGKILL node b while traffic flows.
+        // 1. SIGKILL the node user 3 is on (b in the first round; after a take-over b's users
+        // are elsewhere) while traffic flows.
+        let node_of = |id: u64| records[id as usize - 1].lock().unwrap().logins.last().map(|l| l.1.clone());
+        let victim = node_of(3).unwrap_or_else(|| "b".to_owned());
+        let on_b: Vec<u64> =
+            ids.iter().copied().filter(|id| node_of(*id).as_deref() == Some(&victim)).collect();
+        let b_id = victim.as_str();
         killed_at = Instant::now();
-        cluster.node_mut("b").child.start_kill().unwrap();
-        let on_b = [3u64, 4];
+        cluster.node_mut(b_id).child.start_kill().unwrap();
         let back = until("b's clients to chat again elsewhere", Duration::from_secs(10), || {
             on_b.iter().all(|id| {
                 let r = records[*id as usize - 1].lock().unwrap();
-                let login = r.logins.iter().find(|(at, node)| *at > killed_at && node != "b");
+                let login = r.logins.iter().find(|(at, node)| *at > killed_at && node != b_id);
                 login.is_some_and(|(at, _)| r.acked_at.iter().any(|a| a > at))
             })
         })
         .await;
         let mut takeovers = Vec::new();
-        for id in on_b {
+        for &id in &on_b {
             let r = records[id as usize - 1].lock().unwrap();
-            let login = r.logins.iter().find(|(at, node)| *at > killed_at && node != "b").cloned();
+            let login = r.logins.iter().find(|(at, node)| *at > killed_at && node != b_id).cloned();
             let chatting = login.as_ref().and_then(|(at, _)| r.acked_at.iter().find(|a| *a > at));
             let drop = r.drops.iter().find(|(at, _)| *at > killed_at);
             eprintln!(
-                "round {round}: user {id} after b was killed: dropped {:?} ({:?}), logged in on {:?} after {:?}, \
+                "round {round}: user {id} after {b_id} was killed: dropped {:?} ({:?}), logged in on {:?} after {:?}, \
                  chatting after {:?}",
                 drop.map(|(at, _)| *at - killed_at),
                 drop.map(|d| &d.1),
@@ -137,27 +142,27 @@ async fn scenario(name: &str, url: &str, mut redis: Option<&mut impl Restart>) {
             let t = t.unwrap();
             assert!(
                 t <= Duration::from_secs(2),
-                "user {id}, on node b when it was killed, took {t:?} (more than 2 s) to send again from \
+                "user {id}, on node {b_id} when it was killed, took {t:?} (more than 2 s) to send again from \
                  another node"
             );
         }
-        let _ = cluster.node_mut("b").child.wait().await;
+        let _ = cluster.node_mut(b_id).child.wait().await;
 
-        // 2. b starts again under the same node id, on its data directory.
-        let data_dir = cluster.node("b").data_dir.clone();
+        // 2. It starts again under the same node id, on its data directory.
+        let data_dir = cluster.node(b_id).data_dir.clone();
         let prefix = cluster.prefix.prefix.clone();
         let args =
-            ["--store", &url, "--redis-prefix", &prefix, "--node-id", "b", "--node-ttl", "2", extra[0]];
-        let b = Host::start_in(data_dir, &args).await.expect("restarting node b");
+            ["--store", &url, "--redis-prefix", &prefix, "--node-id", b_id, "--node-ttl", "2", extra[0]];
+        let b = Host::start_in(data_dir, &args).await.expect("restarting the killed node");
         let restarted_b = addr_of(&b);
-        *cluster.node_mut("b") = b;
+        *cluster.node_mut(b_id) = b;
         for n in directory.lock().unwrap().iter_mut() {
-            if n.id == "b" {
+            if n.id == b_id {
                 *n = restarted_b.clone();
             }
         }
         more_acked(&records, 10, "traffic after b restarted", Duration::from_secs(10)).await;
-        eprintln!("round {round}: b restarted; traffic flows at {:?}", started.elapsed());
+        eprintln!("round {round}: {b_id} restarted; traffic flows at {:?}", started.elapsed());
 
         // 3. Redis is killed and started again (its append-only file reloads).
         redis_back = match redis.as_mut() {
