@@ -121,7 +121,7 @@ chaos() {
     else
       echo "FAILED" >>"$RESULTS/chaos-$t.log"; failed=1
     fi
-    grep -E "round\(s\) of chaos|after b was killed|^lost|FAILED|^ok$" "$RESULTS/chaos-$t.log" || true
+    grep -E "round\(s\) of chaos|was killed|^lost|FAILED|^ok$" "$RESULTS/chaos-$t.log" || true
   done
   log "raw logs in $RESULTS"
   return $failed
