@@ -152,6 +152,18 @@ bench() { # kind name target pid args...
     || echo "compare.sh: $name against $target failed (continuing)" >&2
 }
 
+# What a second cim host (auth on, native handlers) runs to compare with the plain host in the
+# same state: both connection counts, p2p with half load, the small group.
+same_runs() { # kind target extra-args...
+  local kind=$1 target=$2; shift 2
+  bench "$kind" "conns-$C_SMALL" "$target" "$CIM_PID" "$@" conns --n "$C_SMALL"
+  bench "$kind" "conns-$C_BIG" "$target" "$CIM_PID" "$@" conns --n "$C_BIG"
+  bench "$kind" p2p "$target" "$CIM_PID" "$@" p2p --pairs 16 --messages "$P2P_MSGS" \
+    --runs "$P2P_RUNS" --half-load
+  bench "$kind" "group-$G_SMALL" "$target" "$CIM_PID" "$@" group --users "$G_SMALL" \
+    --messages "$G_SMALL_MSGS"
+}
+
 # --- Runs (no clients, then idle connections, while the servers are fresh) -----------------
 # Idle CPU: all three watched at once (the generator only reads /proc meanwhile).
 log "idle servers, ${IDLE_SECS} s"
@@ -194,12 +206,7 @@ AUTH=(--token-secret-file "$RESULTS/auth-secret" --token-issuer "$AUTH_ISSUER")
 AUTH_TARGET="cim://$CIM_HTTP"
 # The same sequence as the plain host went through before its p2p and group runs (both
 # connection counts first), so the two are compared in the same state.
-bench cim-auth "conns-$C_SMALL" "$AUTH_TARGET" "$CIM_PID" "${AUTH[@]}" conns --n "$C_SMALL"
-bench cim-auth "conns-$C_BIG" "$AUTH_TARGET" "$CIM_PID" "${AUTH[@]}" conns --n "$C_BIG"
-bench cim-auth p2p "$AUTH_TARGET" "$CIM_PID" "${AUTH[@]}" p2p --pairs 16 --messages "$P2P_MSGS" \
-  --runs "$P2P_RUNS" --half-load
-bench cim-auth "group-$G_SMALL" "$AUTH_TARGET" "$CIM_PID" "${AUTH[@]}" group --users "$G_SMALL" \
-  --messages "$G_SMALL_MSGS"
+same_runs cim-auth "$AUTH_TARGET" "${AUTH[@]}"
 stop "$CIM_PID"
 
 # --- cim with native handlers: the WASM tax ---------------------------------------------------
@@ -208,12 +215,7 @@ start_cim cim-host-native --store memory --builtin-handlers
 NATIVE=(--kind cim-native)
 NATIVE_TARGET="cim://$CIM_HTTP"
 bench cim-native idle "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" idle --secs "$IDLE_SECS"
-bench cim-native "conns-$C_SMALL" "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" conns --n "$C_SMALL"
-bench cim-native "conns-$C_BIG" "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" conns --n "$C_BIG"
-bench cim-native p2p "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" p2p --pairs 16 --messages "$P2P_MSGS" \
-  --runs "$P2P_RUNS" --half-load
-bench cim-native "group-$G_SMALL" "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" group --users "$G_SMALL" \
-  --messages "$G_SMALL_MSGS"
+same_runs cim-native "$NATIVE_TARGET" "${NATIVE[@]}"
 bench cim-native p2p-floor "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" "${FLOOR[@]}"
 bench cim-native "fanout-$G_SMALL" "$NATIVE_TARGET" "$CIM_PID" "${NATIVE[@]}" "${FANOUT[@]}"
 stop "$CIM_PID"
