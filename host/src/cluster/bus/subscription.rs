@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
 use redis::aio::PubSub;
+use redis::cluster_async::ClusterConnection;
 use redis::{PushInfo, PushKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -29,6 +30,13 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// A connection that lived this long was healthy: the next retry starts from [`RETRY_MIN`].
 const STABLE: Duration = Duration::from_secs(10);
+/// How often a cluster client whose connection was lost is PINGed until it answers.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// A cluster client whose PINGs have failed this long is replaced with a new one from the
+/// seeds (at once if it says it has no connection at all).
+const REBUILD_AFTER: Duration = Duration::from_secs(5);
+/// How long building and subscribing a new cluster client may take.
+const REBUILD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Subscribes to `channels` (the inbox first, then the cluster channel) and starts the task
 /// that forwards their messages and keeps the subscription alive.
@@ -55,14 +63,11 @@ pub(super) async fn open(
             tokio::spawn(pump.run(first))
         }
         Endpoint::Cluster(seeds) => {
-            let (push_tx, pushes) = mpsc::unbounded_channel();
-            let client = Endpoint::cluster_client(seeds, Some(push_tx)).map_err(failed)?;
-            let mut conn = client.get_async_connection().await.map_err(failed)?;
-            conn.ssubscribe(&channels[0]).await.map_err(failed)?;
-            conn.subscribe(&channels[1]).await.map_err(failed)?;
+            let (conn, pushes) = cluster_subscribe(seeds, &channels).await.map_err(failed)?;
             let pump = ClusterPump {
+                seeds: seeds.clone(),
                 conn,
-                inbox: channels[0].clone(),
+                channels,
                 pushes,
                 tx,
                 keepalive,
@@ -79,6 +84,20 @@ async fn connect(client: &redis::Client, channels: &[String]) -> redis::RedisRes
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(channels).await?;
     Ok(pubsub)
+}
+
+/// A new cluster client subscribed to the inbox (sharded) and the cluster channel, and the
+/// pushes it receives.
+async fn cluster_subscribe(
+    seeds: &[String],
+    channels: &[String],
+) -> redis::RedisResult<(ClusterConnection, mpsc::UnboundedReceiver<PushInfo>)> {
+    let (push_tx, pushes) = mpsc::unbounded_channel();
+    let client = Endpoint::cluster_client(seeds, Some(push_tx))?;
+    let mut conn = client.get_async_connection().await?;
+    conn.ssubscribe(&channels[0]).await?;
+    conn.subscribe(&channels[1]).await?;
+    Ok((conn, pushes))
 }
 
 /// What a subscription hands out, in the order it happened: messages, and the moments the
@@ -245,10 +264,14 @@ impl Pump {
 /// The task behind a [`Subscription`] on a Redis Cluster. The cluster connection follows
 /// the inbox's shard and resubscribes after a lost connection or a slot migration on its
 /// own; this forwards what it pushes and PINGs it when idle, so that a dead server is
-/// noticed and replaced.
+/// noticed and replaced. After a lost connection it PINGs every [`PROBE_EVERY`] until an
+/// answer comes, and replaces a client that has stopped finding the cluster (see
+/// `store::redis::cluster_conn`) with a new one from the seeds.
 struct ClusterPump {
-    conn: redis::cluster_async::ClusterConnection,
-    inbox: String,
+    seeds: Vec<String>,
+    conn: ClusterConnection,
+    /// The inbox (sharded), then the cluster channel.
+    channels: Vec<String>,
     /// Unbounded because the library's push sender must not block; drained at once into
     /// the bounded `tx`, so it grows only while the consumer is behind.
     pushes: mpsc::UnboundedReceiver<PushInfo>,
@@ -260,9 +283,11 @@ struct ClusterPump {
 
 impl ClusterPump {
     async fn run(mut self) {
-        let mut keepalive =
-            tokio::time::interval_at(tokio::time::Instant::now() + self.keepalive, self.keepalive);
-        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_ping = tokio::time::Instant::now() + self.keepalive;
+        // Since when a connection was lost without the inbox being subscribed again, and
+        // since when PINGs have failed.
+        let mut lost_since: Option<Instant> = None;
+        let mut failing_since: Option<Instant> = None;
         let mut inbox_confirmations = 0u64;
         loop {
             tokio::select! {
@@ -279,11 +304,12 @@ impl ClusterPump {
                                 }
                             }
                         }
-                        PushKind::SSubscribe if push_channel(&push).as_deref() == Some(self.inbox.as_str()) => {
+                        PushKind::SSubscribe if push_channel(&push).as_deref() == Some(self.channels[0].as_str()) => {
                             inbox_confirmations += 1;
                             if inbox_confirmations > 1 {
+                                lost_since = None;
                                 self.resubscriptions.fetch_add(1, Ordering::Relaxed);
-                                info!(channel = %self.inbox, "cluster bus resubscribed");
+                                info!(channel = %self.channels[0], "cluster bus resubscribed");
                                 if self.tx.send(Inbound::Resubscribed).await.is_err() {
                                     return;
                                 }
@@ -291,24 +317,88 @@ impl ClusterPump {
                         }
                         PushKind::Disconnection => {
                             self.losses.fetch_add(1, Ordering::Relaxed);
-                            warn!(channel = %self.inbox, "cluster bus: a pub/sub connection was lost; the cluster client resubscribes");
+                            warn!(channel = %self.channels[0], "cluster bus: a pub/sub connection was lost; the cluster client resubscribes");
                             if self.tx.send(Inbound::Lost).await.is_err() {
                                 return;
                             }
+                            lost_since.get_or_insert_with(Instant::now);
+                            next_ping = next_ping.min(tokio::time::Instant::now() + PROBE_EVERY);
                         }
                         _ => {}
                     }
                 }
-                _ = keepalive.tick() => {
-                    match tokio::time::timeout(PING_TIMEOUT, redis::cmd("PING").query_async::<redis::Value>(&mut self.conn)).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => warn!(channel = %self.inbox, error = %e, "cluster bus: keepalive PING failed"),
-                        Err(_) => warn!(channel = %self.inbox, "cluster bus: keepalive PING got no answer in {PING_TIMEOUT:?}"),
+                () = tokio::time::sleep_until(next_ping) => {
+                    let ping = tokio::time::timeout(PING_TIMEOUT, redis::cmd("PING").query_async::<redis::Value>(&mut self.conn)).await;
+                    let no_connection = match &ping {
+                        Ok(Ok(_)) => {
+                            failing_since = None;
+                            if lost_since.is_none_or(|t| t.elapsed() < REBUILD_AFTER) {
+                                let every = if lost_since.is_some() { PROBE_EVERY } else { self.keepalive };
+                                next_ping = tokio::time::Instant::now() + every;
+                                continue;
+                            }
+                            // The client answers but has not subscribed the inbox again (it
+                            // can lose a subscription whose slot had no node when it tried).
+                            warn!(channel = %self.channels[0], "cluster bus: the inbox was not subscribed again within {REBUILD_AFTER:?} of a lost connection");
+                            false
+                        }
+                        Ok(Err(e)) => {
+                            warn!(channel = %self.channels[0], error = %e, "cluster bus: keepalive PING failed");
+                            e.kind() == redis::ErrorKind::ClusterConnectionNotFound
+                        }
+                        Err(_) => {
+                            warn!(channel = %self.channels[0], "cluster bus: keepalive PING got no answer in {PING_TIMEOUT:?}");
+                            false
+                        }
+                    };
+                    let failing = match &ping {
+                        Ok(Ok(_)) => Duration::ZERO,
+                        _ => failing_since.get_or_insert_with(Instant::now).elapsed(),
+                    };
+                    let lost = lost_since.map_or(Duration::ZERO, |t| t.elapsed());
+                    if no_connection || failing.max(lost) >= REBUILD_AFTER {
+                        match self.rebuild().await {
+                            Some(true) => {
+                                (lost_since, failing_since) = (None, None);
+                                inbox_confirmations = 0;
+                            }
+                            Some(false) => {}
+                            None => return,
+                        }
                     }
+                    next_ping = tokio::time::Instant::now() + PROBE_EVERY;
                 }
                 () = self.tx.closed() => return,
             }
         }
+    }
+
+    /// Replaces the cluster client with a new one from the seeds, subscribed again, and
+    /// tells the consumer (a loss, then a resubscription). `Some(false)` if that failed (the
+    /// next failed PING tries again), `None` if the consumer is gone.
+    async fn rebuild(&mut self) -> Option<bool> {
+        warn!(channel = %self.channels[0], "cluster bus: rebuilding the cluster client from the seeds");
+        let built =
+            tokio::time::timeout(REBUILD_TIMEOUT, cluster_subscribe(&self.seeds, &self.channels)).await;
+        let (conn, pushes) = match built {
+            Ok(Ok(built)) => built,
+            Ok(Err(e)) => {
+                warn!(channel = %self.channels[0], error = %e, "cluster bus: rebuilding the cluster client failed");
+                return Some(false);
+            }
+            Err(_) => {
+                warn!(channel = %self.channels[0], "cluster bus: rebuilding the cluster client took over {REBUILD_TIMEOUT:?}");
+                return Some(false);
+            }
+        };
+        // Whatever the old client still had is dropped with it; the consumer catches up.
+        (self.conn, self.pushes) = (conn, pushes);
+        self.losses.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(Inbound::Lost).await.ok()?;
+        self.resubscriptions.fetch_add(1, Ordering::Relaxed);
+        info!(channel = %self.channels[0], "cluster bus resubscribed with a new cluster client");
+        self.tx.send(Inbound::Resubscribed).await.ok()?;
+        Some(true)
     }
 }
 

@@ -13,13 +13,13 @@ use std::time::Duration;
 use redis::aio::AsyncPushSender;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
-use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{ProtocolVersion, RedisError, RedisFuture, RedisResult, Value};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
 use super::SCAN_COUNT;
+use super::cluster_conn::Rebuilt;
 use crate::store::StoreError;
 
 /// How long one connection attempt may take.
@@ -158,7 +158,8 @@ impl Endpoint {
                     ))
                 };
                 let client = Self::cluster_client(seeds, None::<NoPush>).map_err(failed)?;
-                Kind::Cluster(client.get_async_connection().await.map_err(failed)?)
+                let conn = client.get_async_connection().await.map_err(failed)?;
+                Kind::Cluster(Rebuilt::new(seeds.clone(), home.clone(), conn))
             }
         };
         Ok(RedisConn { kind, home, requests: Arc::default() })
@@ -215,11 +216,12 @@ pub fn redacted(url: &str) -> String {
 }
 
 /// A push sender type for clients that take no pushes.
-type NoPush = tokio::sync::mpsc::UnboundedSender<redis::PushInfo>;
+pub(super) type NoPush = tokio::sync::mpsc::UnboundedSender<redis::PushInfo>;
 
 /// The one shared connection: a [`ConnectionManager`] to a single server (which reconnects
-/// on its own) or a [`ClusterConnection`] (which follows the cluster's layout, `MOVED` and
-/// lost nodes on its own). Cheap to clone; every clone multiplexes on the same sockets.
+/// on its own) or a cluster connection (which follows the cluster's layout, `MOVED` and
+/// lost nodes on its own, and is built again from the seeds when it stops finding the
+/// cluster: [`Rebuilt`]). Cheap to clone; every clone multiplexes on the same sockets.
 ///
 /// Commands are polled on the runtime the connection was made on, whichever runtime calls
 /// it. Handlers' host calls run on the `cim-wasm` runtime, which has no IO driver, and a
@@ -237,7 +239,7 @@ pub struct RedisConn {
 #[derive(Clone)]
 enum Kind {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<Rebuilt>),
 }
 
 impl fmt::Debug for RedisConn {
@@ -252,6 +254,14 @@ impl fmt::Debug for RedisConn {
 impl RedisConn {
     pub fn is_cluster(&self) -> bool {
         matches!(self.kind, Kind::Cluster(_))
+    }
+
+    /// How many times the cluster client was built again from the seeds (0 on one server).
+    pub fn cluster_rebuilds(&self) -> u64 {
+        match &self.kind {
+            Kind::Single(_) => 0,
+            Kind::Cluster(c) => c.rebuilds(),
+        }
     }
 
     /// How many requests (round trips) this connection and its clones have sent so far.
@@ -359,8 +369,11 @@ impl RedisConn {
         match (&mut conn.kind, route) {
             (Kind::Cluster(c), route) => {
                 let route = route.unwrap_or(RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random));
-                let home = conn.home.clone();
-                OnHome { fut: Box::pin(c.route_command(cmd, route)), home }.await
+                let (home, rebuilt) = (conn.home.clone(), c.clone());
+                let mut cluster = rebuilt.conn();
+                let result = OnHome { fut: Box::pin(cluster.route_command(cmd, route)), home }.await;
+                rebuilt.observe(&result);
+                result
             }
             (Kind::Single(_), _) => cmd.query_async(&mut conn).await,
         }
@@ -422,7 +435,14 @@ impl ConnectionLike for RedisConn {
         let home = self.home.clone();
         let fut = match &mut self.kind {
             Kind::Single(c) => c.req_packed_command(cmd),
-            Kind::Cluster(c) => c.req_packed_command(cmd),
+            Kind::Cluster(c) => {
+                let (rebuilt, mut cluster) = (c.clone(), c.conn());
+                Box::pin(async move {
+                    let result = cluster.req_packed_command(cmd).await;
+                    rebuilt.observe(&result);
+                    result
+                })
+            }
         };
         Box::pin(OnHome { fut, home })
     }
@@ -437,7 +457,14 @@ impl ConnectionLike for RedisConn {
         let home = self.home.clone();
         let fut = match &mut self.kind {
             Kind::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Kind::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Kind::Cluster(c) => {
+                let (rebuilt, mut cluster) = (c.clone(), c.conn());
+                Box::pin(async move {
+                    let result = cluster.req_packed_commands(pipeline, offset, count).await;
+                    rebuilt.observe(&result);
+                    result
+                })
+            }
         };
         Box::pin(OnHome { fut, home })
     }

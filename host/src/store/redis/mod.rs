@@ -25,6 +25,7 @@
 //! tagged by user (and the group stream by `group`): every log command touches one slot.
 
 mod backend;
+mod cluster_conn;
 mod conn;
 mod kv;
 pub mod log;

@@ -55,8 +55,17 @@ impl RedisCluster {
             cluster.bus_ports.push(free_port());
         }
         cluster.spawn_all();
+        cluster.form();
+        cluster
+    }
+
+    /// Splits the slots between the (running, slotless, unacquainted) servers and introduces
+    /// them to each other; waits until every one reports `cluster_state:ok` and knows all
+    /// the others.
+    fn form(&mut self) {
+        let primaries = self.ports.len();
         let mut conns: Vec<redis::Connection> =
-            cluster.ports.iter().map(|&p| wait(&format!("redis-server on {p}"), || connect(p))).collect();
+            self.ports.iter().map(|&p| wait(&format!("redis-server on {p}"), || connect(p))).collect();
         let n = u16::try_from(primaries).expect("a few primaries");
         for (i, conn) in (0u16..).zip(conns.iter_mut()) {
             let (first, last) = (SLOTS / n * i, if i + 1 == n { SLOTS - 1 } else { SLOTS / n * (i + 1) - 1 });
@@ -68,7 +77,7 @@ impl RedisCluster {
                 .expect("ADDSLOTSRANGE");
             redis::cmd("CLUSTER").arg("SET-CONFIG-EPOCH").arg(i + 1).exec(conn).expect("SET-CONFIG-EPOCH");
         }
-        for (&port, &bus) in cluster.ports.iter().zip(&cluster.bus_ports).skip(1) {
+        for (&port, &bus) in self.ports.iter().zip(&self.bus_ports).skip(1) {
             redis::cmd("CLUSTER")
                 .arg("MEET")
                 .arg("127.0.0.1")
@@ -77,7 +86,7 @@ impl RedisCluster {
                 .exec(&mut conns[0])
                 .expect("MEET");
         }
-        for (conn, port) in conns.iter_mut().zip(&cluster.ports) {
+        for (conn, port) in conns.iter_mut().zip(&self.ports) {
             wait(&format!("redis cluster node {port} to see the whole cluster"), || {
                 let info: String = redis::cmd("CLUSTER").arg("INFO").query(conn).ok()?;
                 let ok = info.contains("cluster_state:ok")
@@ -86,7 +95,6 @@ impl RedisCluster {
                 ok.then_some(())
             });
         }
-        cluster
     }
 
     fn spawn_all(&mut self) {
@@ -142,6 +150,29 @@ impl RedisCluster {
                 info.contains("cluster_state:ok").then_some(())
             });
         }
+    }
+
+    /// Starts every server again on the same ports as new, unformed nodes: no data, no slots,
+    /// none knowing the others (so `CLUSTER SLOTS` answers an empty layout), until
+    /// [`RedisCluster::form_again`]. Waits until each answers PING.
+    #[allow(dead_code)] // (the unit tests'; the end-to-end tests need none)
+    pub fn start_unformed(&mut self) {
+        assert!(self.children.is_empty(), "the cluster is running");
+        for port in &self.ports {
+            let _ = std::fs::remove_file(self.dir.join(format!("nodes-{port}.conf")));
+            let _ = std::fs::remove_dir_all(self.dir.join(format!("aof-{port}")));
+        }
+        self.spawn_all();
+        for &port in &self.ports {
+            wait(&format!("redis-server on {port}"), || connect(port));
+        }
+    }
+
+    /// Forms the servers [`RedisCluster::start_unformed`] started into one cluster again (the
+    /// same slots on the same ports).
+    #[allow(dead_code)]
+    pub fn form_again(&mut self) {
+        self.form();
     }
 
     /// `redis-cluster://127.0.0.1:P1,127.0.0.1:P2,...`
