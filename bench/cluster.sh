@@ -27,13 +27,14 @@ log() { printf '\n=== %s\n' "$*" >&2; }
 # connections (default 12,000). Per delay: a Redis restarted empty (how long until GET /online
 # is whole again; then whether it stays whole, i.e. no live node is reaped) and route-login
 # churn (logins/s, refused route logins, users who stayed but dropped out, ghost entries after
-# everyone left; HOP_WORKERS churn workers, default 32), the same churn while Redis restarts
-# empty (presence whole and no ghost afterwards), and a paced p2p probe (4 pairs, ~400 msg/s,
-# acks and resends as a client must) across a restart of a Redis with its append-only file,
-# beside HOP_USERS idle connections (lost / sent, latency p99). The measuring is the tests' own,
-# run at this scale (HOP_DELAYS and HOP_TESTS pick some of them; RESULTS=<dir of an earlier
-# run> then puts the new logs beside the old ones in one table); PROFILE=release builds
-# them optimised (a second full build: mind the disk).
+# everyone left; HOP_WORKERS churn workers, default 128: each churn cycle is ~25 round trips
+# in a row through the proxy, so 1,000 logins/s at ~3 ms needs ~80 busy workers), the same
+# churn while Redis restarts empty (presence whole and no ghost afterwards), and a paced p2p
+# probe (4 pairs, ~400 msg/s, acks and resends as a client must) across a restart of a Redis
+# with its append-only file, beside HOP_USERS idle connections (lost / sent, latency p99). The
+# measuring is the tests' own, run at this scale (HOP_DELAYS and HOP_TESTS pick some of them;
+# RESULTS=<dir of an earlier run> then puts the new logs beside the old ones in one table);
+# PROFILE=release builds them optimised (a second full build: mind the disk).
 hop() {
   local users=${HOP_USERS:-12000} profile=()
   [ "${PROFILE:-debug}" = release ] && profile=(--release)
@@ -44,7 +45,7 @@ hop() {
              route_login_churn_across_an_empty_redis_restart_leaves_presence_whole \
              a_paced_probe_across_a_redis_restart_loses_nothing}; do
       log "$t, ${delay} us each way, $users users"
-      if CIM_TEST_HOP_USERS=$users CIM_TEST_HOP_DELAY_US=$delay CIM_TEST_CHURN_WORKERS=${HOP_WORKERS:-32} \
+      if CIM_TEST_HOP_USERS=$users CIM_TEST_HOP_DELAY_US=$delay CIM_TEST_CHURN_WORKERS=${HOP_WORKERS:-128} \
         CIM_TEST_PROBE_USERS=$users \
         cargo test "${profile[@]}" -q -p cim-tests --test cluster_latency "$t" -- --exact --nocapture \
         >"$RESULTS/hop-$delay-$t.log" 2>&1; then

@@ -108,7 +108,8 @@ async fn presence_is_back_within_5s_of_a_redis_restart_with_redis_a_hop_away() {
 /// kicks anyone), and once everyone has left `GET /online` is empty: no ghost entries.
 /// `CIM_TEST_HOP_USERS` (staying), `CIM_TEST_HOP_DELAY_US` (one way), `CIM_TEST_CHURN_SECS`
 /// and `CIM_TEST_CHURN_WORKERS` change the scale by hand.
-#[tokio::test]
+// Two worker threads: the churn generator must not be what limits the login rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_login_churn_with_redis_a_hop_away_leaves_no_ghost() {
     let workers = env_or("CIM_TEST_CHURN_WORKERS", 16);
     let staying_users = env_or("CIM_TEST_HOP_USERS", 1_000);
