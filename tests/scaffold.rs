@@ -126,10 +126,11 @@ fn tool(env: &str, installed: &str, name: &str) -> Option<PathBuf> {
     found
 }
 
-/// Starts a host whose pools fit a Python component (14 core instances), with a deadline
-/// that a loaded CI machine's first calls into a fresh 18 MB component cannot miss.
+/// Starts a host with the default pools (they fit a Python component's 14 core instances)
+/// and a deadline that a loaded CI machine's first calls into a fresh 18 MB component cannot
+/// miss.
 async fn polyglot_host() -> Host {
-    Host::start(&["--pool-core-instances", "14", "--handler-deadline-ms", "2000"]).await.unwrap()
+    Host::start(&["--handler-deadline-ms", "2000"]).await.unwrap()
 }
 
 /// Sends a group message from alice and returns what bob got.
@@ -183,7 +184,7 @@ async fn new_python_group_handler_serves_and_reports_its_exception() {
 }
 
 #[tokio::test]
-async fn new_js_group_handler_serves() {
+async fn new_js_group_handler_serves_and_reports_its_exception() {
     let Some(componentize_js) =
         tool("CIM_COMPONENTIZE_JS", "target/polyglot/node_modules/.bin/componentize-js", "componentize-js")
     else {
@@ -196,6 +197,11 @@ async fn new_js_group_handler_serves() {
         "decision: { tag: 'deliver' },",
         "decision: { tag: 'rewrite', val: 'js: ' + message.text },",
     );
+    edit(
+        &project.join("handler.js"),
+        "function decide(message) {\n",
+        "function decide(message) {\n  if (message.text === 'throw') throw new TypeError('js-group refuses this');\n",
+    );
     // package.json's build script, as written (what `npm run build` runs).
     let package: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(project.join("package.json")).unwrap()).unwrap();
@@ -206,4 +212,11 @@ async fn new_js_group_handler_serves() {
     let mut alice = RawClient::login_tcp(&host, 1, "alice").await;
     let mut bob = RawClient::login_tcp(&host, 2, "bob").await;
     assert_eq!(group_round_trip(&mut alice, &mut bob, 10, "hello").await, "js: hello");
+
+    // An exception: the sender gets its message (StarlingMonkey prints the message, not its
+    // type), nobody gets the group message, the next one works.
+    let msg = expect_error(alice.request(11, Body::group("throw".into())).await, ErrorCode::HandlerFailed);
+    assert!(msg.ends_with("(guest stderr: js-group refuses this)"), "{msg}");
+    assert!(!msg.contains("mozalloc"), "{msg}");
+    assert_eq!(group_round_trip(&mut alice, &mut bob, 12, "still here").await, "js: still here");
 }

@@ -203,7 +203,7 @@ struct HandlerArgs {
     #[arg(long, env = "CIM_HANDLER_MAX_INSTANCES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     handler_max_instances: u32,
     /// Core instances the pools hold per handler instance [default: what the largest
-    /// component in the manifest needs, at least 4]. A pushed component that needs more is
+    /// component in the manifest needs, at least 16]. A pushed component that needs more is
     /// refused.
     #[arg(long, env = "CIM_POOL_CORE_INSTANCES", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pool_core_instances: Option<u32>,

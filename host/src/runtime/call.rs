@@ -130,11 +130,11 @@ fn explain(state: &HostState, e: &wasmtime::Error, deadline: Duration) -> String
 const STDERR_SHOWN: usize = 200;
 
 /// The line of a guest's stderr that says what went wrong, cut to [`STDERR_SHOWN`] bytes: a
-/// Python traceback's exception line (`ValueError: …`), else the last line (a Rust panic's
-/// message).
+/// Python traceback's exception line (`ValueError: …`), a JavaScript exception's message,
+/// else the last line (a Rust panic's message).
 fn last_line(stderr: &str) -> Option<String> {
     let tidy = tidy_stderr_lines(stderr);
-    let last = python_exception(stderr).or_else(|| tidy.last().copied())?;
+    let last = python_exception(stderr).or_else(|| js_exception(stderr)).or_else(|| tidy.last().copied())?;
     let mut end = last.len().min(STDERR_SHOWN);
     while !last.is_char_boundary(end) {
         end -= 1;
@@ -153,6 +153,16 @@ fn python_exception(stderr: &str) -> Option<&str> {
         .skip(1)
         .find(|line| !line.is_empty() && !line.starts_with(char::is_whitespace))
         .map(str::trim_end)
+}
+
+/// The message of the last uncaught JavaScript exception in `stderr`: the line before its
+/// `Stack:` block. componentize-js (0.23, StarlingMonkey) prints the exception's message, its
+/// stack, then `Redirecting call to abort() to mozalloc_abort`, which says nothing about the
+/// cause.
+fn js_exception(stderr: &str) -> Option<&str> {
+    let lines: Vec<&str> = stderr.lines().collect();
+    let stack = lines.iter().rposition(|line| line.trim_end() == "Stack:")?;
+    lines[..stack].iter().rev().map(|line| line.trim()).find(|line| !line.is_empty())
 }
 
 /// A guest's stderr on one line, without the std panic hook's boilerplate: `thread
@@ -228,6 +238,18 @@ mod tests {
         let shown = last_line(&long).unwrap();
         assert!(shown.len() < 210 && shown.ends_with('…'), "{shown}");
         assert_eq!(last_line("\n \n"), None);
+    }
+
+    #[test]
+    fn a_javascript_exception_is_cut_to_its_message() {
+        let stderr = "js-group refuses this\nStack:\n  decide@handler.js:21:39\n  handle@handler.js:13:18\n\n\
+                      Redirecting call to abort() to mozalloc_abort\n";
+        assert_eq!(last_line(stderr).as_deref(), Some("js-group refuses this"));
+        // Without a stack block, the last line as before.
+        assert_eq!(
+            last_line("Redirecting call to abort() to mozalloc_abort\n").as_deref(),
+            Some("Redirecting call to abort() to mozalloc_abort")
+        );
     }
 
     #[test]

@@ -104,9 +104,12 @@ pub struct PoolShape {
 
 impl Default for PoolShape {
     /// Room for a Rust `wasm32-wasip2` component (main module, WASI adapter, shim and fixup
-    /// modules) with some to spare.
+    /// modules), a Python one (14 core instances) and a JavaScript one. Core instances are
+    /// only counted by the pooling allocator (it reserves nothing for them), so room for 16
+    /// costs nothing; memories and tables are reserved slots, so those stay at what the
+    /// components need.
     fn default() -> Self {
-        PoolShape { core_instances: 4, memories: 2, tables: 4 }
+        PoolShape { core_instances: 16, memories: 2, tables: 4 }
     }
 }
 
