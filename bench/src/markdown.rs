@@ -455,9 +455,10 @@ fn handler_section(runs: &Runs) -> String {
     let _ = writeln!(
         out,
         "The components of `{}` in the host's runtime (pooling allocator, fresh instance per call), \
-         called {} times per kind one after another, in process: instantiate + call + drop, including \
-         the hop to the runtime's `cim-wasm` threads. Batched: one call with {} requests (the message \
-         kinds take a list), per message.\n",
+         called {} times per kind one after another, in process: instantiate + call + drop, on the \
+         caller's thread (a call that runs past its first epoch tick moves to the runtime's \
+         `cim-wasm` threads). Batched: one call with {} requests (the message kinds take a list), \
+         per message.\n",
         h.manifest, h.calls, h.batch
     );
     let _ = writeln!(out, "| event | component | p50 | p90 | p99 | max | batched, per message (p50) |");

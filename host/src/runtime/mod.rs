@@ -284,7 +284,7 @@ impl Runtime {
         let name = loaded.name.clone();
         let started = std::time::Instant::now();
         let job = call::run(self.engine.clone(), loaded, ctx.clone(), input);
-        let result = match self.engine.spawn(job).await {
+        let result = match self.engine.run(job).await {
             Ok(result) => result,
             Err(e) => Err(format!("host error: the call was aborted ({e})")),
         };
