@@ -39,13 +39,14 @@ const LINGER_TICK: Duration = Duration::from_millis(10);
 const LINGER: Duration = Duration::from_secs(1);
 
 /// Pool pages kept resident (instead of being returned to the kernel) when a slot is reused:
-/// the difference between ~20 µs and ~11 µs per request (notes/WASMTIME.md). Zeroed whole
-/// when a slot is reused, so no more than a Rust component touches.
+/// the difference between ~20 µs and ~11 µs per request (notes/WASMTIME.md). Without
+/// `PAGEMAP_SCAN` this part is zeroed whole each time a slot is reused, so it is kept to
+/// about what a Rust component touches.
 const LINEAR_MEMORY_KEEP_RESIDENT: usize = 2 << 20;
 /// The same where the kernel can tell which pages a guest dirtied (`PAGEMAP_SCAN`, Linux
 /// 6.7+): only those are reset, so the whole starting memory of a JavaScript or Python
 /// component (9–12 MiB) can stay resident. A StarlingMonkey handler with a fresh instance per
-/// call: 436 → 306 µs p50 (`cim-bench handler`, one run); Rust components: unchanged.
+/// call: 436 → 294–306 µs p50 (`cim-bench handler`, two runs); Rust components: unchanged.
 const LINEAR_MEMORY_KEEP_RESIDENT_SCANNED: usize = 16 << 20;
 const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 

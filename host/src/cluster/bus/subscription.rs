@@ -32,8 +32,9 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 const STABLE: Duration = Duration::from_secs(10);
 /// How often a cluster client whose connection was lost is PINGed until it answers.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// A cluster client whose PINGs have failed this long is replaced with a new one from the
-/// seeds (at once if it says it has no connection at all).
+/// A cluster client whose PINGs have failed this long, or that has not subscribed the inbox
+/// again this long after a lost connection, is replaced with a new one from the seeds (at
+/// once if it says it has no connection at all).
 const REBUILD_AFTER: Duration = Duration::from_secs(5);
 /// How long building and subscribing a new cluster client may take.
 const REBUILD_TIMEOUT: Duration = Duration::from_secs(10);

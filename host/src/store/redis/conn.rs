@@ -224,9 +224,10 @@ pub(super) type NoPush = tokio::sync::mpsc::UnboundedSender<redis::PushInfo>;
 /// cluster: [`Rebuilt`]). Cheap to clone; every clone multiplexes on the same sockets.
 ///
 /// Commands are polled on the runtime the connection was made on, whichever runtime calls
-/// it. Handlers' host calls run on the `cim-wasm` runtime, which has no IO driver, and a
-/// connection reconnects (opens a socket, spawns a task) on the runtime that notices the
-/// loss: started there, a reconnect panics and poisons the shared connection for good.
+/// it. Handlers' host calls may run on the `cim-wasm` runtime (a guest moves there once it
+/// has run for an epoch tick), and a connection reconnects (opens a socket, spawns a task)
+/// on the runtime that notices the loss: a reconnect started on a runtime that is shut down
+/// or lacks an IO driver fails and poisons the shared connection for good.
 #[derive(Clone)]
 pub struct RedisConn {
     kind: Kind,
