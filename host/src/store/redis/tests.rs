@@ -500,14 +500,19 @@ async fn the_store_recovers_from_a_redis_cluster_restart() {
         conn_id: None,
         replaced: false,
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while bus.publish("n", &kick).await.map_or(true, |n| n == 0) {
-        assert!(Instant::now() < deadline, "the inbox was not resubscribed within 20 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    publish_once_subscribed(&bus, &kick).await;
     eprintln!("the inbox is subscribed again {:?} after the cluster restarted", restarted.elapsed());
     assert_eq!(tokio::time::timeout(Duration::from_secs(5), sub.recv()).await.unwrap(), Some(kick));
     assert!(sub.resubscriptions() >= 1);
+}
+
+/// Publishes `msg` to node `n`'s inbox until someone is subscribed to hear it (20 s at most).
+async fn publish_once_subscribed(bus: &Bus, msg: &ClusterMessage) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bus.publish("n", msg).await.map_or(true, |n| n == 0) {
+        assert!(Instant::now() < deadline, "the inbox was not subscribed again within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The cluster's servers restarted as new nodes, with no slots until they are formed again:
@@ -562,11 +567,7 @@ async fn the_store_rebuilds_a_cluster_client_left_without_connections() {
     // The bus's subscription (a cluster client of its own) comes back too.
     let kick =
         ClusterMessage::Kick { user_id: 2, reason: "after forming".into(), conn_id: None, replaced: false };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while bus.publish("n", &kick).await.map_or(true, |n| n == 0) {
-        assert!(Instant::now() < deadline, "the inbox was not subscribed again within 20 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    publish_once_subscribed(&bus, &kick).await;
     eprintln!("the inbox is subscribed again {:?} after the cluster formed", formed.elapsed());
     assert_eq!(tokio::time::timeout(Duration::from_secs(5), sub.recv()).await.unwrap(), Some(kick));
 }
