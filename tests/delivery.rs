@@ -33,6 +33,16 @@ async fn texts(c: &mut RawClient, n: usize) -> Vec<(String, bool, u64)> {
     out
 }
 
+/// Waits until the host has seen `id`'s connection end. A client that drops its connection
+/// and logs straight in again races the server reading the EOF: a login that wins is refused
+/// as a duplicate (no resume token), as it would be for any second session.
+async fn wait_offline(host: &Host, id: u64) {
+    common::wait_for("the dropped session to end", || async {
+        (!host.online_ids().await.contains(&id)).then_some(())
+    })
+    .await;
+}
+
 async fn send_private(c: &mut RawClient, req: u64, to: u64, text: &str) -> Body {
     c.request(req, Body::private(to, text.into())).await
 }
@@ -61,6 +71,7 @@ async fn offline_messages_wait_for_the_next_login_and_unacked_ones_come_again() 
 
     // Bob leaves without acking: everything comes again.
     drop(bob);
+    wait_offline(&host, 2).await;
     let (mut bob, _) = login(&host, 2, Positions::default(), "").await;
     assert_eq!(texts(&mut bob, 4).await.len(), 4);
     // He acks up to the third; the next login replays only the fourth.
@@ -73,12 +84,15 @@ async fn offline_messages_wait_for_the_next_login_and_unacked_ones_come_again() 
     // Acks are not answered: a ping behind it shows it was read.
     assert_eq!(bob.request(5, Body::Ping).await, Body::Pong);
     drop(bob);
+    wait_offline(&host, 2).await;
     let (mut bob, ack) = common::wait_for("bob's ack to be kept", || async {
         let (mut bob, ack) = login(&host, 2, Positions::default(), "").await;
         if ack.resume_from.inbox == third {
             return Some((bob, ack));
         }
         drop(bob.recv().await);
+        drop(bob);
+        wait_offline(&host, 2).await;
         None
     })
     .await;
