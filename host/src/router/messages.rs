@@ -4,9 +4,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use cim_proto::{Body, Delivery, Encoded, Frame, MessageKind, User};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::conn::{Offered, Outgoing};
@@ -474,18 +476,119 @@ impl Router {
     }
 }
 
+/// How long after one callback call the next one waits to gather what arrives meanwhile.
+/// A message after a quiet spell is handed over at once; messages that follow it closely
+/// (a conversation, a steady trickle) share the next call's instance instead of paying one
+/// each. The callback trails delivery, so nobody waits on this.
+pub(super) const CALLBACK_LINGER: Duration = Duration::from_millis(5);
+
+/// The callback queue, and when the last call was handed its batch.
+pub(super) struct CallbackQueue {
+    rx: mpsc::Receiver<Delivered>,
+    last_call: Option<Instant>,
+}
+
+impl CallbackQueue {
+    pub(super) fn new(rx: mpsc::Receiver<Delivered>) -> Self {
+        CallbackQueue { rx, last_call: None }
+    }
+
+    /// The next batch; empty once every sender is gone. Within [`CALLBACK_LINGER`] of the
+    /// last call it sleeps until the linger ends (senders do not wake it meanwhile), then
+    /// takes what has queued up. A full batch means a backlog: the next call does not linger.
+    async fn next_batch(&mut self, batch: &mut Vec<Delivered>) {
+        if self.rx.recv_many(batch, CALLBACK_BATCH).await == 0 {
+            return;
+        }
+        if let Some(until) = self.last_call.map(|t| t + CALLBACK_LINGER)
+            && batch.len() < CALLBACK_BATCH
+            && until > Instant::now()
+        {
+            tokio::time::sleep_until(until).await;
+            while batch.len() < CALLBACK_BATCH
+                && let Ok(d) = self.rx.try_recv()
+            {
+                batch.push(d);
+            }
+        }
+        self.last_call = (batch.len() < CALLBACK_BATCH).then(Instant::now);
+    }
+}
+
 /// Runs the message callback over whatever has queued up since the last call: an idle
 /// node calls it per message, a busy one amortises each call over a batch.
 pub(super) async fn callback_worker(
     handlers: Arc<Handlers>,
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Delivered>>>,
+    queue: Arc<tokio::sync::Mutex<CallbackQueue>>,
     metrics: Arc<Metrics>,
 ) {
     let mut batch = Vec::new();
-    while rx.lock().await.recv_many(&mut batch, CALLBACK_BATCH).await > 0 {
+    loop {
+        queue.lock().await.next_batch(&mut batch).await;
+        if batch.is_empty() {
+            return;
+        }
         if let Err(e) = handlers.callback(std::mem::take(&mut batch)).await {
             Metrics::inc(&metrics.handler_failures_total);
             warn!(error = %e, "message callback failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handlers::Message;
+
+    fn delivered(id: u64) -> Delivered {
+        let message = Message {
+            id,
+            sender: User { id: 1, name: "a".into() },
+            kind: MessageKind::Private,
+            text: "hi".into(),
+            timestamp_ms: 0,
+            accepted_us: 0,
+        };
+        Delivered { message, recipients: vec![2] }
+    }
+
+    async fn next(queue: &mut CallbackQueue) -> (Vec<u64>, Duration) {
+        let started = Instant::now();
+        let mut batch = Vec::new();
+        queue.next_batch(&mut batch).await;
+        (batch.iter().map(|d| d.message.id).collect(), started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_callback_lingers_only_right_after_a_call() {
+        let (tx, rx) = mpsc::channel(CALLBACK_QUEUE);
+        let mut queue = CallbackQueue::new(rx);
+        // A lone message goes at once.
+        tx.send(delivered(1)).await.unwrap();
+        assert_eq!(next(&mut queue).await, (vec![1], Duration::ZERO));
+        // Messages close behind it share the next call, handed over when the linger ends.
+        let sender = tx.clone();
+        tokio::spawn(async move {
+            for id in 2..=4 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                sender.send(delivered(id)).await.unwrap();
+            }
+        });
+        let (ids, waited) = next(&mut queue).await;
+        assert_eq!(ids, [2, 3, 4]);
+        assert!(waited <= CALLBACK_LINGER, "{waited:?}");
+        // After a quiet spell, at once again.
+        tokio::time::sleep(CALLBACK_LINGER * 2).await;
+        tx.send(delivered(5)).await.unwrap();
+        assert_eq!(next(&mut queue).await, (vec![5], Duration::ZERO));
+        // A backlog fills batches; after a full one the next does not linger.
+        for id in 0..CALLBACK_BATCH as u64 + 1 {
+            tx.send(delivered(100 + id)).await.unwrap();
+        }
+        assert_eq!(next(&mut queue).await.0.len(), CALLBACK_BATCH);
+        assert_eq!(next(&mut queue).await, (vec![100 + CALLBACK_BATCH as u64], Duration::ZERO));
+        // Every sender gone: an empty batch.
+        drop(tx);
+        assert_eq!(next(&mut queue).await.0, Vec::<u64>::new());
     }
 }

@@ -24,7 +24,7 @@ mod presence;
 mod replay;
 mod turn;
 
-use messages::{CALLBACK_QUEUE, callback_worker};
+use messages::{CALLBACK_QUEUE, CallbackQueue, callback_worker};
 
 pub use conn::{Closer, Closing, LocalConn, Offered, Outbox, OutboxRx, Outgoing, Refused, Seam};
 pub use history::{HistoryPage, MAX_HISTORY_PAGE, Page};
@@ -133,7 +133,7 @@ impl Router {
         // One worker per guest thread: history is read back sorted by message id, so
         // batches finishing out of order do not matter.
         let workers = handlers.runtime().map_or(1, |rt| rt.config().worker_threads.max(1));
-        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let rx = Arc::new(tokio::sync::Mutex::new(CallbackQueue::new(rx)));
         for _ in 0..workers {
             tokio::spawn(callback_worker(handlers.clone(), rx.clone(), metrics.clone()));
         }
